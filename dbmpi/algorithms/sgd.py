@@ -1,0 +1,95 @@
+"""Algorithm ``sgd``: one replica, mini-batch SGD (or Adagrad) in a single process."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from ..optim import make_optimizer
+from ..rundir import save_checkpoint
+from .common import Batches, Evaluator, Progress
+
+__all__ = ["train_sgd"]
+
+
+def train_sgd(cfg: dict, net, run, resume: dict | None = None, progress: bool = True) -> dict:
+    """Train ``net`` on ``cfg`` in this process, writing into the RunDir ``run``.
+
+    Returns the summary dict (also written to summary.json).
+    """
+    o, r = cfg["optimizer"], cfg["run"]
+    theta = net.init_params(o["seed"])
+    opt = make_optimizer(o, net.num_params)
+    step0, position = 0, (0, 0)
+    if resume is not None:
+        theta[:] = resume["params"]
+        for k, v in resume["state"].items():
+            if k in opt.state:
+                opt.state[k][:] = v
+        step0 = int(resume["counters"].get("step", 0))
+        position = (int(resume["counters"].get("epoch", 0)),
+                    int(resume["counters"].get("offset", 0)))
+    batches = Batches(cfg["data"]["path"], o["batch_size"], o["seed"],
+                      cache_mb=cfg["data"]["cache_mb"], position=position)
+    evaluate = Evaluator(net, cfg["data"]["path"])
+    say = Progress(enabled=progress)
+    t_start = time.time()
+    last_eval = last_ckpt = t_start
+    step, ev, loss = step0, None, float("nan")
+    compute_s = 0.0
+
+    def checkpoint():
+        save_checkpoint(run.checkpoint, theta, opt.state,
+                        {"step": step, "epoch": batches.epoch, "offset": batches.offset},
+                        cfg)
+
+    def do_eval():
+        e = evaluate(theta)
+        run.log("eval", updates=step, test_loss=e["loss"], test_accuracy=e["accuracy"])
+        return e
+
+    stop = "max_steps"
+    while step < r["max_steps"]:
+        x, y = batches.next()
+        tc = time.perf_counter()
+        loss, g = net.loss_and_grad(theta, x, y)
+        if not np.isfinite(loss):
+            raise FloatingPointError(
+                f"training diverged at step {step} (loss {loss}); try a smaller "
+                f"optimizer.learning_rate than {o['learning_rate']}")
+        opt.step(theta, g)
+        compute_s += time.perf_counter() - tc
+        step += 1
+        if step % r["log_every"] == 0 or step == 1:
+            run.log("train", replica=0, step=step, loss=loss)
+        now = time.time()
+        if now - last_eval >= r["eval_every_s"]:
+            ev, last_eval = do_eval(), time.time()
+            say(f"step {step}/{r['max_steps']}  loss {loss:.4f}  test accuracy "
+                f"{ev['accuracy']:.4f}  {now - t_start:.1f} s")
+            if r["target_accuracy"] and ev["accuracy"] >= r["target_accuracy"]:
+                stop = "target_accuracy"
+                break
+        if now - t_start >= r["max_time_s"]:
+            stop = "max_time_s"
+            break
+        if now - last_ckpt >= r["checkpoint_every_s"]:
+            checkpoint()
+            last_ckpt = time.time()
+    wall = time.time() - t_start
+    ev = do_eval()
+    checkpoint()
+    steps = step - step0
+    summary = {
+        "algorithm": "sgd", "ranks": cfg["cluster"]["partitions"], "stop_reason": stop,
+        "steps": step, "wall_time_s": wall,
+        "samples_per_s": steps * o["batch_size"] / wall if wall > 0 else 0.0,
+        "compute_s": compute_s, "final_train_loss": loss,
+        "final_test_loss": ev["loss"], "final_test_accuracy": ev["accuracy"],
+        "num_params": net.num_params, "pushes_sent": 0, "pushes_applied": 0,
+    }
+    run.write_summary(summary)
+    say(f"done: {step} steps in {wall:.1f} s, test accuracy {ev['accuracy']:.4f} "
+        f"({stop})", force=True)
+    return summary

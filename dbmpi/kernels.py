@@ -1,0 +1,110 @@
+"""The layer-ops interface over the Cython kernels (float32, channels-last).
+
+Same functions and signatures as :mod:`dbmpi.model.ops_reference`.  This layer checks
+shapes and dtypes and allocates outputs; the kernels in ``kernels/_kernels.pyx`` never raise.
+Importing this module raises ImportError when the extension is not built.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _kernels as K
+from .model import reference as R
+
+__all__ = ["lc_forward", "lc_backward", "fc_forward", "fc_backward", "pool_forward",
+           "pool_backward", "lcn_forward", "lcn_backward"]
+
+_ACT = {"linear": 0, "relu": 1, "sigmoid": 2, "tanh": 3}
+_F32 = np.float32
+
+
+def _flat(a, name):
+    if a.dtype != _F32:
+        raise TypeError(f"{name} must be float32, not {a.dtype}")
+    if not a.flags.c_contiguous:
+        a = np.ascontiguousarray(a)
+    return a.reshape(-1)
+
+
+def _lc_dims(x, w, k, stride, pad):
+    n, h, wd, c = x.shape
+    ho, wo, kkc, f = w.shape
+    if kkc != k * k * c or ho != R.out_size(h, k, stride, pad) or wo != R.out_size(wd, k, stride, pad):
+        raise ValueError(f"locally connected: weights {w.shape} do not fit input {x.shape} "
+                         f"with kernel {k}, stride {stride}, padding {pad}")
+    return n, h, wd, c, ho, wo, f
+
+
+def lc_forward(x, w, b, k, stride, pad, act):
+    n, h, wd, c, ho, wo, f = _lc_dims(x, w, k, stride, pad)
+    y = np.empty((n, ho, wo, f), dtype=_F32)
+    p = np.empty(n * k * k * c, dtype=_F32)
+    K.lc_forward(_flat(x, "x"), _flat(w, "w"), _flat(b, "b"), y.reshape(-1), p,
+                 n, h, wd, c, k, stride, pad, ho, wo, f, _ACT[act])
+    return y
+
+
+def lc_backward(x, w, y, dy, k, stride, pad, act, dw, db, need_dx):
+    n, h, wd, c, ho, wo, f = _lc_dims(x, w, k, stride, pad)
+    if dy.shape != y.shape:
+        raise ValueError(f"locally connected: gradient {dy.shape} does not match output {y.shape}")
+    dz = np.empty(y.size, dtype=_F32)
+    dx = np.zeros((n, h, wd, c) if need_dx else 1, dtype=_F32)
+    p = np.empty(n * k * k * c, dtype=_F32)
+    dp = np.empty(n * k * k * c if need_dx else 1, dtype=_F32)
+    dwf, dbf = dw.reshape(-1), db.reshape(-1)  # views into the flat gradient
+    K.lc_backward(_flat(x, "x"), _flat(w, "w"), _flat(y, "y"), _flat(dy, "dy"), dz,
+                  dx.reshape(-1), dwf, dbf, p, dp, n, h, wd, c, k, stride, pad, ho, wo, f,
+                  _ACT[act], need_dx)
+    return dx if need_dx else None
+
+
+def fc_forward(x, w, b, act):
+    n, d = x.shape
+    u = w.shape[0]
+    if w.shape[1] != d:
+        raise ValueError(f"fully connected: weights {w.shape} do not fit input {x.shape}")
+    y = np.empty((n, u), dtype=_F32)
+    K.fc_forward(_flat(x, "x"), _flat(w, "w"), _flat(b, "b"), y.reshape(-1), n, d, u, _ACT[act])
+    return y
+
+
+def fc_backward(x, w, y, dy, act, dw, db, need_dx):
+    n, d = x.shape
+    u = w.shape[0]
+    dz = np.empty(n * u, dtype=_F32)
+    dx = np.empty((n, d) if need_dx else 1, dtype=_F32)
+    K.fc_backward(_flat(x, "x"), _flat(w, "w"), _flat(y, "y"), _flat(dy, "dy"), dz,
+                  dx.reshape(-1), dw.reshape(-1), db.reshape(-1), n, d, u, _ACT[act], need_dx)
+    return dx if need_dx else None
+
+
+def pool_forward(x, size, stride, kind):
+    n, h, w, c = x.shape
+    ho, wo = R.out_size(h, size, stride), R.out_size(w, size, stride)
+    y = np.empty((n, ho, wo, c), dtype=_F32)
+    xf = _flat(x, "x")
+    if kind == "max":
+        arg = np.empty((n, ho, wo, c), dtype=np.intc)
+        K.max_pool(xf, y.reshape(-1), arg.reshape(-1), n, h, w, c, size, stride, ho, wo)
+        return y, arg
+    K.l2_pool(xf, y.reshape(-1), n, h, w, c, size, stride, ho, wo, R._L2_POOL_EPS)
+    return y, y
+
+
+def pool_backward(x, dy, aux, size, stride, kind):
+    n, h, w, c = x.shape
+    ho, wo = dy.shape[1:3]
+    dx = np.zeros_like(x)
+    if kind == "max":
+        K.max_pool_back(_flat(dy, "dy"), aux.reshape(-1), dx.reshape(-1), n, h, w, c, size,
+                        stride, ho, wo)
+    else:
+        K.l2_pool_back(_flat(x, "x"), _flat(aux, "y"), _flat(dy, "dy"), dx.reshape(-1), n, h,
+                       w, c, size, stride, ho, wo)
+    return dx
+
+
+lcn_forward = R.lcn_forward
+lcn_backward = R.lcn_backward

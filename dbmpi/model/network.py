@@ -1,0 +1,155 @@
+"""A network over one flat parameter vector: the Python API of DESIGN.md."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..config import check_model
+from . import ops_reference
+from .layers import make_layer
+
+__all__ = ["Network", "build", "kernel_ops"]
+
+
+def kernel_ops():
+    """The Cython kernel ops module, or None when the extensions are not built."""
+    try:
+        from .. import kernels
+    except ImportError:
+        return None
+    return kernels
+
+
+class Network:
+    """A feed-forward network whose parameters live in one flat vector.
+
+    Parameters
+    ----------
+    spec : dict
+        The ``[model]`` table of a config.
+    backend : {"auto", "kernels", "reference"}
+        "auto" uses the Cython kernels for float32 when they are built, else the numpy
+        reference; float64 always runs on the reference.
+    """
+
+    def __init__(self, spec: dict, backend: str = "auto"):
+        self.spec = check_model(spec)
+        c, h, w = self.spec["input_shape"]
+        self.input_shape = (c, h, w)
+        shape = (h, w, c)
+        self.layers, self.offsets = [], [0]
+        for i, ls in enumerate(self.spec["layers"]):
+            layer = make_layer(i, ls, shape)
+            self.layers.append(layer)
+            self.offsets.append(self.offsets[-1] + layer.num_params)
+            shape = layer.out_shape
+        self.classes = self.layers[-1].units
+        self.l2 = self.spec["l2"]
+        if backend not in ("auto", "kernels", "reference"):
+            raise ValueError(f"backend {backend!r}: use auto, kernels or reference")
+        kops = kernel_ops() if backend != "reference" else None
+        if backend == "kernels" and kops is None:
+            raise ImportError("the Cython kernels are not built: run `pip install -e .` "
+                              "(or `python setup.py build_ext --inplace`)")
+        self._kernel_ops = kops
+
+    @property
+    def num_params(self) -> int:
+        return self.offsets[-1]
+
+    def layer_slice(self, i: int) -> slice:
+        return slice(self.offsets[i], self.offsets[i + 1])
+
+    def init_params(self, seed: int = 0) -> np.ndarray:
+        rng = np.random.default_rng(seed)
+        theta = np.zeros(self.num_params, dtype=np.float32)
+        for i, layer in enumerate(self.layers):
+            buf = np.zeros(layer.num_params, dtype=np.float64)
+            layer.init(rng, buf)
+            theta[self.layer_slice(i)] = buf
+        return theta
+
+    # -- checks ------------------------------------------------------------------------
+    def _ops(self, dtype):
+        return self._kernel_ops if (dtype == np.float32 and self._kernel_ops) else ops_reference
+
+    def _check(self, theta, x, y=None):
+        theta = np.asarray(theta)
+        if theta.ndim != 1 or theta.shape[0] != self.num_params:
+            raise ValueError(f"theta has shape {theta.shape}; this network needs "
+                             f"({self.num_params},)")
+        if theta.dtype not in (np.float32, np.float64):
+            theta = theta.astype(np.float32)
+        x = np.asarray(x)
+        if x.ndim != 4 or tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(f"model.input_shape: x has shape {tuple(x.shape)}, expected "
+                             f"(batch, {', '.join(map(str, self.input_shape))})")
+        # channels-last, in theta's dtype, contiguous
+        xh = np.ascontiguousarray(x.transpose(0, 2, 3, 1), dtype=theta.dtype)
+        if y is not None:
+            y = np.asarray(y)
+            if y.shape != (x.shape[0],):
+                raise ValueError(f"y has shape {y.shape}, expected ({x.shape[0]},)")
+            if y.size and (y.min() < 0 or y.max() >= self.classes):
+                raise ValueError(f"labels must be in [0, {self.classes}); got "
+                                 f"{int(y.min())}..{int(y.max())}")
+            y = y.astype(np.intp, copy=False)
+        return theta, xh, y
+
+    # -- compute -----------------------------------------------------------------------
+    def _forward(self, theta, xh, ops):
+        caches, params = [], []
+        a = xh
+        for i, layer in enumerate(self.layers):
+            p = layer.views(theta[self.layer_slice(i)])
+            a, cache = layer.forward(a, p, ops)
+            caches.append(cache)
+            params.append(p)
+        return a.reshape(a.shape[0], self.classes), caches, params
+
+    def logits(self, theta, x):
+        theta, xh, _ = self._check(theta, x)
+        return self._forward(theta, xh, self._ops(theta.dtype))[0]
+
+    def loss_and_grad(self, theta, x, y):
+        """Mean cross-entropy (+ l2/2 ||theta||^2) and its gradient, in theta's dtype."""
+        theta, xh, y = self._check(theta, x, y)
+        ops = self._ops(theta.dtype)
+        from .reference import softmax_xent
+        z, caches, params = self._forward(theta, xh, ops)
+        loss, dz = softmax_xent(z, y)
+        grad = np.empty_like(theta)
+        d = dz.reshape(dz.shape[0], 1, 1, self.classes)
+        for i in range(len(self.layers) - 1, -1, -1):
+            layer = self.layers[i]
+            g = layer.views(grad[self.layer_slice(i)])
+            d = layer.backward(d, caches[i], params[i], g, ops, need_dx=i > 0)
+        if self.l2:
+            loss += 0.5 * self.l2 * float(np.dot(theta, theta))
+            grad += self.l2 * theta
+        return loss, grad
+
+    def predict(self, theta, x, batch: int = 1024) -> np.ndarray:
+        x = np.asarray(x)
+        out = [self.logits(theta, x[i:i + batch]).argmax(axis=1) for i in range(0, len(x), batch)]
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.intp)
+
+    def evaluate(self, theta, x, y, batch: int = 1024) -> dict:
+        """Mean loss, accuracy and objective (loss + l2 term) over (x, y), in batches."""
+        from .reference import softmax_xent
+        n = len(y)
+        total, correct = 0.0, 0
+        for i in range(0, n, batch):
+            z = self.logits(theta, x[i:i + batch])
+            yb = np.asarray(y[i:i + batch], dtype=np.intp)
+            total += softmax_xent(z.astype(np.float64), yb)[0] * len(yb)
+            correct += int((z.argmax(axis=1) == yb).sum())
+        loss = total / max(n, 1)
+        theta = np.asarray(theta, dtype=np.float64)
+        obj = loss + 0.5 * self.l2 * float(theta @ theta)
+        return {"loss": loss, "accuracy": correct / max(n, 1), "objective": obj}
+
+
+def build(spec: dict, backend: str = "auto") -> Network:
+    """Build a :class:`Network` from the ``[model]`` table of a config."""
+    return Network(spec, backend)

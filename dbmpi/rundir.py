@@ -1,0 +1,114 @@
+"""The run directory: config.toml, metrics.jsonl, summary.json and checkpoint.h5."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .config import dumps
+
+__all__ = ["RunDir", "save_checkpoint", "load_checkpoint", "CheckpointError"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used for this run; the message says why."""
+
+
+class RunDir:
+    """Writes one run's files.  Only the rank that owns the run directory creates one."""
+
+    def __init__(self, path, cfg: dict, t0: float | None = None, append: bool = False):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.t0 = time.time() if t0 is None else t0
+        (self.path / "config.toml").write_text(dumps(cfg))
+        self._metrics = open(self.path / "metrics.jsonl", "a" if append else "w")
+
+    def elapsed(self) -> float:
+        return time.time() - self.t0
+
+    def log(self, kind: str, **fields) -> None:
+        rec = {"time": round(self.elapsed(), 4), "kind": kind}
+        rec.update(fields)
+        self._metrics.write(json.dumps(rec) + "\n")
+        self._metrics.flush()
+
+    def write_summary(self, summary: dict) -> None:
+        _atomic_write(self.path / "summary.json",
+                      lambda f: f.write(json.dumps(summary, indent=2).encode() + b"\n"))
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / "checkpoint.h5"
+
+    def close(self) -> None:
+        self._metrics.close()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write via a temporary file, flush and fsync it, rename it over ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(path.parent)
+
+
+def save_checkpoint(path, params: np.ndarray, state: dict, counters: dict, cfg: dict) -> None:
+    """Save parameters, optimizer state arrays and counters atomically to ``path``."""
+    import h5py
+    path = Path(path)
+
+    def write(f):
+        with h5py.File(f, "w") as h:
+            h.create_dataset("params", data=np.asarray(params, dtype=np.float32))
+            g = h.create_group("state")
+            for k, v in state.items():
+                g.create_dataset(k, data=np.asarray(v))
+            c = h.create_group("counters")
+            for k, v in counters.items():
+                c.attrs[k] = v
+            h.attrs["config"] = dumps(cfg)
+            h.attrs["num_params"] = len(params)
+            h.attrs["saved_at"] = time.time()
+    _atomic_write(path, write)
+
+
+def load_checkpoint(path, num_params: int | None = None) -> dict:
+    """Read a checkpoint: ``{"params", "state": {...}, "counters": {...}, "config": str}``."""
+    import h5py
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        with h5py.File(path, "r") as h:
+            out = {"params": h["params"][...],
+                   "state": {k: v[...] for k, v in h["state"].items()},
+                   "counters": {k: (v.item() if hasattr(v, "item") else v)
+                                for k, v in h["counters"].attrs.items()},
+                   "config": str(h.attrs["config"])}
+    except (OSError, KeyError) as e:
+        raise CheckpointError(f"{path}: not a readable dbmpi checkpoint ({e})") from None
+    if num_params is not None and len(out["params"]) != num_params:
+        raise CheckpointError(f"{path}: holds {len(out['params'])} parameters but this "
+                              f"network has {num_params}: the checkpoint is from a different "
+                              "model")
+    return out

@@ -1,0 +1,320 @@
+# cython: language_level=3
+"""Layer kernels: locally connected, fully connected, pooling (float32, channels-last).
+
+Three layers, as in scikit-learn's ``_cython_blas``/``_loss``:
+
+1. ``noexcept nogil`` C functions on raw pointers into caller-allocated, C-contiguous arrays;
+   each docstring is its formula.  They never raise.
+2. :func:`_gemm`, a row-major wrapper over ``scipy.linalg.cython_blas.sgemm`` (column-major
+   BLAS sees the transpose of every row-major matrix, so operands are swapped).
+3. ``def`` entry points on flat typed memoryviews that release the GIL; the Python layer
+   (:mod:`dbmpi.kernels`) checks shapes and dtypes and allocates outputs before calling them.
+
+Shapes: ``x (n, h, w, c)``; locally connected weights ``(ho, wo, k*k*c, f)`` with the patch in
+``(ky, kx, c)`` order and biases ``(ho, wo, f)``; fully connected weights ``(units, inputs)``.
+Activation codes: 0 linear, 1 relu, 2 sigmoid, 3 tanh.
+"""
+
+from libc.math cimport expf, sqrtf, tanhf
+from libc.string cimport memcpy, memset
+from scipy.linalg.cython_blas cimport sgemm
+
+
+# ---- layer 2: BLAS -------------------------------------------------------------------------
+
+cdef inline void _gemm(bint ta, bint tb, int m, int n, int k, float alpha,
+                       const float* a, int lda, const float* b, int ldb, float beta,
+                       float* c, int ldc) noexcept nogil:
+    """Row-major C(m, n) = alpha * op(A)(m, k) @ op(B)(k, n) + beta * C.
+
+    Column-major BLAS computes C^T = op(B)^T @ op(A)^T, so B goes first."""
+    cdef char transa = b'T' if tb else b'N'
+    cdef char transb = b'T' if ta else b'N'
+    sgemm(&transa, &transb, &n, &m, &k, &alpha, <float*>b, &ldb, <float*>a, &lda, &beta,
+          c, &ldc)
+
+
+# ---- layer 1: C kernels --------------------------------------------------------------------
+
+cdef void _act_forward(float* y, Py_ssize_t size, int act) noexcept nogil:
+    """y = act(y), in place."""
+    cdef Py_ssize_t t
+    if act == 1:
+        for t in range(size):
+            if y[t] < 0:
+                y[t] = 0
+    elif act == 2:
+        for t in range(size):
+            y[t] = 1.0 / (1.0 + expf(-y[t]))
+    elif act == 3:
+        for t in range(size):
+            y[t] = tanhf(y[t])
+
+
+cdef void _act_backward(const float* y, const float* dy, float* dz, Py_ssize_t size,
+                        int act) noexcept nogil:
+    """dz = dy * act'(z), from the activation's output y."""
+    cdef Py_ssize_t t
+    if act == 0:
+        memcpy(dz, dy, size * sizeof(float))
+    elif act == 1:
+        for t in range(size):
+            dz[t] = dy[t] if y[t] > 0 else 0
+    elif act == 2:
+        for t in range(size):
+            dz[t] = dy[t] * y[t] * (1 - y[t])
+    else:
+        for t in range(size):
+            dz[t] = dy[t] * (1 - y[t] * y[t])
+
+
+cdef void _gather(const float* x, int n, int h, int w, int c, int k, int stride, int pad,
+                  int i, int j, float* p) noexcept nogil:
+    """p[s, (ky*k + kx)*c + ch] = x[s, i*stride - pad + ky, j*stride - pad + kx, ch], 0 outside."""
+    cdef Py_ssize_t kc = k * c, kkc = k * kc, s
+    cdef int r0 = i * stride - pad, c0 = j * stride - pad, ky, row
+    cdef int lo = -c0 if c0 < 0 else 0
+    cdef int hi = w - c0 if w - c0 < k else k
+    cdef float* dst
+    for s in range(n):
+        for ky in range(k):
+            row = r0 + ky
+            dst = p + s * kkc + ky * kc
+            if row < 0 or row >= h or hi <= lo:
+                memset(dst, 0, kc * sizeof(float))
+                continue
+            if lo > 0:
+                memset(dst, 0, lo * c * sizeof(float))
+            if hi < k:
+                memset(dst + hi * c, 0, (k - hi) * c * sizeof(float))
+            memcpy(dst + lo * c, x + ((s * h + row) * <Py_ssize_t>w + c0 + lo) * c,
+                   (hi - lo) * c * sizeof(float))
+
+
+cdef void _scatter_add(const float* p, int n, int h, int w, int c, int k, int stride, int pad,
+                       int i, int j, float* dx) noexcept nogil:
+    """dx[s, i*stride - pad + ky, j*stride - pad + kx, ch] += p[s, (ky*k + kx)*c + ch]."""
+    cdef Py_ssize_t kc = k * c, kkc = k * kc, s, t, m
+    cdef int r0 = i * stride - pad, c0 = j * stride - pad, ky, row
+    cdef int lo = -c0 if c0 < 0 else 0
+    cdef int hi = w - c0 if w - c0 < k else k
+    cdef const float* src
+    cdef float* dst
+    if hi <= lo:
+        return
+    m = (hi - lo) * c
+    for s in range(n):
+        for ky in range(k):
+            row = r0 + ky
+            if row < 0 or row >= h:
+                continue
+            src = p + s * kkc + ky * kc + lo * c
+            dst = dx + ((s * h + row) * <Py_ssize_t>w + c0 + lo) * c
+            for t in range(m):
+                dst[t] += src[t]
+
+
+cdef void lc_forward_c(const float* x, const float* wt, const float* b, float* y, float* p,
+                       int n, int h, int w, int c, int k, int stride, int pad, int ho, int wo,
+                       int f, int act) noexcept nogil:
+    """y[s,i,j,:] = act(patch(x)[s,i,j,:] @ wt[i,j] + b[i,j]); p is an (n, k*k*c) buffer."""
+    cdef int i, j, s, kkc = k * k * c, ld = ho * wo * f
+    cdef Py_ssize_t loc
+    for i in range(ho):
+        for j in range(wo):
+            loc = i * wo + j
+            for s in range(n):
+                memcpy(y + s * <Py_ssize_t>ld + loc * f, b + loc * f, f * sizeof(float))
+            _gather(x, n, h, w, c, k, stride, pad, i, j, p)
+            _gemm(False, False, n, f, kkc, 1.0, p, kkc, wt + loc * kkc * f, f, 1.0,
+                  y + loc * f, ld)
+    _act_forward(y, <Py_ssize_t>n * ld, act)
+
+
+cdef void lc_backward_c(const float* x, const float* wt, const float* dz, float* dx,
+                        float* dw, float* db, float* p, float* dp, int n, int h, int w, int c,
+                        int k, int stride, int pad, int ho, int wo, int f,
+                        bint need_dx) noexcept nogil:
+    """dw[i,j] = patch^T @ dz[:,i,j,:]; db[i,j] = sum_s dz[s,i,j,:];
+    dx += scatter(dz[:,i,j,:] @ wt[i,j]^T).  dx must be zeroed by the caller."""
+    cdef int i, j, s, t, kkc = k * k * c, ld = ho * wo * f
+    cdef Py_ssize_t loc
+    cdef float* dbl
+    cdef const float* dzl
+    for i in range(ho):
+        for j in range(wo):
+            loc = i * wo + j
+            _gather(x, n, h, w, c, k, stride, pad, i, j, p)
+            _gemm(True, False, kkc, f, n, 1.0, p, kkc, dz + loc * f, ld, 0.0,
+                  dw + loc * kkc * f, f)
+            dbl = db + loc * f
+            memset(dbl, 0, f * sizeof(float))
+            for s in range(n):
+                dzl = dz + s * <Py_ssize_t>ld + loc * f
+                for t in range(f):
+                    dbl[t] += dzl[t]
+            if need_dx:
+                _gemm(False, True, n, kkc, f, 1.0, dz + loc * f, ld, wt + loc * kkc * f, f,
+                      0.0, dp, kkc)
+                _scatter_add(dp, n, h, w, c, k, stride, pad, i, j, dx)
+
+
+cdef void fc_forward_c(const float* x, const float* wt, const float* b, float* y, int n,
+                       int d, int u, int act) noexcept nogil:
+    """y = act(x @ wt^T + b), x (n, d), wt (u, d)."""
+    cdef int s
+    for s in range(n):
+        memcpy(y + s * <Py_ssize_t>u, b, u * sizeof(float))
+    _gemm(False, True, n, u, d, 1.0, x, d, wt, d, 1.0, y, u)
+    _act_forward(y, <Py_ssize_t>n * u, act)
+
+
+cdef void fc_backward_c(const float* x, const float* wt, const float* dz, float* dx,
+                        float* dw, float* db, int n, int d, int u, bint need_dx) noexcept nogil:
+    """dw = dz^T @ x; db = sum_s dz[s]; dx = dz @ wt."""
+    cdef int s, t
+    _gemm(True, False, u, d, n, 1.0, dz, u, x, d, 0.0, dw, d)
+    memset(db, 0, u * sizeof(float))
+    for s in range(n):
+        for t in range(u):
+            db[t] += dz[s * <Py_ssize_t>u + t]
+    if need_dx:
+        _gemm(False, False, n, d, u, 1.0, dz, u, wt, d, 0.0, dx, d)
+
+
+cdef void max_pool_c(const float* x, float* y, int* arg, int n, int h, int w, int c, int size,
+                     int stride, int ho, int wo) noexcept nogil:
+    """y[s,i,j,ch] = max over the window; arg = ky*size + kx of the (first) maximum."""
+    cdef int s, i, j, ky, kx, ch
+    cdef Py_ssize_t o, src
+    cdef float v
+    for s in range(n):
+        for i in range(ho):
+            for j in range(wo):
+                o = ((s * ho + i) * <Py_ssize_t>wo + j) * c
+                src = ((s * h + i * stride) * <Py_ssize_t>w + j * stride) * c
+                for ch in range(c):
+                    y[o + ch] = x[src + ch]
+                    arg[o + ch] = 0
+                for ky in range(size):
+                    for kx in range(size):
+                        if ky == 0 and kx == 0:
+                            continue
+                        src = ((s * h + i * stride + ky) * <Py_ssize_t>w + j * stride + kx) * c
+                        for ch in range(c):
+                            v = x[src + ch]
+                            if v > y[o + ch]:
+                                y[o + ch] = v
+                                arg[o + ch] = ky * size + kx
+
+
+cdef void max_pool_back_c(const float* dy, const int* arg, float* dx, int n, int h, int w,
+                          int c, int size, int stride, int ho, int wo) noexcept nogil:
+    """dx[window position arg] += dy; dx must be zeroed by the caller."""
+    cdef int s, i, j, ch, a
+    cdef Py_ssize_t o
+    for s in range(n):
+        for i in range(ho):
+            for j in range(wo):
+                o = ((s * ho + i) * <Py_ssize_t>wo + j) * c
+                for ch in range(c):
+                    a = arg[o + ch]
+                    dx[((s * h + i * stride + a // size) * <Py_ssize_t>w + j * stride
+                        + a % size) * c + ch] += dy[o + ch]
+
+
+cdef void l2_pool_c(const float* x, float* y, int n, int h, int w, int c, int size, int stride,
+                    int ho, int wo, float eps) noexcept nogil:
+    """y[s,i,j,ch] = sqrt(sum over the window of x^2 + eps)."""
+    cdef int s, i, j, ky, kx, ch
+    cdef Py_ssize_t o, src
+    cdef float v
+    for s in range(n):
+        for i in range(ho):
+            for j in range(wo):
+                o = ((s * ho + i) * <Py_ssize_t>wo + j) * c
+                for ch in range(c):
+                    y[o + ch] = eps
+                for ky in range(size):
+                    for kx in range(size):
+                        src = ((s * h + i * stride + ky) * <Py_ssize_t>w + j * stride + kx) * c
+                        for ch in range(c):
+                            v = x[src + ch]
+                            y[o + ch] += v * v
+                for ch in range(c):
+                    y[o + ch] = sqrtf(y[o + ch])
+
+
+cdef void l2_pool_back_c(const float* x, const float* y, const float* dy, float* dx, int n,
+                         int h, int w, int c, int size, int stride, int ho,
+                         int wo) noexcept nogil:
+    """dx[window] += dy * x / y; dx must be zeroed by the caller."""
+    cdef int s, i, j, ky, kx, ch
+    cdef Py_ssize_t o, src
+    for s in range(n):
+        for i in range(ho):
+            for j in range(wo):
+                o = ((s * ho + i) * <Py_ssize_t>wo + j) * c
+                for ky in range(size):
+                    for kx in range(size):
+                        src = ((s * h + i * stride + ky) * <Py_ssize_t>w + j * stride + kx) * c
+                        for ch in range(c):
+                            dx[src + ch] += dy[o + ch] * x[src + ch] / y[o + ch]
+
+
+# ---- layer 3: entry points (GIL released; the Python layer has checked everything) ---------
+
+def lc_forward(const float[::1] x, const float[::1] wt, const float[::1] b, float[::1] y,
+               float[::1] p, int n, int h, int w, int c, int k, int stride, int pad, int ho,
+               int wo, int f, int act):
+    with nogil:
+        lc_forward_c(&x[0], &wt[0], &b[0], &y[0], &p[0], n, h, w, c, k, stride, pad, ho, wo,
+                     f, act)
+
+
+def lc_backward(const float[::1] x, const float[::1] wt, const float[::1] y,
+                const float[::1] dy, float[::1] dz, float[::1] dx, float[::1] dw,
+                float[::1] db, float[::1] p, float[::1] dp, int n, int h, int w, int c, int k,
+                int stride, int pad, int ho, int wo, int f, int act, bint need_dx):
+    with nogil:
+        _act_backward(&y[0], &dy[0], &dz[0], dz.shape[0], act)
+        lc_backward_c(&x[0], &wt[0], &dz[0], &dx[0], &dw[0], &db[0], &p[0], &dp[0], n, h, w,
+                      c, k, stride, pad, ho, wo, f, need_dx)
+
+
+def fc_forward(const float[::1] x, const float[::1] wt, const float[::1] b, float[::1] y,
+               int n, int d, int u, int act):
+    with nogil:
+        fc_forward_c(&x[0], &wt[0], &b[0], &y[0], n, d, u, act)
+
+
+def fc_backward(const float[::1] x, const float[::1] wt, const float[::1] y,
+                const float[::1] dy, float[::1] dz, float[::1] dx, float[::1] dw,
+                float[::1] db, int n, int d, int u, int act, bint need_dx):
+    with nogil:
+        _act_backward(&y[0], &dy[0], &dz[0], dz.shape[0], act)
+        fc_backward_c(&x[0], &wt[0], &dz[0], &dx[0], &dw[0], &db[0], n, d, u, need_dx)
+
+
+def max_pool(const float[::1] x, float[::1] y, int[::1] arg, int n, int h, int w, int c,
+             int size, int stride, int ho, int wo):
+    with nogil:
+        max_pool_c(&x[0], &y[0], &arg[0], n, h, w, c, size, stride, ho, wo)
+
+
+def max_pool_back(const float[::1] dy, const int[::1] arg, float[::1] dx, int n, int h, int w,
+                  int c, int size, int stride, int ho, int wo):
+    with nogil:
+        max_pool_back_c(&dy[0], &arg[0], &dx[0], n, h, w, c, size, stride, ho, wo)
+
+
+def l2_pool(const float[::1] x, float[::1] y, int n, int h, int w, int c, int size, int stride,
+            int ho, int wo, float eps):
+    with nogil:
+        l2_pool_c(&x[0], &y[0], n, h, w, c, size, stride, ho, wo, eps)
+
+
+def l2_pool_back(const float[::1] x, const float[::1] y, const float[::1] dy, float[::1] dx,
+                 int n, int h, int w, int c, int size, int stride, int ho, int wo):
+    with nogil:
+        l2_pool_back_c(&x[0], &y[0], &dy[0], &dx[0], n, h, w, c, size, stride, ho, wo)

@@ -1,0 +1,72 @@
+import json
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, run_cli
+
+
+def _cfg(tmp_path, digits_path, extra=""):
+    text = (ROOT / "jobs" / "digits_sgd.toml").read_text().replace(
+        'path = "data/digits.h5"', f'path = "{digits_path}"')
+    p = tmp_path / "digits.toml"
+    p.write_text(text + extra)
+    return p
+
+
+def test_validate_prints_ranks_and_params(tmp_path, digits_path):
+    r = run_cli("validate", _cfg(tmp_path, digits_path), "--set", "cluster.partitions=1")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["ranks"] == 1 and out["num_params"] > 0 and out["data"]["train"] == 1348
+
+
+def test_errors_are_one_line(tmp_path, digits_path):
+    r = run_cli("validate", _cfg(tmp_path, digits_path), "--set", "optimizer.learnig_rate=1")
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "learning_rate" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = run_cli("train", _cfg(tmp_path, digits_path), "--set", "data.path=/nonexistent.h5")
+    assert r.returncode == 2 and "/nonexistent.h5: dataset file not found" in r.stderr
+
+
+def test_train_sgd_run_directory_and_evaluate(tmp_path, digits_path):
+    out = tmp_path / "run"
+    r = run_cli("train", _cfg(tmp_path, digits_path), "--out", out, "--quiet",
+                "--set", "run.max_steps=300", "--set", "run.eval_every_s=0.05")
+    assert r.returncode == 0, r.stderr
+    for f in ("config.toml", "metrics.jsonl", "summary.json", "checkpoint.h5"):
+        assert (out / f).exists(), f
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [l for l in lines if l["kind"] == "train"]
+    evals = [l for l in lines if l["kind"] == "eval"]
+    assert train and evals and {"replica", "step", "loss"} <= set(train[0])
+    assert {"updates", "test_loss", "test_accuracy", "time"} <= set(evals[-1])
+    s = json.loads((out / "summary.json").read_text())
+    assert s["steps"] == 300 and s["algorithm"] == "sgd" and s["samples_per_s"] > 0
+    assert s["final_test_accuracy"] > 0.8
+    r = run_cli("evaluate", out)
+    assert r.returncode == 0, r.stderr
+    ev = json.loads(r.stdout)
+    assert ev["accuracy"] == pytest.approx(s["final_test_accuracy"])
+    assert ev["counters"]["step"] == 300
+    # a resumed run continues from the saved counters
+    r = run_cli("train", "--resume", out, "--quiet", "--set", "run.max_steps=400")
+    assert r.returncode == 0, r.stderr
+    s2 = json.loads((out / "summary.json").read_text())
+    assert s2["steps"] == 400
+
+
+def test_data_commands(tmp_path):
+    r = run_cli("data", "synthetic", "--size", "16", "--count", "200", "--out", tmp_path / "s.h5")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["shape"] == [1, 16, 16]
+
+
+def test_digits_sgd_reaches_97_percent(tmp_path, digits_path):
+    """Acceptance: jobs/digits_sgd.toml reaches >= 97% within its 60 s budget."""
+    out = tmp_path / "run"
+    r = run_cli("train", _cfg(tmp_path, digits_path), "--out", out, "--quiet", timeout=150)
+    assert r.returncode == 0, r.stderr
+    s = json.loads((out / "summary.json").read_text())
+    assert s["final_test_accuracy"] >= 0.97 and s["wall_time_s"] <= 60

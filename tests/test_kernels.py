@@ -1,0 +1,100 @@
+"""Cython kernels against the numpy reference, on many shapes."""
+
+import numpy as np
+import pytest
+
+from dbmpi import kernels as KO
+from dbmpi.model import build
+from dbmpi.model import ops_reference as RO
+from dbmpi.model.reference import out_size
+
+ACTS = ["relu", "sigmoid", "tanh", "linear"]
+
+# (batch, h, w, c, kernel, stride, pad, filters)
+LC_SHAPES = [
+    (1, 8, 8, 1, 3, 1, 0, 4),      # batch 1, one channel
+    (3, 7, 9, 2, 3, 2, 1, 5),      # odd sizes, stride 2, padding
+    (4, 11, 10, 3, 4, 3, 2, 6),    # stride 3, even kernel
+    (2, 5, 5, 1, 5, 1, 0, 3),      # receptive field as large as the input
+    (2, 13, 7, 5, 2, 2, 0, 1),     # one filter
+    (5, 16, 16, 16, 5, 1, 2, 8),
+    (1, 9, 9, 3, 7, 2, 3, 7),
+]
+
+
+def _tol(a):
+    return 1e-5 * max(1.0, float(np.abs(a).max()))
+
+
+@pytest.mark.parametrize("shape", LC_SHAPES, ids=str)
+@pytest.mark.parametrize("act", ACTS)
+def test_locally_connected(shape, act):
+    n, h, w, c, k, s, p, f = shape
+    rng = np.random.default_rng(hash((shape, act)) % 2**32)
+    ho, wo = out_size(h, k, s, p), out_size(w, k, s, p)
+    x = rng.standard_normal((n, h, w, c)).astype(np.float32)
+    wt = rng.standard_normal((ho, wo, k * k * c, f)).astype(np.float32)
+    b = rng.standard_normal((ho, wo, f)).astype(np.float32)
+    y1, y2 = KO.lc_forward(x, wt, b, k, s, p, act), RO.lc_forward(x, wt, b, k, s, p, act)
+    np.testing.assert_allclose(y1, y2, atol=_tol(y2), rtol=1e-5)
+    dy = rng.standard_normal(y1.shape).astype(np.float32)
+    g1 = [np.full_like(wt, np.nan), np.full_like(b, np.nan)]
+    g2 = [np.empty_like(wt), np.empty_like(b)]
+    dx1 = KO.lc_backward(x, wt, y1, dy, k, s, p, act, *g1, True)
+    dx2 = RO.lc_backward(x, wt, y2, dy, k, s, p, act, *g2, True)
+    for a, r in [(dx1, dx2)] + list(zip(g1, g2)):
+        np.testing.assert_allclose(a, r, atol=_tol(r), rtol=1e-4)
+    assert KO.lc_backward(x, wt, y1, dy, k, s, p, act, *g1, False) is None
+
+
+@pytest.mark.parametrize("n,d,u", [(1, 1, 1), (3, 7, 5), (32, 130, 67), (5, 64, 1)])
+@pytest.mark.parametrize("act", ACTS)
+def test_fully_connected(n, d, u, act):
+    rng = np.random.default_rng(n * 1000 + d)
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    wt = rng.standard_normal((u, d)).astype(np.float32)
+    b = rng.standard_normal(u).astype(np.float32)
+    y1, y2 = KO.fc_forward(x, wt, b, act), RO.fc_forward(x, wt, b, act)
+    np.testing.assert_allclose(y1, y2, atol=_tol(y2), rtol=1e-5)
+    dy = rng.standard_normal(y1.shape).astype(np.float32)
+    g1 = [np.full_like(wt, np.nan), np.full_like(b, np.nan)]
+    g2 = [np.empty_like(wt), np.empty_like(b)]
+    dx1 = KO.fc_backward(x, wt, y1, dy, act, *g1, True)
+    dx2 = RO.fc_backward(x, wt, y2, dy, act, *g2, True)
+    for a, r in [(dx1, dx2)] + list(zip(g1, g2)):
+        np.testing.assert_allclose(a, r, atol=_tol(r), rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["max", "l2"])
+@pytest.mark.parametrize("n,h,w,c,size,stride", [(1, 4, 4, 1, 2, 2), (3, 7, 9, 5, 3, 2),
+                                                  (2, 6, 5, 2, 2, 1), (2, 5, 5, 3, 5, 1),
+                                                  (1, 10, 10, 4, 3, 3)])
+def test_pooling(kind, n, h, w, c, size, stride):
+    rng = np.random.default_rng(h * w + c)
+    x = rng.standard_normal((n, h, w, c)).astype(np.float32)
+    y1, a1 = KO.pool_forward(x, size, stride, kind)
+    y2, a2 = RO.pool_forward(x, size, stride, kind)
+    np.testing.assert_allclose(y1, y2, atol=1e-5, rtol=1e-5)
+    dy = rng.standard_normal(y1.shape).astype(np.float32)
+    np.testing.assert_allclose(KO.pool_backward(x, dy, a1, size, stride, kind),
+                               RO.pool_backward(x, dy, a2, size, stride, kind), atol=1e-5, rtol=1e-5)
+
+
+def test_network_kernels_match_reference():
+    spec = {"input_shape": [2, 12, 11], "l2": 1e-3, "layers": [
+        {"type": "lcn", "size": 3},
+        {"type": "locally_connected", "channels": 6, "kernel": 3, "stride": 2, "padding": 1},
+        {"type": "max_pool", "size": 2, "stride": 1},
+        {"type": "locally_connected", "channels": 4, "kernel": 3, "activation": "tanh"},
+        {"type": "l2_pool", "size": 2},
+        {"type": "fully_connected", "units": 9, "activation": "sigmoid"},
+        {"type": "softmax", "classes": 5}]}
+    nk, nr = build(spec, backend="kernels"), build(spec, backend="reference")
+    theta = nk.init_params(3)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((6, 2, 12, 11)).astype(np.float32)
+    y = rng.integers(0, 5, 6)
+    lk, gk = nk.loss_and_grad(theta, x, y)
+    lr, gr = nr.loss_and_grad(theta, x, y)
+    assert abs(lk - lr) < 1e-5 * max(1, abs(lr))
+    np.testing.assert_allclose(gk, gr, atol=1e-5 * np.abs(gr).max(), rtol=1e-3)
