@@ -51,11 +51,14 @@ def lc_backward(x, w, y, dy, k, stride, pad, act, dw, db, need_dx):
         raise ValueError(f"locally connected: gradient {dy.shape} does not match output {y.shape}")
     dz = np.empty(y.size, dtype=_F32)
     dx = np.zeros((n, h, wd, c) if need_dx else 1, dtype=_F32)
-    p = np.empty(n * k * k * c, dtype=_F32)
-    dp = np.empty(n * k * k * c if need_dx else 1, dtype=_F32)
+    kkc = k * k * c
+    kkcp = -(-kkc // 16) * 16 if f % 16 == 0 else kkc  # see lc_backward_c's buffers
+    p = np.empty(n * kkc, dtype=_F32)
+    dp = np.empty(n * kkcp if need_dx else 1, dtype=_F32)
+    wtt = np.zeros(f * kkcp if need_dx and f % 16 == 0 else 1, dtype=_F32)
     dwf, dbf = dw.reshape(-1), db.reshape(-1)  # views into the flat gradient
     K.lc_backward(_flat(x, "x"), _flat(w, "w"), _flat(y, "y"), _flat(dy, "dy"), dz,
-                  dx.reshape(-1), dwf, dbf, p, dp, n, h, wd, c, k, stride, pad, ho, wo, f,
+                  dx.reshape(-1), dwf, dbf, p, dp, wtt, n, h, wd, c, k, stride, pad, ho, wo, f,
                   _ACT[act], need_dx)
     return dx if need_dx else None
 

@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 extras="test,study"
 [ "${DBMPI_NO_MPICH:-0}" = "1" ] || extras="mpich,$extras"
 stamp="$VENV/.dbmpi-install"
-want="$(cat pyproject.toml setup.py kernels/*.pyx | sha1sum | cut -d' ' -f1) $extras"
+want="$(cat pyproject.toml setup.py kernels/*.pyx kernels/*.h | sha1sum | cut -d' ' -f1) $extras"
 if [ -x "$VENV/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] \
    && "$VENV/bin/python" -c "import dbmpi._kernels" 2>/dev/null; then
   exit 0

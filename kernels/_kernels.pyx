@@ -20,6 +20,14 @@ from libc.string cimport memcpy, memset
 from scipy.linalg.cython_blas cimport sgemm
 
 
+cdef extern from "microgemm.h" nogil:
+    void dbmpi_mgemm(int m, int n, int k, const float* a, Py_ssize_t rsa, Py_ssize_t csa,
+                     const float* b, Py_ssize_t ldb, float beta, float* c, Py_ssize_t ldc)
+    void dbmpi_mgemm_seg(int m, int n, int nseg, Py_ssize_t sstride, int k, const float* a,
+                         Py_ssize_t rsa, Py_ssize_t csa, const float* b, Py_ssize_t ldb,
+                         float beta, float* c, Py_ssize_t ldc)
+
+
 # ---- layer 2: BLAS -------------------------------------------------------------------------
 
 cdef inline void _gemm(bint ta, bint tb, int m, int n, int k, float alpha,
@@ -91,10 +99,17 @@ cdef void _gather(const float* x, int n, int h, int w, int c, int k, int stride,
                    (hi - lo) * c * sizeof(float))
 
 
-cdef void _scatter_add(const float* p, int n, int h, int w, int c, int k, int stride, int pad,
-                       int i, int j, float* dx) noexcept nogil:
-    """dx[s, i*stride - pad + ky, j*stride - pad + kx, ch] += p[s, (ky*k + kx)*c + ch]."""
-    cdef Py_ssize_t kc = k * c, kkc = k * kc, s, t, m
+cdef inline bint _inside(int h, int w, int k, int stride, int pad, int i,
+                         int j) noexcept nogil:
+    """Whether output location (i, j)'s receptive field lies wholly inside the input."""
+    cdef int r0 = i * stride - pad, c0 = j * stride - pad
+    return r0 >= 0 and c0 >= 0 and r0 + k <= h and c0 + k <= w
+
+
+cdef void _scatter_add(const float* p, Py_ssize_t ldp, int n, int h, int w, int c, int k,
+                       int stride, int pad, int i, int j, float* dx) noexcept nogil:
+    """dx[s, i*stride - pad + ky, j*stride - pad + kx, ch] += p[s*ldp + (ky*k + kx)*c + ch]."""
+    cdef Py_ssize_t kc = k * c, s, t, m
     cdef int r0 = i * stride - pad, c0 = j * stride - pad, ky, row
     cdef int lo = -c0 if c0 < 0 else 0
     cdef int hi = w - c0 if w - c0 < k else k
@@ -108,7 +123,7 @@ cdef void _scatter_add(const float* p, int n, int h, int w, int c, int k, int st
             row = r0 + ky
             if row < 0 or row >= h:
                 continue
-            src = p + s * kkc + ky * kc + lo * c
+            src = p + s * ldp + ky * kc + lo * c
             dst = dx + ((s * h + row) * <Py_ssize_t>w + c0 + lo) * c
             for t in range(m):
                 dst[t] += src[t]
@@ -117,7 +132,9 @@ cdef void _scatter_add(const float* p, int n, int h, int w, int c, int k, int st
 cdef void lc_forward_c(const float* x, const float* wt, const float* b, float* y, float* p,
                        int n, int h, int w, int c, int k, int stride, int pad, int ho, int wo,
                        int f, int act) noexcept nogil:
-    """y[s,i,j,:] = act(patch(x)[s,i,j,:] @ wt[i,j] + b[i,j]); p is an (n, k*k*c) buffer."""
+    """y[s,i,j,:] = act(patch(x)[s,i,j,:] @ wt[i,j] + b[i,j]); p is an (n, k*k*c) buffer.
+
+    Filter counts that are multiples of 16 use the register-blocked microgemm.h; others BLAS."""
     cdef int i, j, s, kkc = k * k * c, ld = ho * wo * f
     cdef Py_ssize_t loc
     for i in range(ho):
@@ -125,38 +142,72 @@ cdef void lc_forward_c(const float* x, const float* wt, const float* b, float* y
             loc = i * wo + j
             for s in range(n):
                 memcpy(y + s * <Py_ssize_t>ld + loc * f, b + loc * f, f * sizeof(float))
+            if f % 16 == 0 and _inside(h, w, k, stride, pad, i, j):
+                # implicit GEMM: the patch's k rows are k contiguous segments of x
+                dbmpi_mgemm_seg(n, f, k, w * c, k * c,
+                                x + ((i * stride - pad) * <Py_ssize_t>w + j * stride - pad) * c,
+                                <Py_ssize_t>h * w * c, 1, wt + loc * kkc * f, f, 1.0,
+                                y + loc * f, ld)
+                continue
             _gather(x, n, h, w, c, k, stride, pad, i, j, p)
-            _gemm(False, False, n, f, kkc, 1.0, p, kkc, wt + loc * kkc * f, f, 1.0,
-                  y + loc * f, ld)
+            if f % 16 == 0:
+                dbmpi_mgemm(n, f, kkc, p, kkc, 1, wt + loc * kkc * f, f, 1.0, y + loc * f, ld)
+            else:
+                _gemm(False, False, n, f, kkc, 1.0, p, kkc, wt + loc * kkc * f, f, 1.0,
+                      y + loc * f, ld)
     _act_forward(y, <Py_ssize_t>n * ld, act)
 
 
 cdef void lc_backward_c(const float* x, const float* wt, const float* dz, float* dx,
-                        float* dw, float* db, float* p, float* dp, int n, int h, int w, int c,
-                        int k, int stride, int pad, int ho, int wo, int f,
+                        float* dw, float* db, float* p, float* dp, float* wtt, int n, int h,
+                        int w, int c, int k, int stride, int pad, int ho, int wo, int f,
                         bint need_dx) noexcept nogil:
     """dw[i,j] = patch^T @ dz[:,i,j,:]; db[i,j] = sum_s dz[s,i,j,:];
-    dx += scatter(dz[:,i,j,:] @ wt[i,j]^T).  dx must be zeroed by the caller."""
-    cdef int i, j, s, t, kkc = k * k * c, ld = ho * wo * f
+    dx += scatter(dz[:,i,j,:] @ wt[i,j]^T).  dx must be zeroed by the caller.
+
+    Buffers: p (n, k*k*c); with f % 16 == 0, dp (n, kkcp) and wtt (f, kkcp) where kkcp is
+    k*k*c rounded up to 16 and wtt's padding columns are zero; otherwise dp (n, k*k*c)."""
+    cdef int i, j, s, t, ky, kkc = k * k * c, ld = ho * wo * f
+    cdef const float* xs
+    cdef bint micro = f % 16 == 0
+    cdef int kkcp = (kkc + 15) // 16 * 16 if micro else kkc
     cdef Py_ssize_t loc
     cdef float* dbl
     cdef const float* dzl
+    cdef const float* wl
     for i in range(ho):
         for j in range(wo):
             loc = i * wo + j
-            _gather(x, n, h, w, c, k, stride, pad, i, j, p)
-            _gemm(True, False, kkc, f, n, 1.0, p, kkc, dz + loc * f, ld, 0.0,
-                  dw + loc * kkc * f, f)
+            wl = wt + loc * kkc * f
+            if micro and _inside(h, w, k, stride, pad, i, j):
+                xs = x + ((i * stride - pad) * <Py_ssize_t>w + j * stride - pad) * c
+                for ky in range(k):     # dw rows of patch row ky: x segment ky, transposed
+                    dbmpi_mgemm(k * c, f, n, xs + ky * <Py_ssize_t>w * c, 1,
+                                <Py_ssize_t>h * w * c, dz + loc * f, ld, 0.0,
+                                dw + loc * kkc * f + ky * k * c * f, f)
+            elif micro:
+                _gather(x, n, h, w, c, k, stride, pad, i, j, p)
+                dbmpi_mgemm(kkc, f, n, p, 1, kkc, dz + loc * f, ld, 0.0, dw + loc * kkc * f, f)
+            else:
+                _gather(x, n, h, w, c, k, stride, pad, i, j, p)
+                _gemm(True, False, kkc, f, n, 1.0, p, kkc, dz + loc * f, ld, 0.0,
+                      dw + loc * kkc * f, f)
             dbl = db + loc * f
             memset(dbl, 0, f * sizeof(float))
             for s in range(n):
                 dzl = dz + s * <Py_ssize_t>ld + loc * f
                 for t in range(f):
                     dbl[t] += dzl[t]
-            if need_dx:
-                _gemm(False, True, n, kkc, f, 1.0, dz + loc * f, ld, wt + loc * kkc * f, f,
-                      0.0, dp, kkc)
-                _scatter_add(dp, n, h, w, c, k, stride, pad, i, j, dx)
+            if not need_dx:
+                continue
+            if micro:
+                for t in range(f):          # wtt[t, q] = wl[q, t]
+                    for s in range(kkc):
+                        wtt[t * kkcp + s] = wl[s * f + t]
+                dbmpi_mgemm(n, kkcp, f, dz + loc * f, ld, 1, wtt, kkcp, 0.0, dp, kkcp)
+            else:
+                _gemm(False, True, n, kkc, f, 1.0, dz + loc * f, ld, wl, f, 0.0, dp, kkc)
+            _scatter_add(dp, kkcp, n, h, w, c, k, stride, pad, i, j, dx)
 
 
 cdef void fc_forward_c(const float* x, const float* wt, const float* b, float* y, int n,
@@ -274,12 +325,13 @@ def lc_forward(const float[::1] x, const float[::1] wt, const float[::1] b, floa
 
 def lc_backward(const float[::1] x, const float[::1] wt, const float[::1] y,
                 const float[::1] dy, float[::1] dz, float[::1] dx, float[::1] dw,
-                float[::1] db, float[::1] p, float[::1] dp, int n, int h, int w, int c, int k,
-                int stride, int pad, int ho, int wo, int f, int act, bint need_dx):
+                float[::1] db, float[::1] p, float[::1] dp, float[::1] wtt, int n, int h, int w,
+                int c, int k, int stride, int pad, int ho, int wo, int f, int act,
+                bint need_dx):
     with nogil:
         _act_backward(&y[0], &dy[0], &dz[0], dz.shape[0], act)
-        lc_backward_c(&x[0], &wt[0], &dz[0], &dx[0], &dw[0], &db[0], &p[0], &dp[0], n, h, w,
-                      c, k, stride, pad, ho, wo, f, need_dx)
+        lc_backward_c(&x[0], &wt[0], &dz[0], &dx[0], &dw[0], &db[0], &p[0], &dp[0], &wtt[0],
+                      n, h, w, c, k, stride, pad, ho, wo, f, need_dx)
 
 
 def fc_forward(const float[::1] x, const float[::1] wt, const float[::1] b, float[::1] y,

@@ -1,0 +1,166 @@
+#!/usr/bin/env python
+"""Usage: python jobs/bench_kernels.py [--quick]
+
+Layer-kernel benchmark, one process, one BLAS thread.  Prints, per shape, GFLOP/s of our
+forward, backward and forward+backward, the float32 GEMM ceiling measured in the same run
+(numpy matmul), our fraction of it, our ratio to the numpy reference, and (when PyTorch is
+installed) our ratio to a PyTorch unfold+einsum locally connected layer.  Also the fully
+connected layer against numpy's three matmuls, and loss_and_grad of jobs/digits_sgd.toml
+against the numpy reference path.
+"""
+
+import os
+
+for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_v] = "1"
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dbmpi import kernels as KO  # noqa: E402
+from dbmpi.config import load  # noqa: E402
+from dbmpi.model import build  # noqa: E402
+from dbmpi.model import ops_reference as RO  # noqa: E402
+from dbmpi.model.reference import out_size  # noqa: E402
+
+LC_SHAPES = [(3, 32, 16, 5, 1), (16, 32, 32, 5, 1), (3, 64, 16, 7, 2), (16, 64, 32, 5, 2)]
+FC_SHAPES = [(2560, 2560), (784, 1024)]
+
+
+def best(fn, min_time=0.4, min_reps=3):
+    """Fastest of repeated calls (seconds): the least disturbed by other load."""
+    fn()
+    times, t_end = [], time.perf_counter() + min_time
+    while len(times) < min_reps or time.perf_counter() < t_end:
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def gemm_ceiling(quick):
+    n = 1024
+    a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
+    b = a.copy()
+    c = np.empty_like(a)
+    t = best(lambda: np.matmul(a, b, out=c), 0.3 if quick else 1.0)
+    return 2 * n**3 / t / 1e9
+
+
+def torch_lc(c, size, f, k, s, n):
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.set_num_threads(1)
+    ho = out_size(size, k, s)
+    x = torch.randn(n, c, size, size)
+    w = (torch.randn(ho * ho, c * k * k, f) * 0.1).requires_grad_()
+    b = torch.zeros(ho * ho, f, requires_grad=True)
+    x.requires_grad_()
+    dy = torch.randn(n, ho * ho, f)
+
+    def step():
+        p = torch.nn.functional.unfold(x, k, stride=s)           # (n, c*k*k, L)
+        y = torch.relu(torch.einsum("ncl,lcf->nlf", p, w) + b)
+        y.backward(dy)
+    return best(step)
+
+
+def bench_lc(args, ceiling):
+    print(f"\nLocally connected, batch {args.batch}, relu, no padding "
+          f"(GEMM ceiling {ceiling:.1f} GFLOP/s, numpy matmul 1024^3, same run)")
+    hdr = ("shape (c, in -> f, k, s)", "fwd GF/s", "bwd GF/s", "f+b GF/s", "f+b/ceil",
+           "fwd/ceil", "x numpy ref", "x torch")
+    print("{:<26}{:>9}{:>9}{:>9}{:>9}{:>9}{:>12}{:>9}".format(*hdr))
+    rng = np.random.default_rng(0)
+    rows = []
+    for c, size, f, k, s in LC_SHAPES:
+        n = args.batch
+        ho = out_size(size, k, s)
+        x = rng.standard_normal((n, size, size, c)).astype(np.float32)
+        w = (rng.standard_normal((ho, ho, k * k * c, f)) * 0.1).astype(np.float32)
+        b = np.zeros((ho, ho, f), np.float32)
+        dw, db = np.empty_like(w), np.empty_like(b)
+        y = KO.lc_forward(x, w, b, k, s, 0, "relu")
+        dy = rng.standard_normal(y.shape).astype(np.float32)
+        flops = 2.0 * n * ho * ho * k * k * c * f
+        tf = best(lambda: KO.lc_forward(x, w, b, k, s, 0, "relu"))
+        tb = best(lambda: KO.lc_backward(x, w, y, dy, k, s, 0, "relu", dw, db, True))
+        tfb = tf + tb
+
+        def ref():
+            yr = RO.lc_forward(x, w, b, k, s, 0, "relu")
+            RO.lc_backward(x, w, yr, dy, k, s, 0, "relu", dw, db, True)
+        tr = best(ref, 0.2, 2)
+        tt = torch_lc(c, size, f, k, s, n)
+        fb = 3 * flops / tfb / 1e9
+        row = (f"({c}, {size} -> {f}, {k}, {s})", flops / tf / 1e9, 2 * flops / tb / 1e9, fb,
+               fb / ceiling, flops / tf / 1e9 / ceiling, tr / tfb,
+               f"{tt / tfb:.1f}x" if tt else "n/a")
+        rows.append(row)
+        print("{:<26}{:>9.1f}{:>9.1f}{:>9.1f}{:>9.0%}{:>9.0%}{:>11.1f}x{:>9}".format(*row))
+    return rows
+
+
+def bench_fc(args):
+    print(f"\nFully connected, batch {args.fc_batch}, sigmoid: ours (bias and activation "
+          "fused) against numpy's three matmuls")
+    print("{:<16}{:>12}{:>14}{:>10}".format("shape (in, out)", "ours GF/s", "numpy GF/s", "ratio"))
+    rng = np.random.default_rng(1)
+    for d, u in FC_SHAPES:
+        n = args.fc_batch
+        x = rng.standard_normal((n, d)).astype(np.float32)
+        w = (rng.standard_normal((u, d)) * 0.05).astype(np.float32)
+        b = np.zeros(u, np.float32)
+        dw, db = np.empty_like(w), np.empty_like(b)
+        dy = rng.standard_normal((n, u)).astype(np.float32)
+
+        def ours():
+            y = KO.fc_forward(x, w, b, "sigmoid")
+            KO.fc_backward(x, w, y, dy, "sigmoid", dw, db, True)
+
+        def numpy3():
+            x @ w.T
+            dy.T @ x
+            dy @ w
+        flops = 6.0 * n * d * u
+        to, tn = best(ours), best(numpy3)
+        print("{:<16}{:>12.1f}{:>14.1f}{:>9.2f}x".format(f"({d}, {u})", flops / to / 1e9,
+                                                         flops / tn / 1e9, tn / to))
+
+
+def bench_network():
+    root = Path(__file__).resolve().parents[1]
+    cfg = load(root / "jobs" / "digits_sgd.toml")
+    nk, nr = build(cfg["model"], "kernels"), build(cfg["model"], "reference")
+    theta = nk.init_params(0)
+    rng = np.random.default_rng(0)
+    x = rng.random((cfg["optimizer"]["batch_size"], *nk.input_shape), dtype=np.float32)
+    y = rng.integers(0, 10, len(x))
+    tk = best(lambda: nk.loss_and_grad(theta, x, y))
+    tr = best(lambda: nr.loss_and_grad(theta, x, y))
+    print(f"\njobs/digits_sgd.toml loss_and_grad, batch {len(x)}: kernels {tk * 1e3:.3f} ms, "
+          f"numpy reference {tr * 1e3:.3f} ms: {tr / tk:.2f}x")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--fc-batch", type=int, default=128)
+    args = p.parse_args()
+    ceiling = gemm_ceiling(args.quick)
+    bench_lc(args, ceiling)
+    bench_fc(args)
+    bench_network()
+    print(f"\nGEMM ceiling re-measured at the end: {gemm_ceiling(args.quick):.1f} GFLOP/s")
+
+
+if __name__ == "__main__":
+    main()
