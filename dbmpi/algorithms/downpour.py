@@ -1,0 +1,312 @@
+"""Downpour SGD: asynchronous replicas, a sharded parameter server, a coordinator.
+
+What a replica may see: its fetch of shard s is one consistent version of that shard
+(never half an update), but different shards may be at different versions, and by the time
+its gradient arrives the shard may have applied other replicas' pushes (the staleness that
+summary.json reports).  What a push guarantees: a push a shard took is applied there exactly
+once, as one update (or rejected whole if it holds NaN/Inf); a push a shard had no room for
+stays in the replica's accumulator and goes with its next push.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from ..optim import make_optimizer
+from ..rundir import RunDir, save_checkpoint
+from ..server import Backoff, PSClient, ShardServer, create_windows
+from ..topology import shard_ranges
+from .common import Batches, Evaluator, Progress
+
+__all__ = ["run_downpour", "TAGS"]
+
+TAGS = dict(LOG=11, DONE=12, STOP=13, WARM=14, GO=15, SNAP_REQ=16, SNAP=17, DRAIN=18,
+            FINISH=19)
+
+
+def _poll_recv(comm, source, tag, backoff=None):
+    """A blocking receive that sleeps between probes instead of spinning (MPI-NOTES.md)."""
+    from mpi4py import MPI
+    backoff = backoff or Backoff()
+    st = MPI.Status()
+    while not comm.Iprobe(source=source, tag=tag, status=st):
+        backoff.idle()
+    return comm.recv(source=st.Get_source(), tag=st.Get_tag())
+
+
+# -- shard ---------------------------------------------------------------------------------
+
+def _run_shard(topo, cfg, net, pw, iw, ranges, resume):
+    from mpi4py import MPI
+    s = topo.index
+    lo, hi = ranges[s]
+    opt = make_optimizer(cfg["optimizer"], hi - lo)
+    init = net.init_params(cfg["optimizer"]["seed"])[lo:hi]
+    server = ShardServer(pw[s], iw[s], lo, hi, topo.replicas, opt, init)
+    server.rank = topo.shard_ranks[s]
+    if resume is not None:
+        server.restore(resume["params"][lo:hi],
+                       {k: v[lo:hi] for k, v in resume["state"].items()},
+                       int(resume["counters"].get(f"shard{s}_version", 0)))
+    ctrl, backoff, st = topo.ctrl, Backoff(), MPI.Status()
+    cpu0, idle_s = time.process_time(), 0.0
+    while True:
+        applied = server.poll()
+        if ctrl.Iprobe(source=0, status=st):
+            tag = st.Get_tag()
+            ctrl.recv(source=0, tag=tag)
+            if tag == TAGS["FINISH"]:
+                break
+            if tag == TAGS["DRAIN"]:
+                while server.poll():
+                    pass
+            params, state, version = server.snapshot()
+            ctrl.send({"shard": s, "params": params, "state": state, "version": version,
+                       "applied": server.applied, "rejected": server.rejected,
+                       "staleness": server.staleness.tolist(),
+                       "cpu_s": time.process_time() - cpu0, "idle_s": idle_s},
+                      dest=0, tag=TAGS["SNAP"])
+        elif applied:
+            backoff.busy()
+        else:
+            t = time.perf_counter()
+            backoff.idle()
+            idle_s += time.perf_counter() - t
+
+
+# -- replica -------------------------------------------------------------------------------
+
+def _run_replica(topo, cfg, net, client):
+    from mpi4py import MPI
+    o, r = cfg["optimizer"], cfg["run"]
+    rep = topo.index
+    ctrl = topo.ctrl
+    batches = Batches(cfg["data"]["path"], o["batch_size"], o["seed"], rep, topo.replicas,
+                      cfg["data"]["cache_mb"])
+    theta = np.empty(net.num_params, dtype=np.float32)
+    acc = np.zeros_like(theta)
+    lr = np.float32(o["learning_rate"])
+    warm = o["warmstart_steps"]
+    stopped = False
+    if warm and rep != 0:
+        msg_tag = None
+        while msg_tag is None:  # wait for the coordinator's go (or a stop) without spinning
+            st = MPI.Status()
+            backoff = Backoff(hi=0.02)
+            while not ctrl.Iprobe(source=0, status=st):
+                backoff.idle()
+            msg_tag = st.Get_tag()
+            ctrl.recv(source=0, tag=msg_tag)
+        stopped = msg_tag == TAGS["STOP"]
+    t0 = time.perf_counter()
+    t_fetch = t_push = t_compute = 0.0
+    fetches = step = 0
+    if not stopped:
+        t = time.perf_counter()
+        client.fetch(theta)
+        t_fetch += time.perf_counter() - t
+        fetches += 1
+    while not stopped and step < r["max_steps"]:
+        if step and step % o["n_fetch"] == 0:
+            t = time.perf_counter()
+            client.fetch(theta)
+            t_fetch += time.perf_counter() - t
+            fetches += 1
+        x, y = batches.next()
+        t = time.perf_counter()
+        loss, g = net.loss_and_grad(theta, x, y)
+        acc += g
+        g *= lr
+        theta -= g                     # the replica's own update of its local copy
+        t_compute += time.perf_counter() - t
+        step += 1
+        if step % o["n_push"] == 0:
+            t = time.perf_counter()
+            client.push(acc)
+            t_push += time.perf_counter() - t
+        if step % r["log_every"] == 0 or step == 1:
+            ctrl.send({"replica": rep, "step": step, "loss": float(loss)}, dest=0,
+                      tag=TAGS["LOG"])
+        if warm and rep == 0 and step == warm:
+            ctrl.send(step, dest=0, tag=TAGS["WARM"])
+        if ctrl.Iprobe(source=0, tag=TAGS["STOP"]):
+            ctrl.recv(source=0, tag=TAGS["STOP"])
+            stopped = True
+    if np.any(acc):
+        client.push(acc)  # offer what is left once; what no shard had room for is dropped
+    wall = time.perf_counter() - t0
+    ctrl.send({"replica": rep, "steps": step, "samples": step * o["batch_size"],
+               "wall_s": wall, "compute_s": t_compute, "fetch_s": t_fetch, "push_s": t_push,
+               "fetches": fetches, "pushes_sent": client.pushes_sent,
+               "push_attempts": client.push_attempts, "stopped_early": stopped},
+              dest=0, tag=TAGS["DONE"])
+    if not stopped:  # the coordinator sends STOP to everyone; take it so nothing is left over
+        _poll_recv(ctrl, 0, TAGS["STOP"], Backoff(hi=0.02))
+    _poll_recv(ctrl, 0, TAGS["FINISH"], Backoff(hi=0.02))
+
+
+# -- coordinator ---------------------------------------------------------------------------
+
+class _Coordinator:
+    def __init__(self, topo, cfg, net, client, ranges, run, quiet, resume):
+        self.topo, self.cfg, self.net, self.client = topo, cfg, net, client
+        self.ranges, self.run = ranges, run
+        self.evaluate = Evaluator(net, cfg["data"]["path"])
+        self.say = Progress(enabled=not quiet)
+        self.theta = np.empty(net.num_params, dtype=np.float32)
+        self.done: dict[int, dict] = {}
+        self.updates0 = int(resume["counters"].get("updates", 0)) if resume else 0
+        self.last_snaps = None
+
+    def snapshots(self, tag="SNAP_REQ"):
+        from mpi4py import MPI
+        ctrl = self.topo.ctrl
+        for rank in self.topo.shard_ranks:
+            ctrl.send(None, dest=rank, tag=TAGS[tag])
+        snaps = [None] * self.topo.shards
+        for _ in self.topo.shard_ranks:
+            m = _poll_recv(ctrl, MPI.ANY_SOURCE, TAGS["SNAP"])
+            snaps[m["shard"]] = m
+        self.last_snaps = snaps
+        return snaps
+
+    def checkpoint(self, snaps):
+        params = np.concatenate([m["params"] for m in snaps])
+        state = {k: np.concatenate([m["state"][k] for m in snaps]) for k in snaps[0]["state"]}
+        counters = {"updates": sum(m["version"] for m in snaps),
+                    **{f"shard{m['shard']}_version": m["version"] for m in snaps}}
+        save_checkpoint(self.run.checkpoint, params, state, counters, self.cfg)
+        return params
+
+    def eval(self):
+        self.client.fetch(self.theta)
+        ev = self.evaluate(self.theta)
+        updates = self.updates0 + sum(self.client.fetched_version.values())
+        self.run.log("eval", updates=updates, test_loss=ev["loss"], test_accuracy=ev["accuracy"])
+        return ev, updates
+
+    def handle_messages(self):
+        from mpi4py import MPI
+        ctrl, st, any_msg = self.topo.ctrl, MPI.Status(), False
+        while ctrl.Iprobe(source=MPI.ANY_SOURCE, status=st):
+            any_msg = True
+            src, tag = st.Get_source(), st.Get_tag()
+            m = ctrl.recv(source=src, tag=tag)
+            if tag == TAGS["LOG"]:
+                self.run.log("train", **m)
+            elif tag == TAGS["DONE"]:
+                self.done[m["replica"]] = m
+            elif tag == TAGS["WARM"]:
+                for reps in self.topo.replica_ranks[1:]:
+                    for rank in reps:
+                        ctrl.send(None, dest=rank, tag=TAGS["GO"])
+        return any_msg
+
+    def loop(self):
+        r = self.cfg["run"]
+        t0 = time.time()
+        last_eval, last_ckpt = t0, t0
+        backoff = Backoff(hi=0.02)
+        stop = "max_steps"
+        while len(self.done) < self.topo.replicas:
+            if self.handle_messages():
+                backoff.busy()
+            else:
+                backoff.idle()
+            now = time.time()
+            if now - last_eval >= r["eval_every_s"]:
+                ev, updates = self.eval()
+                last_eval = time.time()
+                self.say(f"{now - t0:6.1f} s  updates {updates}  test accuracy "
+                         f"{ev['accuracy']:.4f}  replicas done {len(self.done)}/"
+                         f"{self.topo.replicas}")
+                if r["target_accuracy"] and ev["accuracy"] >= r["target_accuracy"]:
+                    stop = "target_accuracy"
+                    break
+            if now - t0 >= r["max_time_s"]:
+                stop = "max_time_s"
+                break
+            if now - last_ckpt >= r["checkpoint_every_s"]:
+                self.checkpoint(self.snapshots())
+                last_ckpt = time.time()
+        wall = time.time() - t0
+        ctrl = self.topo.ctrl
+        for reps in self.topo.replica_ranks:
+            for rank in reps:
+                ctrl.send(None, dest=rank, tag=TAGS["STOP"])
+        while len(self.done) < self.topo.replicas:
+            if not self.handle_messages():
+                backoff.idle()
+        snaps = self.snapshots("DRAIN")   # every push the replicas sent is applied by now
+        params = self.checkpoint(snaps)
+        ev = self.evaluate(params)
+        self.run.log("eval", updates=self.updates0 + sum(m["version"] for m in snaps),
+                     test_loss=ev["loss"], test_accuracy=ev["accuracy"])
+        return self.summary(stop, wall, ev, snaps)
+
+    def summary(self, stop, wall, ev, snaps):
+        reps = [self.done[i] for i in range(self.topo.replicas)]
+        stal = np.sum([m["staleness"] for m in snaps], axis=0)
+        last = int(np.flatnonzero(stal)[-1]) + 1 if stal.any() else 0
+        samples = sum(d["samples"] for d in reps)
+        o = self.cfg["optimizer"]
+        return {
+            "algorithm": "downpour", "ranks": self.topo.ctrl.Get_size(), "stop_reason": stop,
+            "wall_time_s": wall, "samples_per_s": samples / wall if wall else 0.0,
+            "final_test_loss": ev["loss"], "final_test_accuracy": ev["accuracy"],
+            "num_params": self.net.num_params,
+            "pushes_sent": sum(d["pushes_sent"] for d in reps),
+            "pushes_applied": sum(m["applied"] for m in snaps),
+            "pushes_rejected": sum(m["rejected"] for m in snaps),
+            "push_attempts": sum(d["push_attempts"] for d in reps),
+            "updates": self.updates0 + sum(m["version"] for m in snaps),
+            "staleness_histogram": stal[:last].tolist(),
+            "staleness_mean": float((stal * np.arange(len(stal))).sum() / max(stal.sum(), 1)),
+            "replicas": [{"replica": d["replica"], "steps": d["steps"],
+                          "samples_per_s": d["samples"] / d["wall_s"] if d["wall_s"] else 0.0,
+                          "step_s": d["wall_s"] / max(d["steps"], 1),
+                          "compute_s": d["compute_s"], "fetch_s": d["fetch_s"],
+                          "push_s": d["push_s"], "fetches": d["fetches"],
+                          "pushes_sent": d["pushes_sent"]} for d in reps],
+            "shards": [{"shard": m["shard"], "applied": m["applied"],
+                        "rejected": m["rejected"], "cpu_s": m["cpu_s"],
+                        "cpu_fraction": m["cpu_s"] / wall if wall else 0.0} for m in snaps],
+            "config": {"replicas": self.topo.replicas, "ps_shards": self.topo.shards,
+                       "n_fetch": o["n_fetch"], "n_push": o["n_push"],
+                       "adagrad": o["adagrad"], "batch_size": o["batch_size"]},
+        }
+
+
+def run_downpour(topo, cfg, net, out, resume=None, quiet=False):
+    """Every rank calls this; each plays its role.  Returns the summary on the coordinator."""
+    ranges = shard_ranges(net.num_params, topo.shards)
+    my_shard = topo.index if topo.role == "shard" else None
+    pw, iw = create_windows(topo.rma, ranges, topo.replicas, my_shard)
+    summary = None
+    # Windows are freed (a collective) only on success: after an error the launcher aborts
+    # the job, and a rank waiting in a collective would otherwise hang.
+    if topo.role == "shard":
+        topo.rma.Barrier()  # shards have initialised their memory
+        _run_shard(topo, cfg, net, pw, iw, ranges, resume)
+    else:
+        replica = topo.index if topo.role == "replica" else 0
+        client = PSClient(pw, iw, ranges, topo.shard_ranks, replica)
+        topo.rma.Barrier()
+        client.warm_up()
+        if topo.role == "replica":
+            _run_replica(topo, cfg, net, client)
+        else:
+            run = RunDir(out, cfg, append=resume is not None)
+            try:
+                summary = _Coordinator(topo, cfg, net, client, ranges, run, quiet,
+                                       resume).loop()
+                run.write_summary(summary)
+            finally:
+                run.close()
+            for rank in topo.shard_ranks + [x for reps in topo.replica_ranks for x in reps]:
+                topo.ctrl.send(None, dest=rank, tag=TAGS["FINISH"])
+    for w in pw + iw:
+        w.free()
+    return summary

@@ -1,0 +1,235 @@
+"""The sharded parameter server over MPI one-sided RMA.
+
+Each shard s owns the contiguous range ``[lo_s, hi_s)`` of the flat parameter vector and two
+windows made with ``MPI.Win.Allocate`` (MPI-NOTES.md: 5-20x faster than ``Win.Create``):
+
+- *params*: an int64 version (updates applied so far) followed by the float32 parameters.
+  Clients ``Get`` both in one shared-lock epoch; the shard applies each update under an
+  exclusive lock on its own window, so a fetch never sees a half-applied update.
+- *inbox*: one slot per replica: an int64 header ``(full, fetched_version)`` and the float32
+  gradient.  A replica ``Put``s into its own slot under a shared lock only when the slot is
+  empty; the shard drains full slots under an exclusive lock and applies each as one
+  update, exactly once.  A replica whose slot is still full keeps accumulating and retries
+  at its next push, so replicas never wait for the server.
+
+Staleness of a push = the shard's version when it applies the push minus the version the
+replica fetched.  Gradient payloads never travel as two-sided messages.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+import numpy as np
+
+__all__ = ["Window", "ShardServer", "PSClient", "HEADER"]
+
+HEADER = 16  # bytes: two int64
+
+
+def _mpi():
+    from mpi4py import MPI
+    return MPI
+
+
+class Window:
+    """One RMA window; memory allocated by MPI on the owning rank only."""
+
+    def __init__(self, comm, nbytes: int):
+        MPI = _mpi()
+        self.win = MPI.Win.Allocate(nbytes, 1, comm=comm)
+        self.nbytes = nbytes
+        self.mem = (np.frombuffer(self.win.tomemory(), dtype=np.uint8) if nbytes
+                    else np.zeros(0, np.uint8))
+        self._freed = False
+
+    def view(self, offset: int, count: int, dtype) -> np.ndarray:
+        """A numpy view of this rank's own window memory."""
+        return self.mem[offset:offset + count * np.dtype(dtype).itemsize].view(dtype)
+
+    @contextmanager
+    def lock(self, rank: int, exclusive: bool = False):
+        if self._freed:
+            raise RuntimeError("RMA window used after free()")
+        MPI = _mpi()
+        self.win.Lock(rank, MPI.LOCK_EXCLUSIVE if exclusive else MPI.LOCK_SHARED)
+        try:
+            yield self.win
+        finally:
+            self.win.Unlock(rank)
+
+    def free(self) -> None:
+        """Collective; safe to call twice."""
+        if not self._freed:
+            self._freed = True
+            self.mem = None
+            self.win.Free()
+
+
+def _slot_bytes(length: int) -> int:
+    return HEADER + 4 * length
+
+
+def create_windows(comm, ranges, replicas: int, my_shard: int | None):
+    """Collective over ``comm``: the params and inbox windows of every shard.
+
+    Returns ``(params_windows, inbox_windows)``; each window spans all ranks of ``comm``
+    but only shard ``s``'s rank allocates memory in window ``s``.
+    """
+    params, inbox = [], []
+    for s, (lo, hi) in enumerate(ranges):
+        mine = s == my_shard
+        params.append(Window(comm, HEADER + 4 * (hi - lo) if mine else 0))
+        inbox.append(Window(comm, replicas * _slot_bytes(hi - lo) if mine else 0))
+    return params, inbox
+
+
+class ShardServer:
+    """Shard ``index``: owns its windows' memory and applies pushes with ``optimizer``."""
+
+    def __init__(self, params_win: Window, inbox_win: Window, lo: int, hi: int,
+                 replicas: int, optimizer, init: np.ndarray, max_staleness_bins: int = 64):
+        self.pw, self.iw = params_win, inbox_win
+        self.lo, self.hi, self.n = lo, hi, hi - lo
+        self.replicas = replicas
+        self.opt = optimizer
+        self.version = self.pw.view(0, 1, np.int64)
+        self.params = self.pw.view(HEADER, self.n, np.float32)
+        self.params[:] = init
+        self.version[0] = 0
+        for r in range(replicas):
+            self._slot_header(r)[:] = 0
+        self.applied = 0
+        self.rejected = 0
+        self.staleness = np.zeros(max_staleness_bins, dtype=np.int64)
+        self._grad = np.empty(self.n, dtype=np.float32)
+        self.rank = None  # set by the caller: this shard's rank in the RMA communicator
+
+    def _slot_header(self, r):
+        return self.iw.view(r * _slot_bytes(self.n), 2, np.int64)
+
+    def _slot_grad(self, r):
+        return self.iw.view(r * _slot_bytes(self.n) + HEADER, self.n, np.float32)
+
+    def poll(self) -> int:
+        """Apply every full inbox slot once; return how many were applied or rejected."""
+        done = 0
+        for r in range(self.replicas):
+            with self.iw.lock(self.rank, exclusive=True):
+                hdr = self._slot_header(r)
+                if hdr[0] == 0:
+                    continue
+                fetched = int(hdr[1])
+                self._grad[:] = self._slot_grad(r)
+                hdr[0] = 0
+            done += 1
+            if not np.isfinite(self._grad).all():
+                self.rejected += 1  # parameters unchanged
+                continue
+            with self.pw.lock(self.rank, exclusive=True):
+                self.opt.step(self.params, self._grad)
+                self.version[0] += 1
+                v = int(self.version[0])
+            self.applied += 1
+            self.staleness[min(max(v - 1 - fetched, 0), len(self.staleness) - 1)] += 1
+        return done
+
+    def snapshot(self):
+        """(params copy, optimizer state copies, version), consistent with each other."""
+        with self.pw.lock(self.rank, exclusive=True):
+            return (self.params.copy(), {k: v.copy() for k, v in self.opt.state.items()},
+                    int(self.version[0]))
+
+    def restore(self, params, state, version):
+        with self.pw.lock(self.rank, exclusive=True):
+            self.params[:] = params
+            for k, v in state.items():
+                if k in self.opt.state:
+                    self.opt.state[k][:] = v
+            self.version[0] = version
+
+
+class PSClient:
+    """A replica's (or the coordinator's) side: fetch parameters, push gradients.
+
+    ``lo, hi`` is the slice of the flat vector this client reads and writes (a partition's
+    own slice under model parallelism; the whole vector otherwise); it talks only to the
+    shards whose ranges overlap it.
+    """
+
+    def __init__(self, params_wins, inbox_wins, ranges, shard_ranks, replica: int,
+                 lo: int = 0, hi: int | None = None):
+        self.pw, self.iw = params_wins, inbox_wins
+        self.ranges, self.shard_ranks = ranges, shard_ranks
+        self.replica = replica
+        self.lo, self.hi = lo, ranges[-1][1] if hi is None else hi
+        # (shard, offset in shard, offset in my slice, length) for each overlapping shard
+        self.parts = []
+        for s, (a, b) in enumerate(ranges):
+            x, y = max(a, self.lo), min(b, self.hi)
+            if x < y:
+                self.parts.append((s, x - a, x - self.lo, y - x))
+        self.fetched_version = {s: 0 for s, *_ in self.parts}
+        self.pending = {s: False for s, *_ in self.parts}
+        self.pushes_sent = 0
+        self.push_attempts = 0
+        self._hdr = np.zeros(2, dtype=np.int64)
+
+    def warm_up(self) -> None:
+        """One epoch to every shard on both windows (MPI-NOTES.md: the first epoch after
+        window creation can block until the target next calls MPI)."""
+        for s, *_ in self.parts:
+            for w in (self.pw[s], self.iw[s]):
+                with w.lock(self.shard_ranks[s]) as win:
+                    win.Get(self._hdr, self.shard_ranks[s], target=(0, 2, _mpi().INT64_T))
+
+    def fetch(self, out: np.ndarray) -> None:
+        """Read my slice of the parameters into ``out`` (length hi - lo)."""
+        MPI = _mpi()
+        ver = np.zeros(1, dtype=np.int64)
+        for s, off, mine, n in self.parts:
+            rank = self.shard_ranks[s]
+            with self.pw[s].lock(rank) as win:
+                win.Get(ver, rank, target=(0, 1, MPI.INT64_T))
+                win.Get(out[mine:mine + n], rank, target=(HEADER + 4 * off, n, MPI.FLOAT))
+            self.fetched_version[s] = int(ver[0])
+
+    def push(self, acc: np.ndarray) -> int:
+        """Offer my accumulated gradient slice to every shard; where the shard took it, zero
+        that part of ``acc``.  Returns the number of shards that took it."""
+        MPI = _mpi()
+        took = 0
+        for s, off, mine, n in self.parts:
+            rank = self.shard_ranks[s]
+            slot = self.replica * _slot_bytes(self.ranges[s][1] - self.ranges[s][0])
+            self.push_attempts += 1
+            with self.iw[s].lock(rank) as win:
+                win.Get(self._hdr, rank, target=(slot, 2, MPI.INT64_T))
+                win.Flush(rank)
+                if self._hdr[0] != 0:
+                    continue  # the shard has not taken my previous push yet
+                if off != 0 or n != self.ranges[s][1] - self.ranges[s][0]:
+                    raise RuntimeError("a push must cover the shard's whole overlap")
+                win.Put(acc[mine:mine + n], rank, target=(slot + HEADER, n, MPI.FLOAT))
+                win.Flush(rank)
+                self._hdr[0], self._hdr[1] = 1, self.fetched_version[s]
+                win.Put(self._hdr, rank, target=(slot, 2, MPI.INT64_T))
+            acc[mine:mine + n] = 0
+            took += 1
+            self.pushes_sent += 1
+        return took
+
+
+class Backoff:
+    """Sleep between polls, longer while nothing happens, so an idle rank costs little CPU."""
+
+    def __init__(self, lo: float = 2e-4, hi: float = 5e-3):
+        self.lo, self.hi, self.t = lo, hi, lo
+
+    def idle(self) -> None:
+        time.sleep(self.t)
+        self.t = min(self.t * 2, self.hi)
+
+    def busy(self) -> None:
+        self.t = self.lo

@@ -1,0 +1,84 @@
+"""Roles and communicators: COMM_WORLD is split once, here, and handed to each role.
+
+World ranks: 0 is the coordinator, 1..S the parameter-server shards, then the replicas'
+partitions, replica-major: replica r, partition p is rank ``1 + S + r*P + p``.  Algorithms
+without a parameter server (``sgd``, ``sync``) have only replica ranks, from 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["Topology", "shard_ranges"]
+
+
+def shard_ranges(n: int, shards: int) -> list[tuple[int, int]]:
+    """Contiguous, balanced ranges of a length-n vector over ``shards`` shards."""
+    return [(n * s // shards, n * (s + 1) // shards) for s in range(shards)]
+
+
+@dataclass
+class Topology:
+    """This rank's role and the communicators it needs.
+
+    Attributes
+    ----------
+    role : {"coordinator", "shard", "replica"}
+    index : shard index or replica index (0 for the coordinator)
+    partition : partition index inside the replica (replicas only)
+    ctrl : duplicate of the world communicator for dbmpi's control messages
+    rma : duplicate of the world communicator over which the RMA windows are created
+    ps : communicator of the shards (None elsewhere)
+    model : the replica's model-partition communicator (None elsewhere)
+    replicas_comm : one rank per replica (partition 0s), for ``sync``'s Allreduce
+    """
+    role: str
+    index: int
+    partition: int
+    shards: int
+    replicas: int
+    partitions: int
+    ctrl: object
+    rma: object
+    ps: object
+    model: object
+    replicas_comm: object
+    shard_ranks: list
+    replica_ranks: list  # replica_ranks[r][p] = world rank
+
+    @classmethod
+    def split(cls, world, cfg: dict) -> "Topology":
+        """Collective over ``world``: split it by role."""
+        c = cfg["cluster"]
+        has_ps = cfg["optimizer"]["algorithm"] in ("downpour", "sandblaster")
+        S = c["ps_shards"] if has_ps else 0
+        R, P = c["replicas"], c["partitions"]
+        first = 1 + S if has_ps else 0
+        rank = world.Get_rank()
+        if has_ps and rank == 0:
+            role, index, part = "coordinator", 0, 0
+        elif has_ps and rank <= S:
+            role, index, part = "shard", rank - 1, 0
+        else:
+            role, (index, part) = "replica", divmod(rank - first, P)
+        ctrl, rma = world.Dup(), world.Dup()
+        color = {"coordinator": 0, "shard": 1, "replica": 2 + index}[role]
+        group = world.Split(color, rank)
+        ps = group if role == "shard" else None
+        model = group if role == "replica" else None
+        if role != "shard" and role != "replica":
+            group.Free()
+        lead = world.Split(0 if (role == "replica" and part == 0) else 1, rank)
+        replicas_comm = lead if role == "replica" and part == 0 else None
+        if replicas_comm is None:
+            lead.Free()
+        return cls(role, index, part, S, R, P, ctrl, rma, ps, model, replicas_comm,
+                   list(range(1, 1 + S)),
+                   [[first + r * P + p for p in range(P)] for r in range(R)])
+
+    def describe(self) -> str:
+        if self.role == "replica":
+            return f"replica {self.index}, partition {self.partition}"
+        if self.role == "shard":
+            return f"parameter-server shard {self.index}"
+        return "coordinator"
