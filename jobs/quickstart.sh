@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Usage: bash jobs/quickstart.sh [CONFIG] [--set KEY=VALUE ...]
 # The main job: installs dbmpi into ./.venv if needed, makes data/digits.h5 if it is missing,
-# and trains CONFIG (default jobs/digits_sgd.toml) into runs/.  Launcher: MPIEXEC (default
+# and trains CONFIG (default jobs/digits_downpour.toml: Downpour SGD, 5 ranks) into runs/.  Launcher: MPIEXEC (default
 # .venv/bin/mpiexec) for configs that need more than one rank.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash jobs/install.sh
 export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
 PY=.venv/bin/python
-config="${1:-jobs/digits_sgd.toml}"
+config="${1:-jobs/digits_downpour.toml}"
 [ $# -gt 0 ] && shift
 [ -f data/digits.h5 ] || $PY -m dbmpi data digits --out data/digits.h5
 ranks=$($PY -m dbmpi validate "$config" --no-data "$@" | $PY -c 'import json,sys; print(json.load(sys.stdin)["ranks"])')

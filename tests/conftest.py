@@ -24,3 +24,24 @@ def run_cli(*args, timeout=120, env=None, cwd=ROOT):
     e.update(env or {})
     return subprocess.run([sys.executable, "-m", "dbmpi", *map(str, args)], cwd=cwd, env=e,
                           capture_output=True, text=True, timeout=timeout)
+
+
+MPIEXEC = str(Path(sys.executable).parent / "mpiexec")
+
+
+def run_mpi(n, *args, timeout=120, module=True):
+    """``mpiexec -n N python -m mpi4py [-m dbmpi] ARGS`` under a timeout; the whole process
+    group is killed if it runs over, so a hang fails the test instead of the suite."""
+    import signal
+    e = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    cmd = [MPIEXEC, "-n", str(n), sys.executable, "-m", "mpi4py"]
+    cmd += (["-m", "dbmpi"] if module else []) + [str(a) for a in args]
+    p = subprocess.Popen(cmd, cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, err = p.communicate()
+        raise AssertionError(f"mpiexec -n {n} {' '.join(map(str, args))} hung for {timeout} s:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)

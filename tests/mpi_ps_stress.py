@@ -1,0 +1,87 @@
+"""Launched by tests under mpiexec: replicas push known integer gradients into the real shard
+servers with random delays and check every fetch for torn shards; the coordinator drains
+the shards and prints JSON with the final parameters' exactness.
+
+Usage: mpiexec -n (1 + SHARDS + REPLICAS) python tests/mpi_ps_stress.py SHARDS REPLICAS PUSHES N
+"""
+
+import json
+import sys
+import time
+
+import numpy as np
+from mpi4py import MPI
+
+from dbmpi.algorithms.downpour import TAGS, _poll_recv, _run_shard
+from dbmpi.config import parse
+from dbmpi.server import PSClient, create_windows
+from dbmpi.topology import Topology, shard_ranges
+
+
+class ZeroNet:
+    """Stands in for a network: only the parameter count and a zero initialisation."""
+
+    def __init__(self, n):
+        self.num_params = n
+
+    def init_params(self, seed):
+        return np.zeros(self.num_params, dtype=np.float32)
+
+
+def main():
+    S, R, pushes, n = map(int, sys.argv[1:5])
+    cfg = parse({"model": {"input_shape": [1, 1, 1], "layers": [{"type": "softmax", "classes": 2}]},
+                 "optimizer": {"algorithm": "downpour", "learning_rate": 1.0},
+                 "cluster": {"ps_shards": S, "replicas": R}})
+    world = MPI.COMM_WORLD
+    topo = Topology.split(world, cfg)
+    net = ZeroNet(n)
+    ranges = shard_ranges(n, S)
+    pw, iw = create_windows(topo.rma, ranges, R, topo.index if topo.role == "shard" else None)
+    if topo.role == "shard":
+        topo.rma.Barrier()
+        _run_shard(topo, cfg, net, pw, iw, ranges, None)
+    else:
+        client = PSClient(pw, iw, ranges, topo.shard_ranks, topo.index)
+        topo.rma.Barrier()
+        client.warm_up()
+        if topo.role == "replica":
+            rng = np.random.default_rng(topo.index)
+            acc = np.zeros(n, np.float32)
+            theta = np.empty(n, np.float32)
+            total, torn = 0, 0
+            for i in range(pushes):
+                c = float(rng.integers(1, 5))
+                acc += c                       # every element of the push is the same integer
+                total += c
+                client.push(acc)
+                client.fetch(theta)
+                for lo, hi in ranges:          # a shard's slice must be one version
+                    torn += int(theta[lo:hi].min() != theta[lo:hi].max())
+                time.sleep(rng.uniform(0, 0.002))
+            while np.any(acc):                 # deliver the rest, retrying while slots are full
+                client.push(acc)
+                time.sleep(0.001)
+            topo.ctrl.send({"replica": topo.index, "total": total, "torn": torn,
+                            "sent": client.pushes_sent}, dest=0, tag=TAGS["DONE"])
+            _poll_recv(topo.ctrl, 0, TAGS["FINISH"])
+        else:
+            done = [_poll_recv(topo.ctrl, MPI.ANY_SOURCE, TAGS["DONE"]) for _ in range(R)]
+            for rank in topo.shard_ranks:
+                topo.ctrl.send(None, dest=rank, tag=TAGS["DRAIN"])
+            snaps = [_poll_recv(topo.ctrl, MPI.ANY_SOURCE, TAGS["SNAP"]) for _ in range(S)]
+            for rank in topo.shard_ranks + [r for reps in topo.replica_ranks for r in reps]:
+                topo.ctrl.send(None, dest=rank, tag=TAGS["FINISH"])
+            params = np.concatenate([m["params"] for m in sorted(snaps, key=lambda m: m["shard"])])
+            expected = -sum(d["total"] for d in done)   # SGD with lr 1: theta = -sum(grads)
+            print(json.dumps({
+                "expected": expected, "min": float(params.min()), "max": float(params.max()),
+                "torn": sum(d["torn"] for d in done),
+                "pushes_sent": sum(d["sent"] for d in done),
+                "pushes_applied": sum(m["applied"] for m in snaps)}))
+    for w in pw + iw:
+        w.free()
+
+
+if __name__ == "__main__":
+    main()

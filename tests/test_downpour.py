@@ -1,0 +1,74 @@
+"""Multi-rank tests of Downpour, the parameter server and sync; each under a timeout."""
+
+import json
+
+import pytest
+
+from conftest import ROOT, run_mpi
+
+
+def _cfg(tmp_path, digits_path, name="digits_downpour.toml"):
+    text = (ROOT / "jobs" / name).read_text().replace('path = "data/digits.h5"',
+                                                      f'path = "{digits_path}"')
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize("shards,replicas", [(2, 3), (3, 2)])
+def test_no_update_lost_or_applied_twice_and_no_torn_fetch(shards, replicas):
+    r = run_mpi(1 + shards + replicas, ROOT / "tests" / "mpi_ps_stress.py", shards, replicas,
+                300, 10007, module=False, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["min"] == out["max"] == out["expected"], out   # exact integer sum
+    assert out["torn"] == 0
+    assert out["pushes_sent"] == out["pushes_applied"] >= shards * replicas * 50
+
+
+def test_downpour_digits_two_replicas_two_shards(tmp_path, digits_path):
+    """Acceptance: >= 97% test accuracy and pushes_sent == pushes_applied."""
+    out = tmp_path / "run"
+    r = run_mpi(5, "train", _cfg(tmp_path, digits_path), "--out", out, "--quiet", timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["final_test_accuracy"] >= 0.97, s
+    assert s["pushes_sent"] == s["pushes_applied"] > 0 and s["pushes_rejected"] == 0
+    assert sum(s["staleness_histogram"]) == s["pushes_applied"]
+    assert len(s["replicas"]) == 2 and all(x["samples_per_s"] > 0 for x in s["replicas"])
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {l["replica"] for l in lines if l["kind"] == "train"} == {0, 1}
+    assert any(l["kind"] == "eval" for l in lines)
+    assert (out / "checkpoint.h5").exists()
+
+
+def test_downpour_options_warmstart_fetch_push_sgd(tmp_path, digits_path):
+    out = tmp_path / "run"
+    r = run_mpi(4, "train", _cfg(tmp_path, digits_path), "--out", out, "--quiet",
+                "--set", "cluster.ps_shards=1", "--set", "optimizer.adagrad=false",
+                "--set", "optimizer.n_fetch=3", "--set", "optimizer.n_push=2",
+                "--set", "optimizer.warmstart_steps=50", "--set", "run.max_steps=400",
+                timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["pushes_sent"] == s["pushes_applied"]
+    assert s["replicas"][0]["fetches"] <= 400 // 3 + 2
+    assert s["final_test_accuracy"] > 0.85
+
+
+def test_wrong_rank_count_says_which(tmp_path, digits_path):
+    r = run_mpi(3, "train", _cfg(tmp_path, digits_path), "--quiet", timeout=60)
+    assert r.returncode != 0
+    assert "needs 5 ranks (1 coordinator + 2 parameter-server shards + 2 replicas" in r.stderr
+    assert r.stderr.count("dbmpi: error") == 1
+
+
+def test_sync_two_replicas(tmp_path, digits_path):
+    cfg = _cfg(tmp_path, digits_path)
+    out = tmp_path / "run"
+    r = run_mpi(2, "train", cfg, "--out", out, "--quiet", "--set", "optimizer.algorithm=sync",
+                "--set", "optimizer.adagrad=false", "--set", "optimizer.learning_rate=0.1",
+                "--set", "run.max_steps=600", timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["algorithm"] == "sync" and s["steps"] == 600 and s["final_test_accuracy"] > 0.93
