@@ -20,7 +20,7 @@ directives = {
     "cdivision": not DEBUG,
     "embedsignature": True,
 }
-compile_args = ["-O0", "-g"] if DEBUG else ["-O3", "-march=native"]
+compile_args = ["-O0", "-g"] if DEBUG else ["-O3", "-march=native", "-fno-math-errno"]
 if os.environ.get("DBMPI_PORTABLE", "0") not in ("", "0"):
     compile_args = [a for a in compile_args if a != "-march=native"]
 

@@ -8,18 +8,43 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["SGD", "Adagrad", "make_optimizer"]
+__all__ = ["SGD", "Adagrad", "make_optimizer", "all_finite"]
+
+try:  # one-pass Cython updates; the numpy versions below are their reference
+    from . import _kernels as _K
+except ImportError:  # pragma: no cover - kernels not built
+    _K = None
+
+
+def _fast(*arrays) -> bool:
+    return _K is not None and all(a.dtype == np.float32 and a.flags.c_contiguous for a in arrays)
+
+
+def all_finite(g: np.ndarray) -> bool:
+    """Whether every element of g is finite, without allocating."""
+    if _fast(g):
+        return bool(_K.all_finite(g.reshape(-1)))
+    return bool(np.isfinite(g).all())
 
 
 class SGD:
-    """params -= lr * grads."""
+    """params -= lr * grads.
+
+    ``delta(grads, out)`` computes the step alone (``params -= out`` applies it), so a shard
+    can do the arithmetic before it takes the lock that fetches wait on."""
 
     def __init__(self, size: int, lr: float):
         self.lr = np.float32(lr)
         self.state: dict[str, np.ndarray] = {}
 
     def step(self, params: np.ndarray, grads: np.ndarray) -> None:
-        params -= self.lr * grads
+        if _fast(params, grads):
+            _K.sgd_update(params, grads, self.lr)
+        else:
+            params -= self.lr * grads
+
+    def delta(self, grads: np.ndarray, out: np.ndarray) -> None:
+        np.multiply(grads, self.lr, out=out)
 
 
 class Adagrad:
@@ -31,17 +56,29 @@ class Adagrad:
         self.lr = np.float32(lr)
         self.eps = np.float32(eps)
         self.state = {"adagrad_acc": np.zeros(size, dtype=np.float32)}
-        self._tmp = np.empty(size, dtype=np.float32)
+        self._tmp = np.empty(size, dtype=np.float32)  # the numpy path's scratch
 
     def step(self, params: np.ndarray, grads: np.ndarray) -> None:
-        acc, tmp = self.state["adagrad_acc"], self._tmp[:len(params)]
+        acc = self.state["adagrad_acc"]
+        if _fast(params, grads, acc):
+            _K.adagrad_update(params, acc, grads, self.lr, self.eps)
+            return
+        self.delta(grads, self._tmp[:len(params)])
+        params -= self._tmp[:len(params)]
+
+    def delta(self, grads: np.ndarray, out: np.ndarray) -> None:
+        """Update the accumulators with grads and write the step into ``out``."""
+        acc = self.state["adagrad_acc"]
+        if _fast(grads, acc, out):
+            _K.adagrad_delta(acc, grads, out, self.lr, self.eps)
+            return
+        tmp = out
         np.multiply(grads, grads, out=tmp)
         acc += tmp
         np.sqrt(acc, out=tmp)
         tmp += self.eps
         np.divide(grads, tmp, out=tmp)
         tmp *= self.lr
-        params -= tmp
 
 
 def make_optimizer(opt_cfg: dict, size: int):

@@ -23,6 +23,8 @@ from contextlib import contextmanager
 
 import numpy as np
 
+from .optim import all_finite
+
 __all__ = ["Window", "ShardServer", "PSClient", "HEADER"]
 
 HEADER = 16  # bytes: two int64
@@ -103,7 +105,7 @@ class ShardServer:
         self.applied = 0
         self.rejected = 0
         self.staleness = np.zeros(max_staleness_bins, dtype=np.int64)
-        self._grad = np.empty(self.n, dtype=np.float32)
+        self._delta = np.empty(self.n, dtype=np.float32)
         self.rank = None  # set by the caller: this shard's rank in the RMA communicator
 
     def _slot_header(self, r):
@@ -113,26 +115,32 @@ class ShardServer:
         return self.iw.view(r * _slot_bytes(self.n) + HEADER, self.n, np.float32)
 
     def poll(self) -> int:
-        """Apply every full inbox slot once; return how many were applied or rejected."""
+        """Apply every full inbox slot once; return how many were applied or rejected.
+
+        A full slot belongs to the shard until it clears the flag (the replica writes a slot
+        only when it is empty), so the gradient is read in place, outside the lock: no copy,
+        and the other replicas' pushes are not held up while it is applied."""
         done = 0
         for r in range(self.replicas):
             with self.iw.lock(self.rank, exclusive=True):
                 hdr = self._slot_header(r)
-                if hdr[0] == 0:
-                    continue
-                fetched = int(hdr[1])
-                self._grad[:] = self._slot_grad(r)
-                hdr[0] = 0
-            done += 1
-            if not np.isfinite(self._grad).all():
-                self.rejected += 1  # parameters unchanged
+                full, fetched = int(hdr[0]), int(hdr[1])
+            if not full:
                 continue
-            with self.pw.lock(self.rank, exclusive=True):
-                self.opt.step(self.params, self._grad)
-                self.version[0] += 1
-                v = int(self.version[0])
-            self.applied += 1
-            self.staleness[min(max(v - 1 - fetched, 0), len(self.staleness) - 1)] += 1
+            done += 1
+            grad = self._slot_grad(r)
+            if all_finite(grad):
+                self.opt.delta(grad, self._delta)   # outside the lock fetches wait on
+                with self.pw.lock(self.rank, exclusive=True):
+                    self.params -= self._delta
+                    self.version[0] += 1
+                    v = int(self.version[0])
+                self.applied += 1
+                self.staleness[min(max(v - 1 - fetched, 0), len(self.staleness) - 1)] += 1
+            else:
+                self.rejected += 1  # parameters unchanged
+            with self.iw.lock(self.rank, exclusive=True):
+                hdr[0] = 0
         return done
 
     def snapshot(self):
@@ -195,11 +203,14 @@ class PSClient:
                 win.Get(out[mine:mine + n], rank, target=(HEADER + 4 * off, n, MPI.FLOAT))
             self.fetched_version[s] = int(ver[0])
 
-    def push(self, acc: np.ndarray) -> int:
-        """Offer my accumulated gradient slice to every shard; where the shard took it, zero
-        that part of ``acc``.  Returns the number of shards that took it."""
+    def push(self, acc: np.ndarray) -> bool:
+        """Offer my accumulated gradient slice to every shard.
+
+        Returns True when every shard took its part (the caller may then treat ``acc`` as
+        empty without zeroing it); otherwise zeroes the parts that were taken, so the rest
+        goes with the next push, and returns False."""
         MPI = _mpi()
-        took = 0
+        taken = []
         for s, off, mine, n in self.parts:
             rank = self.shard_ranks[s]
             slot = self.replica * _slot_bytes(self.ranges[s][1] - self.ranges[s][0])
@@ -209,22 +220,23 @@ class PSClient:
                 win.Flush(rank)
                 if self._hdr[0] != 0:
                     continue  # the shard has not taken my previous push yet
-                if off != 0 or n != self.ranges[s][1] - self.ranges[s][0]:
-                    raise RuntimeError("a push must cover the shard's whole overlap")
-                win.Put(acc[mine:mine + n], rank, target=(slot + HEADER, n, MPI.FLOAT))
-                win.Flush(rank)
+                win.Put(acc[mine:mine + n], rank, target=(slot + HEADER + 4 * off, n, MPI.FLOAT))
+                win.Flush(rank)  # the gradient lands before the flag that hands it over
                 self._hdr[0], self._hdr[1] = 1, self.fetched_version[s]
                 win.Put(self._hdr, rank, target=(slot, 2, MPI.INT64_T))
-            acc[mine:mine + n] = 0
-            took += 1
+            taken.append((mine, n))
             self.pushes_sent += 1
-        return took
+        if len(taken) == len(self.parts):
+            return True
+        for mine, n in taken:
+            acc[mine:mine + n] = 0
+        return False
 
 
 class Backoff:
     """Sleep between polls, longer while nothing happens, so an idle rank costs little CPU."""
 
-    def __init__(self, lo: float = 2e-4, hi: float = 5e-3):
+    def __init__(self, lo: float = 2e-4, hi: float = 2e-3):
         self.lo, self.hi, self.t = lo, hi, lo
 
     def idle(self) -> None:

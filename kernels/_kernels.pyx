@@ -370,3 +370,66 @@ def l2_pool_back(const float[::1] x, const float[::1] y, const float[::1] dy, fl
                  int n, int h, int w, int c, int size, int stride, int ho, int wo):
     with nogil:
         l2_pool_back_c(&x[0], &y[0], &dy[0], &dx[0], n, h, w, c, size, stride, ho, wo)
+
+
+# ---- update rules (parameter-server shards apply these once per push) ----------------------
+
+cdef bint all_finite_c(const float* g, Py_ssize_t n) noexcept nogil:
+    """Whether every g[i] is finite: no element has an all-ones exponent (NaN or +-Inf)."""
+    cdef const unsigned int* u = <const unsigned int*>g
+    cdef Py_ssize_t i
+    cdef unsigned int bad = 0
+    for i in range(n):       # an integer OR-reduction: vectorizes, no early exit needed
+        bad |= (u[i] & 0x7f800000u) == 0x7f800000u
+    return bad == 0
+
+
+cdef void sgd_c(float* p, const float* g, Py_ssize_t n, float lr) noexcept nogil:
+    """p -= lr * g."""
+    cdef Py_ssize_t i
+    for i in range(n):
+        p[i] -= lr * g[i]
+
+
+cdef void adagrad_c(float* p, float* acc, const float* g, Py_ssize_t n, float lr,
+                    float eps) noexcept nogil:
+    """acc += g^2; p -= lr * g / (sqrt(acc) + eps), in one pass."""
+    cdef Py_ssize_t i
+    cdef float a
+    for i in range(n):
+        a = acc[i] + g[i] * g[i]
+        acc[i] = a
+        p[i] -= lr * g[i] / (sqrtf(a) + eps)
+
+
+def all_finite(const float[::1] g):
+    cdef bint ok
+    with nogil:
+        ok = all_finite_c(&g[0], g.shape[0]) if g.shape[0] else True
+    return ok
+
+
+def sgd_update(float[::1] p, const float[::1] g, float lr):
+    with nogil:
+        sgd_c(&p[0], &g[0], p.shape[0], lr)
+
+
+def adagrad_update(float[::1] p, float[::1] acc, const float[::1] g, float lr, float eps):
+    with nogil:
+        adagrad_c(&p[0], &acc[0], &g[0], p.shape[0], lr, eps)
+
+
+cdef void adagrad_delta_c(float* acc, const float* g, float* delta, Py_ssize_t n, float lr,
+                          float eps) noexcept nogil:
+    """acc += g^2; delta = lr * g / (sqrt(acc) + eps)  (the caller subtracts delta)."""
+    cdef Py_ssize_t i
+    cdef float a
+    for i in range(n):
+        a = acc[i] + g[i] * g[i]
+        acc[i] = a
+        delta[i] = lr * g[i] / (sqrtf(a) + eps)
+
+
+def adagrad_delta(float[::1] acc, const float[::1] g, float[::1] delta, float lr, float eps):
+    with nogil:
+        adagrad_delta_c(&acc[0], &g[0], &delta[0], acc.shape[0], lr, eps)

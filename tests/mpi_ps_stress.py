@@ -48,19 +48,22 @@ def main():
         if topo.role == "replica":
             rng = np.random.default_rng(topo.index)
             acc = np.zeros(n, np.float32)
+            empty = True
             theta = np.empty(n, np.float32)
             total, torn = 0, 0
             for i in range(pushes):
                 c = float(rng.integers(1, 5))
+                if empty:
+                    acc[:] = 0
                 acc += c                       # every element of the push is the same integer
                 total += c
-                client.push(acc)
+                empty = client.push(acc)
                 client.fetch(theta)
                 for lo, hi in ranges:          # a shard's slice must be one version
                     torn += int(theta[lo:hi].min() != theta[lo:hi].max())
                 time.sleep(rng.uniform(0, 0.002))
-            while np.any(acc):                 # deliver the rest, retrying while slots are full
-                client.push(acc)
+            while not empty:                   # deliver the rest, retrying while slots are full
+                empty = client.push(acc)
                 time.sleep(0.001)
             topo.ctrl.send({"replica": topo.index, "total": total, "torn": torn,
                             "sent": client.pushes_sent}, dest=0, tag=TAGS["DONE"])

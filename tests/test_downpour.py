@@ -47,12 +47,13 @@ def test_downpour_options_warmstart_fetch_push_sgd(tmp_path, digits_path):
     r = run_mpi(4, "train", _cfg(tmp_path, digits_path), "--out", out, "--quiet",
                 "--set", "cluster.ps_shards=1", "--set", "optimizer.adagrad=false",
                 "--set", "optimizer.n_fetch=3", "--set", "optimizer.n_push=2",
-                "--set", "optimizer.warmstart_steps=50", "--set", "run.max_steps=400",
+                "--set", "optimizer.warmstart_steps=50", "--set", "run.max_steps=800",
+                "--set", "optimizer.learning_rate=0.1",
                 timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads((out / "summary.json").read_text())
     assert s["pushes_sent"] == s["pushes_applied"]
-    assert s["replicas"][0]["fetches"] <= 400 // 3 + 2
+    assert s["replicas"][0]["fetches"] <= 800 // 3 + 2
     assert s["final_test_accuracy"] > 0.85
 
 

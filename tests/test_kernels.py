@@ -98,3 +98,32 @@ def test_network_kernels_match_reference():
     lr, gr = nr.loss_and_grad(theta, x, y)
     assert abs(lk - lr) < 1e-5 * max(1, abs(lr))
     np.testing.assert_allclose(gk, gr, atol=1e-5 * np.abs(gr).max(), rtol=1e-3)
+
+
+@pytest.mark.parametrize("n", [1, 7, 1000])
+def test_update_rules_match_numpy(n, monkeypatch):
+    import dbmpi.optim as O
+    rng = np.random.default_rng(n)
+    p = rng.standard_normal(n).astype(np.float32)
+    g = rng.standard_normal(n).astype(np.float32)
+    for make in (lambda: O.Adagrad(n, 0.1), lambda: O.SGD(n, 0.1)):
+        a, b = make(), make()
+        p1, p2 = p.copy(), p.copy()
+        for _ in range(3):
+            a.step(p1, g)
+        monkeypatch.setattr(O, "_K", None)
+        for _ in range(3):
+            b.step(p2, g)
+        monkeypatch.undo()
+        np.testing.assert_allclose(p1, p2, rtol=1e-5, atol=1e-6)
+        d1, d2 = np.empty_like(p), np.empty_like(p)
+        a.delta(g, d1)
+        monkeypatch.setattr(O, "_K", None)
+        b.delta(g, d2)
+        monkeypatch.undo()
+        np.testing.assert_allclose(d1, d2, rtol=1e-5, atol=1e-7)
+    for bad in (np.nan, np.inf, -np.inf):
+        q = g.copy()
+        q[n // 2] = bad
+        assert not O.all_finite(q)
+    assert O.all_finite(g)

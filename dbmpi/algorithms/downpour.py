@@ -86,7 +86,8 @@ def _run_replica(topo, cfg, net, client):
     batches = Batches(cfg["data"]["path"], o["batch_size"], o["seed"], rep, topo.replicas,
                       cfg["data"]["cache_mb"])
     theta = np.empty(net.num_params, dtype=np.float32)
-    acc = np.zeros_like(theta)
+    acc, acc_empty = np.zeros_like(theta), True
+    scratch = np.empty_like(theta)
     lr = np.float32(o["learning_rate"])
     warm = o["warmstart_steps"]
     stopped = False
@@ -117,14 +118,19 @@ def _run_replica(topo, cfg, net, client):
         x, y = batches.next()
         t = time.perf_counter()
         loss, g = net.loss_and_grad(theta, x, y)
-        acc += g
-        g *= lr
-        theta -= g                     # the replica's own update of its local copy
-        t_compute += time.perf_counter() - t
+        if acc_empty:
+            acc, acc_empty = g, False      # g is a fresh array: take it, no copy
+        else:
+            acc += g
         step += 1
+        if step % o["n_fetch"] and step < r["max_steps"]:
+            # the replica's own update of its local copy (pointless when it fetches next)
+            np.multiply(g, lr, out=scratch)
+            theta -= scratch
+        t_compute += time.perf_counter() - t
         if step % o["n_push"] == 0:
             t = time.perf_counter()
-            client.push(acc)
+            acc_empty = client.push(acc)
             t_push += time.perf_counter() - t
         if step % r["log_every"] == 0 or step == 1:
             ctrl.send({"replica": rep, "step": step, "loss": float(loss)}, dest=0,
@@ -134,7 +140,7 @@ def _run_replica(topo, cfg, net, client):
         if ctrl.Iprobe(source=0, tag=TAGS["STOP"]):
             ctrl.recv(source=0, tag=TAGS["STOP"])
             stopped = True
-    if np.any(acc):
+    if not acc_empty and np.any(acc):
         client.push(acc)  # offer what is left once; what no shard had room for is dropped
     wall = time.perf_counter() - t0
     ctrl.send({"replica": rep, "steps": step, "samples": step * o["batch_size"],

@@ -1,0 +1,97 @@
+#!/usr/bin/env python
+"""Usage: python jobs/bench_downpour.py [--params-model wide|small] [--steps N] [--out DIR]
+
+Downpour benchmark, all runs in one invocation: a replica's step time with and without the
+parameter server (n_fetch = n_push = 1, every parameter fetched and pushed every step), and
+the samples/s of 1 and 2 replicas.  The model is fully connected, 5.25M parameters
+(1024 -> 2560 -> 1024 -> 10), batch 128, on synthetic 32x32 digits.  The coordinator and the
+shard ranks share the cores with the replicas (on this 2-core machine: 3 and 4 ranks).
+Launcher: MPIEXEC (default: the mpiexec beside this Python).
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+MPIEXEC = os.environ.get("MPIEXEC", str(Path(PY).parent / "mpiexec"))
+ENV = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+
+MODEL = """
+[model]
+input_shape = [1, 32, 32]
+[[model.layers]]
+type = "fully_connected"
+units = 2560
+[[model.layers]]
+type = "fully_connected"
+units = 1024
+[[model.layers]]
+type = "softmax"
+classes = 10
+"""
+
+
+def config(data, algo, replicas, shards, steps, batch):
+    return (f'[data]\npath = "{data}"\n' + MODEL +
+            f"[cluster]\nps_shards = {shards}\nreplicas = {replicas}\npartitions = 1\n"
+            f'[optimizer]\nalgorithm = "{algo}"\nlearning_rate = 0.01\nadagrad = true\n'
+            f"batch_size = {batch}\nn_fetch = 1\nn_push = 1\n"
+            f"[run]\nmax_steps = {steps}\nmax_time_s = 600\neval_every_s = 1000\n"
+            f"checkpoint_every_s = 1000\nlog_every = 10\n")
+
+
+def run(tmp, name, text, ranks):
+    cfg = Path(tmp) / f"{name}.toml"
+    cfg.write_text(text)
+    out = Path(tmp) / name
+    cmd = [PY, "-m", "dbmpi", "train", str(cfg), "--out", str(out), "--quiet"]
+    if ranks > 1:
+        cmd = [MPIEXEC, "-n", str(ranks), PY, "-m", "mpi4py"] + cmd[1:]
+    subprocess.run(cmd, check=True, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL)
+    return json.loads((out / "summary.json").read_text())
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--data", default=str(ROOT / "data" / "synth32.h5"))
+    args = p.parse_args()
+    if not Path(args.data).exists():
+        subprocess.run([PY, "-m", "dbmpi", "data", "synthetic", "--size", "32", "--count",
+                        "4000", "--out", args.data], check=True, cwd=ROOT, env=ENV)
+    with tempfile.TemporaryDirectory() as tmp:
+        alone = run(tmp, "alone", config(args.data, "sgd", 1, 1, args.steps, args.batch), 1)
+        one = run(tmp, "one", config(args.data, "downpour", 1, 1, args.steps, args.batch), 3)
+        two = run(tmp, "two", config(args.data, "downpour", 2, 1, args.steps, args.batch), 4)
+    step_alone = alone["wall_time_s"] / alone["steps"]
+    r1 = one["replicas"][0]
+    print(f"model: {alone['num_params'] / 1e6:.2f}M parameters, batch {args.batch}, "
+          f"{args.steps} steps per replica, n_fetch = n_push = 1")
+    print(f"step without parameter server (sgd, 1 rank):     {step_alone * 1e3:8.1f} ms")
+    print(f"step with parameter server (1 replica, 1 shard):  {r1['step_s'] * 1e3:8.1f} ms "
+          f"(fetch {r1['fetch_s'] / args.steps * 1e3:.1f} ms, push "
+          f"{r1['push_s'] / args.steps * 1e3:.1f} ms per step)")
+    print(f"  ratio with/without:                             {r1['step_s'] / step_alone:8.3f}x")
+    print(f"samples/s, 1 replica (3 ranks):                   {one['samples_per_s']:8.1f}")
+    print(f"samples/s, 2 replicas (4 ranks):                  {two['samples_per_s']:8.1f}")
+    print(f"  ratio 2/1 replicas:                             "
+          f"{two['samples_per_s'] / one['samples_per_s']:8.3f}x")
+    for rep in two["replicas"]:
+        print(f"  2 replicas: replica {rep['replica']} step {rep['step_s'] * 1e3:.1f} ms "
+              f"(fetch {rep['fetch_s'] / rep['steps'] * 1e3:.1f} ms, push "
+              f"{rep['push_s'] / rep['steps'] * 1e3:.1f} ms, compute "
+              f"{rep['compute_s'] / rep['steps'] * 1e3:.1f} ms)")
+    print(f"pushes sent/applied (2 replicas): {two['pushes_sent']}/{two['pushes_applied']}, "
+          f"mean staleness {two['staleness_mean']:.2f}, shard CPU "
+          f"{two['shards'][0]['cpu_fraction']:.0%} of a core")
+
+
+if __name__ == "__main__":
+    main()
