@@ -43,6 +43,9 @@ def train_mpi(cfg, net, resume, out, quiet=False) -> int:
         if algo == "downpour":
             from .algorithms.downpour import run_downpour
             summary = run_downpour(topo, cfg, net, out, resume, quiet)
+        elif algo == "sandblaster":
+            from .algorithms.sandblaster import run_sandblaster
+            summary = run_sandblaster(topo, cfg, net, out, resume, quiet)
         elif algo == "sync":
             from .algorithms.sync import run_sync
             summary = run_sync(topo, cfg, net, out, resume, quiet)

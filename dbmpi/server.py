@@ -128,20 +128,23 @@ class ShardServer:
             if not full:
                 continue
             done += 1
-            grad = self._slot_grad(r)
-            if all_finite(grad):
-                self.opt.delta(grad, self._delta)   # outside the lock fetches wait on
-                with self.pw.lock(self.rank, exclusive=True):
-                    self.params -= self._delta
-                    self.version[0] += 1
-                    v = int(self.version[0])
-                self.applied += 1
-                self.staleness[min(max(v - 1 - fetched, 0), len(self.staleness) - 1)] += 1
-            else:
-                self.rejected += 1  # parameters unchanged
+            self._apply(self._slot_grad(r), fetched)
             with self.iw.lock(self.rank, exclusive=True):
                 hdr[0] = 0
         return done
+
+    def _apply(self, grad: np.ndarray, fetched: int) -> None:
+        """Apply one push as one update (or reject it whole if it holds NaN/Inf)."""
+        if not all_finite(grad):
+            self.rejected += 1  # parameters unchanged
+            return
+        self.opt.delta(grad, self._delta)   # outside the lock that fetches wait on
+        with self.pw.lock(self.rank, exclusive=True):
+            self.params -= self._delta
+            self.version[0] += 1
+            v = int(self.version[0])
+        self.applied += 1
+        self.staleness[min(max(v - 1 - fetched, 0), len(self.staleness) - 1)] += 1
 
     def snapshot(self):
         """(params copy, optimizer state copies, version), consistent with each other."""

@@ -1,0 +1,571 @@
+"""Sandblaster L-BFGS: the coordinator runs L-BFGS whose vectors live on the shards.
+
+- Shards hold, each for its own range, every L-BFGS vector in float64: ``x`` (parameters),
+  ``g`` (gradient), ``d`` (direction), ``xe``/``gt`` (the line search's trial point and its
+  gradient), ``q`` (two-loop work vector) and the history pairs ``s0..``, ``y0..``.  The
+  coordinator sends commands (dot, axpy, scale, copy, set the trial point, collect the batch
+  gradient, accept a step) and receives only scalars.
+- The batch gradient at a trial point is computed by the replicas on work portions of
+  ``portion_size`` samples handed out by the coordinator (:class:`PortionScheduler`):
+  sequential portions to the same replica, faster replicas get more, idle replicas get
+  backup copies of outstanding portions near the end, and the first result of a portion
+  wins.  Replicas fetch the trial point once per batch (RMA Get) and push the gradient sums
+  of their accepted portions (RMA Put into their inbox slot) every ``push_every`` portions,
+  before a last-round portion, and when they run out of work, so a straggler never holds
+  sums the batch is waiting for.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from ..config import check_model
+from ..model import build
+from ..rundir import RunDir, save_checkpoint
+from ..server import Backoff, PSClient, ShardServer, create_windows
+from ..topology import shard_ranges
+from .common import Evaluator, Progress
+
+__all__ = ["PortionScheduler", "run_sandblaster", "wolfe_line_search"]
+
+TAG_CMD, TAG_REPLY, TAG_WORK = 31, 32, 33
+
+
+# -- work portions ---------------------------------------------------------------------------
+
+class PortionScheduler:
+    """Hands out the portions of one batch to replicas; the first result of a portion wins.
+
+    ``balance``: a replica that finishes its own contiguous chunk takes portions from the end
+    of the largest remaining chunk (else it stops at its chunk).  ``backups``: once nothing is
+    unassigned, an idle replica gets a copy of an outstanding portion it does not hold.
+    """
+
+    def __init__(self, portions, replicas: int, balance: bool = True, backups: bool = True):
+        portions = list(portions)
+        self.n = len(portions)
+        self.chunks = [portions[self.n * r // replicas:self.n * (r + 1) // replicas]
+                       for r in range(replicas)]
+        self.balance, self.backups = balance, backups
+        self.holders: dict[int, set] = {}     # outstanding portion -> replicas computing it
+        self.assigned_at: dict[int, float] = {}
+        self.done: set = set()
+        self.copies = 0
+
+    @property
+    def complete(self) -> bool:
+        return len(self.done) == self.n
+
+    def _unassigned(self) -> int:
+        return sum(len(c) for c in self.chunks)
+
+    def next_for(self, r: int):
+        """``(portion, is_backup, last_round)`` for replica r, or None when it has no work."""
+        if self.chunks[r]:
+            p = self.chunks[r].pop(0)
+        elif self.balance and self._unassigned():
+            victim = max(range(len(self.chunks)), key=lambda i: len(self.chunks[i]))
+            p = self.chunks[victim].pop()
+        else:
+            cands = [p for p, h in self.holders.items() if r not in h and p not in self.done]
+            if not (self.backups and cands) or (not self.balance and self._unassigned()):
+                return None
+            p = min(cands, key=lambda p: (len(self.holders[p]), self.assigned_at[p]))
+            self.holders[p].add(r)
+            self.copies += 1
+            return p, True, True
+        self.holders[p] = {r}
+        self.assigned_at[p] = time.perf_counter()
+        last = not (self.chunks[r] if not self.balance else self._unassigned())
+        return p, False, last
+
+    def result(self, r: int, p: int) -> bool:
+        """Record replica r's result for portion p; True if it is the first (it counts)."""
+        h = self.holders.get(p)
+        if h is not None:
+            h.discard(r)
+        if p in self.done:
+            return False
+        self.done.add(p)
+        self.holders.pop(p, None)
+        return True
+
+
+# -- shard -----------------------------------------------------------------------------------
+
+class SandblasterShard(ShardServer):
+    """A shard's slice of every L-BFGS vector, and the commands that operate on them."""
+
+    def __init__(self, params_win, inbox_win, lo, hi, replicas, history, init):
+        super().__init__(params_win, inbox_win, lo, hi, replicas, None, init)
+        n = hi - lo
+        self.v = {k: np.zeros(n) for k in ("x", "g", "d", "xe", "gt", "q")}
+        self.v["x"][:] = init
+        for i in range(history):
+            self.v[f"s{i}"] = np.zeros(n)
+            self.v[f"y{i}"] = np.zeros(n)
+        self.acc = np.zeros(n)
+
+    def _apply(self, grad, fetched):
+        self.acc += grad
+        self.applied += 1
+
+    def command(self, cmd, args):
+        v = self.v
+        if cmd == "dot":
+            return float(v[args[0]] @ v[args[1]])
+        if cmd == "axpy":                         # b += alpha * a
+            alpha, a, b = args
+            v[b] += alpha * v[a]
+        elif cmd == "scale":
+            v[args[1]] *= args[0]
+        elif cmd == "copy":
+            v[args[1]][:] = v[args[0]]
+        elif cmd == "set_eval":                   # xe = x + t d, published to the replicas
+            np.add(v["x"], args[0] * v["d"], out=v["xe"])
+            with self.pw.lock(self.rank, exclusive=True):
+                self.params[:] = v["xe"]
+                self.version[0] += 1
+            self.acc[:] = 0
+        elif cmd == "collect":                    # gt = (sum of pushed grads) / n + l2 xe
+            n, l2 = args
+            while self.poll():
+                pass
+            np.multiply(self.acc, 1.0 / n, out=v["gt"])
+            v["gt"] += l2 * v["xe"]
+            return {"xx": float(v["xe"] @ v["xe"]), "gd": float(v["gt"] @ v["d"]),
+                    "gg": float(v["gt"] @ v["gt"]),
+                    "finite": bool(np.isfinite(v["gt"]).all())}
+        elif cmd == "accept":                     # s_i = xe - x, y_i = gt - g; x = xe, g = gt
+            i = args[0]
+            np.subtract(v["xe"], v["x"], out=v[f"s{i}"])
+            np.subtract(v["gt"], v["g"], out=v[f"y{i}"])
+            v["x"][:] = v["xe"]
+            v["g"][:] = v["gt"]
+            return {"sy": float(v[f"s{i}"] @ v[f"y{i}"]), "yy": float(v[f"y{i}"] @ v[f"y{i}"])}
+        elif cmd == "snapshot":
+            return {"vectors": {k: a.copy() for k, a in v.items()}, "applied": self.applied,
+                    "rejected": self.rejected}
+        elif cmd == "restore":
+            for k, a in args[0].items():
+                if k in v:
+                    v[k][:] = a
+        else:
+            raise ValueError(f"unknown shard command {cmd!r}")
+        return None
+
+
+def _run_shard(topo, cfg, net, pw, iw, ranges):
+    from mpi4py import MPI
+    s = topo.index
+    lo, hi = ranges[s]
+    init = net.init_params(cfg["optimizer"]["seed"])[lo:hi].astype(np.float64)
+    shard = SandblasterShard(pw[s], iw[s], lo, hi, topo.replicas, cfg["optimizer"]["lbfgs_history"],
+                             init)
+    shard.rank = topo.shard_ranks[s]
+    ctrl, st, backoff = topo.ctrl, MPI.Status(), Backoff(lo=5e-5, hi=1e-3)
+    while True:
+        busy = shard.poll()
+        if ctrl.Iprobe(source=0, tag=TAG_CMD, status=st):
+            cmd, args = ctrl.recv(source=0, tag=TAG_CMD)
+            if cmd == "finish":
+                return
+            ctrl.send(shard.command(cmd, args), dest=0, tag=TAG_REPLY)
+            backoff.busy()
+        elif busy:
+            backoff.busy()
+        else:
+            backoff.idle()
+
+
+# -- replica ---------------------------------------------------------------------------------
+
+def _run_replica(topo, cfg, client):
+    from mpi4py import MPI
+    from ..data import open_split
+    o = cfg["optimizer"]
+    spec = dict(check_model(cfg["model"]), l2=0.0)   # the l2 term is added at the shards
+    net = build(spec)
+    split = open_split(cfg["data"]["path"], "train", cache_mb=cfg["data"]["cache_mb"])
+    ps = o["portion_size"]
+    slow = cfg["faults"]["slow_factor"] if cfg["faults"]["slow_replica"] == topo.index else 1.0
+    theta = np.empty(net.num_params, dtype=np.float32)
+    acc = np.zeros(net.num_params, dtype=np.float32)
+    ctrl, rep = topo.ctrl, topo.index
+    batch, accepted, pushed, pending = -1, 0, 0, None
+    stats = {"portions": 0, "compute_s": 0.0, "fetch_s": 0.0, "push_s": 0.0}
+
+    def push_all():
+        nonlocal pushed
+        if accepted == pushed:
+            return
+        t = time.perf_counter()
+        backoff = Backoff(lo=5e-5, hi=1e-3)
+        while not client.push(acc):      # my slot is still full: wait for the shard
+            backoff.idle()
+        acc[:] = 0
+        pushed = accepted
+        stats["push_s"] += time.perf_counter() - t
+        # tell the coordinator at once: it may be waiting only for these sums
+        ctrl.send(("flushed", batch, rep, pushed), dest=0, tag=TAG_WORK)
+
+    def verdict(ok):
+        nonlocal accepted, pending
+        if ok and pending is not None:
+            acc.__iadd__(pending)
+            accepted += 1
+        pending = None
+
+    while True:
+        st = MPI.Status()
+        backoff = Backoff(lo=5e-5, hi=2e-3)
+        while not ctrl.Iprobe(source=0, tag=TAG_WORK, status=st):
+            backoff.idle()
+        msg = ctrl.recv(source=0, tag=TAG_WORK)
+        kind = msg[0]
+        if kind == "stop":
+            ctrl.send(dict(stats, replica=rep, pushes_sent=client.pushes_sent), dest=0,
+                      tag=TAG_REPLY)
+            return
+        if kind == "batch":
+            batch, accepted, pushed, pending = msg[1], 0, 0, None
+            acc[:] = 0
+            t = time.perf_counter()
+            client.fetch(theta)
+            stats["fetch_s"] += time.perf_counter() - t
+            ctrl.send(("ready", batch, rep, 0), dest=0, tag=TAG_WORK)
+            continue
+        _, b, ok = msg[:3]
+        if b != batch:
+            continue
+        verdict(ok)
+        if kind == "idle":
+            push_all()
+            continue
+        p, last = msg[3], msg[4]
+        if last or accepted - pushed >= o["push_every"]:
+            push_all()
+        t = time.perf_counter()
+        idx = np.arange(p * ps, min((p + 1) * ps, len(split)))
+        x, y = split.take(idx)
+        loss, g = net.loss_and_grad(theta, x, y)
+        g *= len(idx)                      # sums, not means: portions differ in size
+        dt = time.perf_counter() - t
+        if slow > 1:
+            time.sleep((slow - 1) * dt)    # [faults] straggler for experiments
+        stats["compute_s"] += dt
+        stats["portions"] += 1
+        pending = g
+        ctrl.send(("result", batch, rep, pushed, p, loss * len(idx), len(idx)), dest=0,
+                  tag=TAG_WORK)
+
+
+# -- coordinator -----------------------------------------------------------------------------
+
+class _Shards:
+    """The coordinator's handle on the shards: every command goes to all, scalars come back."""
+
+    def __init__(self, topo):
+        self.topo = topo
+        self.backoff = Backoff(lo=2e-5, hi=5e-4)
+
+    def __call__(self, cmd, *args):
+        from mpi4py import MPI
+        ctrl = self.topo.ctrl
+        for rank in self.topo.shard_ranks:
+            ctrl.send((cmd, args), dest=rank, tag=TAG_CMD)
+        out = []
+        for rank in self.topo.shard_ranks:
+            self.backoff.busy()
+            while not ctrl.Iprobe(source=rank, tag=TAG_REPLY):
+                self.backoff.idle()
+            out.append(ctrl.recv(source=rank, tag=TAG_REPLY))
+        return out
+
+    def dot(self, a, b) -> float:
+        return float(sum(self(("dot"), a, b)))
+
+
+def wolfe_line_search(phi, f0, g0, t, c1=1e-4, c2=0.9, max_evals=20):
+    """Strong Wolfe line search (Nocedal & Wright, Algorithms 3.5 and 3.6).
+
+    ``phi(t)`` returns ``(f(x + t d), f'(x + t d) . d)``.  Returns ``(t, f, gd, ok)`` where
+    the last evaluated point is the returned one; ok is False when no step satisfying the
+    conditions was found (then the best point seen is returned, re-evaluated).
+    """
+    evals = 0
+    best = (np.inf, 0.0, 0.0)
+
+    def ev(tt):
+        nonlocal evals, best
+        evals += 1
+        f, gd = phi(tt)
+        if f < best[0]:
+            best = (f, tt, gd)
+        return f, gd
+
+    def zoom(lo, flo, glo, hi, fhi):
+        while evals < max_evals:
+            # safeguarded quadratic interpolation between lo and hi, else bisection
+            d = hi - lo
+            denom = 2 * (fhi - flo - glo * d)
+            tt = lo - glo * d * d / denom if denom > 0 else lo + d / 2
+            a, b = min(lo, hi), max(lo, hi)
+            if not (a + 0.1 * (b - a) <= tt <= b - 0.1 * (b - a)):
+                tt = (lo + hi) / 2
+            f, gd = ev(tt)
+            if f > f0 + c1 * tt * g0 or f >= flo:
+                hi, fhi = tt, f
+            else:
+                if abs(gd) <= -c2 * g0:
+                    return tt, f, gd, True
+                if gd * (hi - lo) >= 0:
+                    hi, fhi = lo, flo
+                lo, flo, glo = tt, f, gd
+        return None
+
+    prev_t, prev_f, prev_g = 0.0, f0, g0
+    while evals < max_evals:
+        f, gd = ev(t)
+        if not np.isfinite(f) or f > f0 + c1 * t * g0 or (evals > 1 and f >= prev_f):
+            out = zoom(prev_t, prev_f, prev_g, t, f if np.isfinite(f) else np.inf)
+            break
+        if abs(gd) <= -c2 * g0:
+            return t, f, gd, True
+        if gd >= 0:
+            out = zoom(t, f, gd, prev_t, prev_f)
+            break
+        prev_t, prev_f, prev_g = t, f, gd
+        t *= 2
+    else:
+        out = None
+    if out is not None:
+        return out
+    fb, tb, gb = best
+    if fb < f0:
+        f, gd = phi(tb)       # make the trial point the best one again
+        return tb, f, gd, False
+    return 0.0, f0, g0, False
+
+
+class _Coordinator:
+    def __init__(self, topo, cfg, net, client, run, quiet):
+        self.topo, self.cfg, self.net, self.client, self.run = topo, cfg, net, client, run
+        self.shards = _Shards(topo)
+        self.evaluate_test = Evaluator(net, cfg["data"]["path"])
+        self.say = Progress(enabled=not quiet)
+        import h5py
+        with h5py.File(cfg["data"]["path"], "r") as f:
+            n = len(f["train"]["y"])
+        ps = cfg["optimizer"]["portion_size"]
+        self.n_portions = -(-n // ps)
+        self.rng = np.random.default_rng(cfg["optimizer"]["seed"])
+        self.batch = 0
+        self.batch_times: list[float] = []
+        self.evals = 0
+        self.copies = 0
+        self.theta = np.empty(net.num_params, dtype=np.float32)
+
+    def _portions(self):
+        frac = self.cfg["optimizer"]["batch_fraction"]
+        if frac >= 1.0:
+            return range(self.n_portions)
+        k = max(1, int(round(frac * self.n_portions)))
+        return sorted(self.rng.choice(self.n_portions, k, replace=False).tolist())
+
+    def batch_gradient(self, t):
+        """f and f'.d at x + t d: the shards set the trial point, the replicas compute the
+        batch gradient on portions, the shards collect it."""
+        from mpi4py import MPI
+        t0 = time.perf_counter()
+        self.shards("set_eval", t)
+        self.batch += 1
+        b, ctrl, R = self.batch, self.topo.ctrl, self.topo.replicas
+        o = self.cfg["optimizer"]
+        sched = PortionScheduler(self.portions, R, o["balance"], o["backups"])
+        for reps in self.topo.replica_ranks:
+            ctrl.send(("batch", b), dest=reps[0], tag=TAG_WORK)
+        accepted, pushed = [0] * R, [0] * R
+        loss, count = 0.0, 0
+        st, backoff = MPI.Status(), Backoff(lo=2e-5, hi=5e-4)
+        while not (sched.complete and accepted == pushed):
+            if not ctrl.Iprobe(source=MPI.ANY_SOURCE, tag=TAG_WORK, status=st):
+                backoff.idle()
+                continue
+            backoff.busy()
+            m = ctrl.recv(source=st.Get_source(), tag=TAG_WORK)
+            if m[1] != b:
+                continue                       # a straggler's result from an earlier batch
+            kind, r = m[0], m[2]
+            pushed[r] = m[3]
+            if kind == "flushed":
+                continue
+            ok = None
+            if kind == "result":
+                ok = sched.result(r, m[4])
+                if ok:
+                    accepted[r] += 1
+                    loss += m[5]
+                    count += m[6]
+            nxt = sched.next_for(r)
+            dest = self.topo.replica_ranks[r][0]
+            if nxt is None:
+                ctrl.send(("idle", b, ok), dest=dest, tag=TAG_WORK)
+            else:
+                ctrl.send(("work", b, ok, nxt[0], nxt[2]), dest=dest, tag=TAG_WORK)
+        self.copies += sched.copies
+        c = self.shards("collect", count, self.net.l2)
+        self.evals += 1
+        self.batch_times.append(time.perf_counter() - t0)
+        if not all(x["finite"] for x in c):
+            return np.inf, np.inf
+        f = loss / count + 0.5 * self.net.l2 * sum(x["xx"] for x in c)
+        return f, sum(x["gd"] for x in c)
+
+    def loop(self):
+        o, r = self.cfg["optimizer"], self.cfg["run"]
+        m = o["lbfgs_history"]
+        sh = self.shards
+        self.portions = self._portions()
+        t_start = time.time()
+        last_eval = t_start
+        # f and g at x0: evaluate at t = 0 (d is zero), then accept as the current point
+        sh("copy", "g", "d")
+        sh("scale", 0.0, "d")
+        f, _ = self.batch_gradient(0.0)
+        sh("copy", "gt", "g")
+        hist: list[tuple[int, float]] = []     # (slot, rho), oldest first
+        gamma, it, stop = 1.0, 0, "max_steps"
+        self.run.log("train", replica=0, step=0, loss=f)
+        while it < r["max_steps"]:
+            gg = sh.dot("g", "g")
+            if gg ** 0.5 <= 1e-7 * max(1.0, abs(f)):
+                stop = "converged"
+                break
+            # two-loop recursion on the shards: q = H g, d = -q
+            sh("copy", "g", "q")
+            alphas = []
+            for slot, rho in reversed(hist):
+                a = rho * sh.dot(f"s{slot}", "q")
+                sh("axpy", -a, f"y{slot}", "q")
+                alphas.append(a)
+            sh("scale", gamma, "q")
+            for (slot, rho), a in zip(hist, reversed(alphas)):
+                bta = rho * sh.dot(f"y{slot}", "q")
+                sh("axpy", a - bta, f"s{slot}", "q")
+            sh("copy", "q", "d")
+            sh("scale", -1.0, "d")
+            gd = sh.dot("g", "d")
+            if gd >= 0:                        # not a descent direction: restart
+                hist = []
+                sh("copy", "g", "d")
+                sh("scale", -1.0, "d")
+                gd = -gg
+            t0 = 1.0 if hist else min(1.0, 1.0 / max(gg ** 0.5, 1e-12))
+            if self.portions is not None and o["batch_fraction"] < 1.0:
+                self.portions = self._portions()   # a new mini-batch for this iteration
+            t, fn, _, ok = wolfe_line_search(self.batch_gradient, f, gd, t0,
+                                             max_evals=o["max_line_search"])
+            if t == 0.0:
+                stop = "line_search_failed"
+                break
+            free = sorted(set(range(m)) - {sl for sl, _ in hist})
+            slot = free[0] if free else hist.pop(0)[0]
+            res = sh("accept", slot)
+            sy, yy = sum(x["sy"] for x in res), sum(x["yy"] for x in res)
+            if sy > 1e-12 * yy and sy > 0:
+                hist.append((slot, 1.0 / sy))
+                gamma = sy / yy
+            rel = abs(f - fn) / max(abs(f), abs(fn), 1e-12)
+            f = fn
+            it += 1
+            self.run.log("train", replica=0, step=it, loss=f)
+            self.run.log("lbfgs", iteration=it, objective=f, step=t, wolfe=ok,
+                         evaluations=self.evals)
+            now = time.time()
+            if now - last_eval >= r["eval_every_s"]:
+                ev = self._eval()
+                last_eval = time.time()
+                self.say(f"{now - t_start:6.1f} s  iteration {it}  objective {f:.6g}  "
+                         f"test accuracy {ev['accuracy']:.4f}")
+                if r["target_accuracy"] and ev["accuracy"] >= r["target_accuracy"]:
+                    stop = "target_accuracy"
+                    break
+            if now - t_start >= r["max_time_s"]:
+                stop = "max_time_s"
+                break
+            if rel < 1e-12:
+                stop = "converged"
+                break
+        wall = time.time() - t_start
+        snaps = sh("snapshot")
+        self.pushes_applied = sum(s["applied"] for s in snaps)
+        vecs = [s["vectors"] for s in snaps]
+        params = np.concatenate([v["x"] for v in vecs]).astype(np.float32)
+        state = {f"lbfgs_{k}": np.concatenate([v[k] for v in vecs]) for k in vecs[0]}
+        save_checkpoint(self.run.checkpoint, params, state,
+                        {"iterations": it, "evaluations": self.evals}, self.cfg)
+        ev = self.evaluate_test(params)
+        self.run.log("eval", updates=it, test_loss=ev["loss"], test_accuracy=ev["accuracy"])
+        return params, f, it, stop, wall, ev
+
+    def _eval(self):
+        self.client.fetch(self.theta)       # after accept, the published point is x
+        ev = self.evaluate_test(self.theta)
+        self.run.log("eval", updates=self.evals, test_loss=ev["loss"],
+                     test_accuracy=ev["accuracy"])
+        return ev
+
+
+def run_sandblaster(topo, cfg, net, out, resume=None, quiet=False):
+    """Every rank calls this; each plays its role.  Returns the summary on the coordinator."""
+    ranges = shard_ranges(net.num_params, topo.shards)
+    my_shard = topo.index if topo.role == "shard" else None
+    pw, iw = create_windows(topo.rma, ranges, topo.replicas, my_shard)
+    summary = None
+    if topo.role == "shard":
+        topo.rma.Barrier()
+        _run_shard(topo, cfg, net, pw, iw, ranges)
+    else:
+        client = PSClient(pw, iw, ranges, topo.shard_ranks,
+                          topo.index if topo.role == "replica" else 0)
+        topo.rma.Barrier()
+        client.warm_up()
+        if topo.role == "replica":
+            if topo.partition == 0:
+                _run_replica(topo, cfg, client)
+        else:
+            run = RunDir(out, cfg)
+            try:
+                co = _Coordinator(topo, cfg, net, client, run, quiet)
+                params, f, it, stop, wall, ev = co.loop()
+                for reps in topo.replica_ranks:
+                    topo.ctrl.send(("stop",), dest=reps[0], tag=TAG_WORK)
+                reps = [topo.ctrl.recv(source=reps[0], tag=TAG_REPLY)
+                        for reps in topo.replica_ranks]
+                for rank in topo.shard_ranks:
+                    topo.ctrl.send(("finish", ()), dest=rank, tag=TAG_CMD)
+                bt = np.array(co.batch_times)
+                summary = {
+                    "algorithm": "sandblaster", "ranks": topo.ctrl.Get_size(),
+                    "stop_reason": stop, "iterations": it, "evaluations": co.evals,
+                    "final_objective": f, "wall_time_s": wall,
+                    "samples_per_s": sum(x["portions"] for x in reps)
+                    * cfg["optimizer"]["portion_size"] / wall if wall else 0.0,
+                    "batch_time_mean_s": float(bt.mean()) if len(bt) else 0.0,
+                    "batch_time_median_s": float(np.median(bt)) if len(bt) else 0.0,
+                    "portions_per_batch": len(co.portions), "backup_copies": co.copies,
+                    "final_test_loss": ev["loss"], "final_test_accuracy": ev["accuracy"],
+                    "num_params": net.num_params,
+                    "pushes_sent": sum(x["pushes_sent"] for x in reps),
+                    "pushes_applied": co.pushes_applied,
+                    "replicas": reps,
+                }
+                run.write_summary(summary)
+            finally:
+                run.close()
+    for w in pw + iw:
+        w.free()
+    return summary

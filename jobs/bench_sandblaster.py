@@ -1,0 +1,59 @@
+#!/usr/bin/env python
+"""Usage: python jobs/bench_sandblaster.py [--iterations N] [--config FILE]
+
+Sandblaster straggler benchmark, all runs in one invocation: the mean batch-gradient time
+of L-BFGS with 3 replicas (a) with no straggler, (b) with replica 0 slowed 5x, balancing and
+backup copies on, (c) the same straggler with balancing and backups off.  Ranks share the
+cores (6 ranks here).  Launcher: MPIEXEC (default: the mpiexec beside this Python).
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+MPIEXEC = os.environ.get("MPIEXEC", str(Path(PY).parent / "mpiexec"))
+ENV = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+
+
+def run(cfg, out, sets):
+    cmd = [MPIEXEC, "-n", "6", PY, "-m", "mpi4py", "-m", "dbmpi", "train", str(cfg), "--out",
+           str(out), "--quiet", "--set", "run.eval_every_s=1000"]
+    for s in sets:
+        cmd += ["--set", s]
+    subprocess.run(cmd, check=True, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL)
+    return json.loads((Path(out) / "summary.json").read_text())
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--iterations", type=int, default=40)
+    p.add_argument("--config", default=str(ROOT / "jobs" / "digits_sandblaster.toml"))
+    p.add_argument("--portion-size", type=int, default=32)
+    args = p.parse_args()
+    if not (ROOT / "data" / "digits.h5").exists():
+        subprocess.run([PY, "-m", "dbmpi", "data", "digits", "--out", "data/digits.h5"],
+                       check=True, cwd=ROOT, env=ENV)
+    base = [f"run.max_steps={args.iterations}", f"optimizer.portion_size={args.portion_size}"]
+    slow = ["faults.slow_replica=0", "faults.slow_factor=5"]
+    off = ["optimizer.balance=false", "optimizer.backups=false"]
+    with tempfile.TemporaryDirectory() as tmp:
+        a = run(args.config, Path(tmp) / "a", base)
+        b = run(args.config, Path(tmp) / "b", base + slow)
+        c = run(args.config, Path(tmp) / "c", base + slow + off)
+    print(f"{a['portions_per_batch']} portions of {args.portion_size} samples per batch, "
+          f"3 replicas, {args.iterations} L-BFGS iterations")
+    print(f"{'run':<46}{'batch ms':>10}{'ratio':>8}{'backups':>9}")
+    for name, s in [("no straggler", a), ("replica 0 slowed 5x, balancing + backups", b),
+                    ("replica 0 slowed 5x, no balancing, no backups", c)]:
+        print(f"{name:<46}{s['batch_time_mean_s'] * 1e3:>10.1f}"
+              f"{s['batch_time_mean_s'] / a['batch_time_mean_s']:>7.2f}x{s['backup_copies']:>9}")
+
+
+if __name__ == "__main__":
+    main()
