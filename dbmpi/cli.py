@@ -94,14 +94,23 @@ def cmd_validate(args) -> int:
     return 0
 
 
-def _mpi_world_size_from_env() -> int:
-    for var in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS"):
+def _from_env(names, default):
+    for var in names:
         if var in os.environ:
             try:
                 return int(os.environ[var])
             except ValueError:
                 pass
-    return 1
+    return default
+
+
+def mpi_size_from_env() -> int:
+    """World size as the MPI launcher advertises it, without initialising MPI."""
+    return _from_env(("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "SLURM_NTASKS"), 1)
+
+
+def mpi_rank_from_env() -> int:
+    return _from_env(("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID"), 0)
 
 
 def prepare(args):
@@ -118,23 +127,28 @@ def prepare(args):
             raise UsageError("train: give a CONFIG file (or --resume RUN_DIR)")
         cfg = load(args.config, args.set)
     net = build(cfg["model"])
-    check_file(cfg["data"]["path"], net.classes, net.input_shape)
+    # shapes and fields here, on every rank; under MPI, reading every value (NaN, label
+    # range) is rank 0's job once MPI is up, and its verdict is broadcast (launch.train_mpi)
+    check_file(cfg["data"]["path"], net.classes, net.input_shape,
+               scan=mpi_size_from_env() == 1)
     if args.resume:
         resume = load_checkpoint(Path(args.resume) / "checkpoint.h5", net.num_params)
         out = Path(args.resume)
     elif args.out:
         out = Path(args.out)
-    else:
+    else:   # under MPI, rank 0's choice is broadcast (clocks may straddle a second)
         stem = Path(args.config).stem
         out = Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     return cfg, net, resume, out
 
 
 def cmd_train(args) -> int:
+    from .signals import EXIT_PREEMPTED, install_preemption
     cfg, net, resume, out = prepare(args)
     algo = cfg["optimizer"]["algorithm"]
     need = ranks_needed(cfg)
-    size = _mpi_world_size_from_env()
+    size = mpi_size_from_env()
+    install_preemption()
     if algo == "sgd" and need == 1 and size == 1:
         from .algorithms import train_sgd
         from .rundir import RunDir
@@ -144,9 +158,17 @@ def cmd_train(args) -> int:
         finally:
             run.close()
         print(json.dumps({"run_dir": str(out), **summary}))
-        return 0
+        return EXIT_PREEMPTED if summary["stop_reason"] == "preempted" else 0
+    import tempfile
     from .launch import train_mpi
-    return train_mpi(cfg, net, resume, out, quiet=args.quiet)
+    from .signals import Sentinel
+    from .topology import describe, role_of
+    rank = mpi_rank_from_env()
+    explicit = bool(args.out or args.resume)
+    sdir = out if explicit else Path(tempfile.gettempdir()) / f"dbmpi-{os.getppid()}"
+    sentinel = Sentinel(rank, describe(*role_of(rank, cfg)), sdir) if size == need else None
+    return train_mpi(cfg, net, resume, out, quiet=args.quiet, sentinel=sentinel,
+                     agree_out=not explicit)
 
 
 def cmd_evaluate(args) -> int:
@@ -170,14 +192,17 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     cmd = {"data": cmd_data, "validate": cmd_validate, "train": cmd_train,
            "evaluate": cmd_evaluate}[args.command]
+    # Under mpiexec every rank reaches the same verdict on a bad config or dataset: rank 0
+    # alone says it, so the user reads one line, and every rank exits with the same code.
+    say = mpi_rank_from_env() == 0
     try:
         return cmd(args)
     except (ConfigError, DataError, CheckpointError, UsageError) as e:
-        print(f"dbmpi: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        code, msg = EXIT_USAGE, str(e)
     except FloatingPointError as e:
-        print(f"dbmpi: error: {e}", file=sys.stderr)
-        return EXIT_DIVERGED
+        code, msg = EXIT_DIVERGED, str(e)
     except ValueError as e:  # a layer that cannot take its input, a bad batch size
-        print(f"dbmpi: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        code, msg = EXIT_USAGE, str(e)
+    if say:
+        print(f"dbmpi: error: {msg}", file=sys.stderr)
+    return code

@@ -70,6 +70,8 @@ DEFAULTS: dict[str, dict[str, tuple]] = {
     "faults": {
         "slow_replica": (-1, (int, -1)),
         "slow_factor": (1.0, (float, 1.0)),
+        "fail_rank": (-1, (int, -1)),
+        "fail_after_s": (0.0, (float, 0.0)),
     },
 }
 

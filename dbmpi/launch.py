@@ -2,15 +2,19 @@
 
 Launch as ``mpiexec -n N python -m mpi4py -m dbmpi train CONFIG``.  An exception on any
 rank prints one line naming the rank and its role and aborts the whole job (MPI_Abort),
-so no rank is left hanging.
+so no rank is left hanging; a rank that dies outright is named by its sentinel
+(:mod:`dbmpi.signals`).  Exit codes: 0 done, 2 bad input or rank count, 3 diverged,
+75 preempted (checkpointed: resume with ``--resume``).
 """
 
 from __future__ import annotations
 
 import json
+import signal
 import sys
 
 from .config import ranks_needed
+from .signals import EXIT_PREEMPTED
 
 __all__ = ["train_mpi"]
 
@@ -23,9 +27,24 @@ def _explain(cfg) -> str:
     return workers
 
 
-def train_mpi(cfg, net, resume, out, quiet=False) -> int:
+class InjectedFailure(RuntimeError):
+    """Raised on purpose by ``[faults] fail_rank`` / ``fail_after_s`` (failure experiments)."""
+
+
+def _arm_fault(cfg, rank):
+    f = cfg["faults"]
+    if f["fail_rank"] != rank:
+        return
+
+    def boom(signum, frame):
+        raise InjectedFailure(f"failure injected by [faults] fail_rank = {rank} after "
+                              f"{f['fail_after_s']} s")
+    signal.signal(signal.SIGALRM, boom)
+    signal.setitimer(signal.ITIMER_REAL, max(f["fail_after_s"], 1e-3))
+
+
+def train_mpi(cfg, net, resume, out, quiet=False, sentinel=None, agree_out=False) -> int:
     import faulthandler
-    import signal
     from mpi4py import MPI
     faulthandler.register(signal.SIGUSR2, all_threads=False)  # `kill -USR2 PID`: where is it
     world = MPI.COMM_WORLD
@@ -36,10 +55,27 @@ def train_mpi(cfg, net, resume, out, quiet=False) -> int:
             print(f"dbmpi: error: this config needs {need} ranks ({_explain(cfg)}) but the job "
                   f"has {size}: launch it with `mpiexec -n {need} ...`", file=sys.stderr)
         return 2
+    if agree_out:
+        out = world.bcast(out, root=0)
+    bad = None
+    if rank == 0:
+        from .data import DataError, check_file
+        try:
+            check_file(cfg["data"]["path"], net.classes, net.input_shape, scan=True)
+        except DataError as e:
+            bad = str(e)
+    bad = world.bcast(bad, root=0)
+    if bad is not None:
+        if rank == 0:
+            print(f"dbmpi: error: {bad}", file=sys.stderr)
+        if sentinel:
+            sentinel.clean_exit()
+        return 2
     algo = cfg["optimizer"]["algorithm"]
     from .topology import Topology
     topo = Topology.split(world, cfg)
     try:
+        _arm_fault(cfg, rank)
         if algo == "downpour":
             from .algorithms.downpour import run_downpour
             summary = run_downpour(topo, cfg, net, out, resume, quiet)
@@ -50,14 +86,27 @@ def train_mpi(cfg, net, resume, out, quiet=False) -> int:
             from .algorithms.sync import run_sync
             summary = run_sync(topo, cfg, net, out, resume, quiet)
         else:
-            raise NotImplementedError(f"optimizer.algorithm = {algo!r} under MPI is not built "
-                                      "yet; use downpour, sync, or sgd with one rank")
+            raise NotImplementedError("algorithm sgd runs in one process; more ranks need "
+                                      "model parallelism (cluster.partitions > 1)")
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        reason = world.bcast(summary.get("stop_reason") if summary else None, root=0)
     except BaseException as e:  # noqa: BLE001 - any failure must end the whole job
         print(f"dbmpi: error on rank {rank} ({topo.describe()}): {type(e).__name__}: {e}",
               file=sys.stderr, flush=True)
+        if sentinel:
+            sentinel.error()
         world.Abort(1)
         return 1
+    if sentinel:
+        sentinel.clean_exit()
     if summary is not None:
         print(json.dumps({"run_dir": str(out), **{k: v for k, v in summary.items()
                                                    if k not in ("replicas", "shards")}}))
-    return 0
+    if reason == "diverged":
+        if rank == 0:
+            print("dbmpi: error: training diverged (non-finite gradients or loss); the "
+                  "parameters in the checkpoint are the last finite ones; try a smaller "
+                  f"optimizer.learning_rate than {cfg['optimizer']['learning_rate']}",
+                  file=sys.stderr)
+        return 3
+    return EXIT_PREEMPTED if reason == "preempted" else 0

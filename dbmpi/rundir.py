@@ -57,8 +57,22 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _remove_stale_temporaries(path: Path) -> None:
+    """Temporary files of saves whose writer was killed (their pid is gone)."""
+    for old in path.parent.glob(f".{path.name}.tmp*"):
+        try:
+            pid = int(old.name.rsplit(".tmp", 1)[1])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            old.unlink(missing_ok=True)
+        except (ValueError, PermissionError, OSError):
+            pass
+
+
 def _atomic_write(path: Path, write) -> None:
-    """Write via a temporary file, flush and fsync it, rename it over ``path``."""
+    """Write via a temporary file, flush and fsync it, rename it over ``path``: a kill at any
+    moment leaves either the previous file or the new one, whole."""
+    _remove_stale_temporaries(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:

@@ -9,7 +9,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Topology", "shard_ranges"]
+__all__ = ["Topology", "shard_ranges", "role_of"]
+
+
+def role_of(rank: int, cfg: dict) -> tuple[str, int, int]:
+    """(role, index, partition) of world rank ``rank`` under ``cfg``; needs no MPI."""
+    c = cfg["cluster"]
+    has_ps = cfg["optimizer"]["algorithm"] in ("downpour", "sandblaster")
+    S = c["ps_shards"] if has_ps else 0
+    if has_ps and rank == 0:
+        return "coordinator", 0, 0
+    if has_ps and rank <= S:
+        return "shard", rank - 1, 0
+    index, part = divmod(rank - (1 + S if has_ps else 0), c["partitions"])
+    return "replica", index, part
+
+
+def describe(role: str, index: int, partition: int) -> str:
+    if role == "replica":
+        return f"replica {index}, partition {partition}"
+    if role == "shard":
+        return f"parameter-server shard {index}"
+    return "coordinator"
 
 
 def shard_ranges(n: int, shards: int) -> list[tuple[int, int]]:
@@ -55,12 +76,7 @@ class Topology:
         R, P = c["replicas"], c["partitions"]
         first = 1 + S if has_ps else 0
         rank = world.Get_rank()
-        if has_ps and rank == 0:
-            role, index, part = "coordinator", 0, 0
-        elif has_ps and rank <= S:
-            role, index, part = "shard", rank - 1, 0
-        else:
-            role, (index, part) = "replica", divmod(rank - first, P)
+        role, index, part = role_of(rank, cfg)
         ctrl, rma = world.Dup(), world.Dup()
         color = {"coordinator": 0, "shard": 1, "replica": 2 + index}[role]
         group = world.Split(color, rank)
@@ -77,8 +93,4 @@ class Topology:
                    [[first + r * P + p for p in range(P)] for r in range(R)])
 
     def describe(self) -> str:
-        if self.role == "replica":
-            return f"replica {self.index}, partition {self.partition}"
-        if self.role == "shard":
-            return f"parameter-server shard {self.index}"
-        return "coordinator"
+        return describe(self.role, self.index, self.partition)

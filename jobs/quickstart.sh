@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Usage: bash jobs/quickstart.sh [CONFIG] [--set KEY=VALUE ...]
 # The main job: installs dbmpi into ./.venv if needed, makes data/digits.h5 if it is missing,
-# and trains CONFIG (default jobs/digits_downpour.toml: Downpour SGD, 5 ranks) into runs/.  Launcher: MPIEXEC (default
-# .venv/bin/mpiexec) for configs that need more than one rank.
+# and trains CONFIG (default jobs/digits_downpour.toml: Downpour SGD, 5 ranks) into runs/
+# through jobs/launch.sh (launcher: MPIEXEC, default .venv/bin/mpiexec).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash jobs/install.sh
@@ -11,12 +11,6 @@ PY=.venv/bin/python
 config="${1:-jobs/digits_downpour.toml}"
 [ $# -gt 0 ] && shift
 [ -f data/digits.h5 ] || $PY -m dbmpi data digits --out data/digits.h5
-ranks=$($PY -m dbmpi validate "$config" --no-data "$@" | $PY -c 'import json,sys; print(json.load(sys.stdin)["ranks"])')
 out="runs/$(basename "$config" .toml)-$(date +%Y%m%d-%H%M%S)"
-if [ "$ranks" = "1" ]; then
-  $PY -m dbmpi train "$config" --out "$out" "$@"
-else
-  : "${MPIEXEC:=.venv/bin/mpiexec}"
-  "$MPIEXEC" -n "$ranks" $PY -m mpi4py -m dbmpi train "$config" --out "$out" "$@"
-fi
+bash jobs/launch.sh "$config" --out "$out" "$@"
 $PY -m dbmpi evaluate "$out"

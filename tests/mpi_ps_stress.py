@@ -2,7 +2,10 @@
 servers with random delays and check every fetch for torn shards; the coordinator drains
 the shards and prints JSON with the final parameters' exactness.
 
-Usage: mpiexec -n (1 + SHARDS + REPLICAS) python tests/mpi_ps_stress.py SHARDS REPLICAS PUSHES N
+Usage: mpiexec -n (1 + SHARDS + REPLICAS) python tests/mpi_ps_stress.py SHARDS REPLICAS PUSHES N [NAN_EVERY]
+
+With NAN_EVERY > 0, replica 0 also pushes, on its own, a gradient holding a NaN every
+NAN_EVERY pushes: the shards must reject each whole and leave the parameters unchanged.
 """
 
 import json
@@ -30,6 +33,7 @@ class ZeroNet:
 
 def main():
     S, R, pushes, n = map(int, sys.argv[1:5])
+    nan_every = int(sys.argv[5]) if len(sys.argv) > 5 else 0
     cfg = parse({"model": {"input_shape": [1, 1, 1], "layers": [{"type": "softmax", "classes": 2}]},
                  "optimizer": {"algorithm": "downpour", "learning_rate": 1.0},
                  "cluster": {"ps_shards": S, "replicas": R}})
@@ -50,8 +54,16 @@ def main():
             acc = np.zeros(n, np.float32)
             empty = True
             theta = np.empty(n, np.float32)
-            total, torn = 0, 0
+            total, torn, nans = 0, 0, 0
             for i in range(pushes):
+                if nan_every and topo.index == 0 and i % nan_every == nan_every - 1:
+                    while not empty:               # a NaN push goes alone, never merged
+                        empty = client.push(acc)
+                    bad = np.full(n, 7.0, np.float32)
+                    bad[[lo for lo, _ in ranges]] = np.nan   # every shard's slice holds one
+                    while not client.push(bad):
+                        time.sleep(0.001)
+                    nans += 1
                 c = float(rng.integers(1, 5))
                 if empty:
                     acc[:] = 0
@@ -66,7 +78,7 @@ def main():
                 empty = client.push(acc)
                 time.sleep(0.001)
             topo.ctrl.send({"replica": topo.index, "total": total, "torn": torn,
-                            "sent": client.pushes_sent}, dest=0, tag=TAGS["DONE"])
+                            "sent": client.pushes_sent, "nans": nans}, dest=0, tag=TAGS["DONE"])
             _poll_recv(topo.ctrl, 0, TAGS["FINISH"])
         else:
             done = [_poll_recv(topo.ctrl, MPI.ANY_SOURCE, TAGS["DONE"]) for _ in range(R)]
@@ -81,7 +93,9 @@ def main():
                 "expected": expected, "min": float(params.min()), "max": float(params.max()),
                 "torn": sum(d["torn"] for d in done),
                 "pushes_sent": sum(d["sent"] for d in done),
-                "pushes_applied": sum(m["applied"] for m in snaps)}))
+                "pushes_applied": sum(m["applied"] for m in snaps),
+                "pushes_rejected": sum(m["rejected"] for m in snaps),
+                "nan_pushes": sum(d["nans"] for d in done) * S}))
     for w in pw + iw:
         w.free()
 

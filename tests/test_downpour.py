@@ -15,15 +15,19 @@ def _cfg(tmp_path, digits_path, name="digits_downpour.toml"):
     return p
 
 
-@pytest.mark.parametrize("shards,replicas", [(2, 3), (3, 2)])
-def test_no_update_lost_or_applied_twice_and_no_torn_fetch(shards, replicas):
+@pytest.mark.parametrize("shards,replicas,nan_every", [(2, 3, 0), (3, 2, 0), (3, 4, 25)])
+def test_no_update_lost_or_applied_twice_and_no_torn_fetch(shards, replicas, nan_every):
+    """Stress: many replicas push known integers (n_push = 1, random delays) into several
+    shards; with nan_every, NaN pushes too, which must be rejected whole."""
     r = run_mpi(1 + shards + replicas, ROOT / "tests" / "mpi_ps_stress.py", shards, replicas,
-                300, 10007, module=False, timeout=120)
+                300, 10007, nan_every, module=False, timeout=150)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["min"] == out["max"] == out["expected"], out   # exact integer sum
     assert out["torn"] == 0
-    assert out["pushes_sent"] == out["pushes_applied"] >= shards * replicas * 50
+    assert out["pushes_rejected"] == out["nan_pushes"]
+    assert out["pushes_sent"] == out["pushes_applied"] + out["pushes_rejected"]
+    assert out["pushes_applied"] >= shards * replicas * 50
 
 
 def test_downpour_digits_two_replicas_two_shards(tmp_path, digits_path):

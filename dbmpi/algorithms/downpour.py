@@ -14,8 +14,9 @@ import time
 
 import numpy as np
 
-from ..optim import make_optimizer
+from ..optim import all_finite, make_optimizer
 from ..rundir import RunDir, save_checkpoint
+from ..signals import preempted
 from ..server import Backoff, PSClient, ShardServer, create_windows
 from ..topology import shard_ranges
 from .common import Batches, Evaluator, Progress
@@ -23,7 +24,10 @@ from .common import Batches, Evaluator, Progress
 __all__ = ["run_downpour", "TAGS"]
 
 TAGS = dict(LOG=11, DONE=12, STOP=13, WARM=14, GO=15, SNAP_REQ=16, SNAP=17, DRAIN=18,
-            FINISH=19)
+            FINISH=19, DIVERGED=20)
+
+# A shard that rejects this many pushes in a row (NaN/Inf) reports the run as diverging.
+DIVERGED_AFTER = 20
 
 
 def _poll_recv(comm, source, tag, backoff=None):
@@ -52,8 +56,15 @@ def _run_shard(topo, cfg, net, pw, iw, ranges, resume):
                        int(resume["counters"].get(f"shard{s}_version", 0)))
     ctrl, backoff, st = topo.ctrl, Backoff(), MPI.Status()
     cpu0, idle_s = time.process_time(), 0.0
+    seen, warned = (0, 0), False
     while True:
         applied = server.poll()
+        if applied and not warned:
+            if server.applied != seen[0]:
+                seen = (server.applied, server.rejected)      # a good push resets the run
+            elif server.rejected - seen[1] >= DIVERGED_AFTER:
+                ctrl.send(server.rejected, dest=0, tag=TAGS["DIVERGED"])
+                warned = True
         if ctrl.Iprobe(source=0, status=st):
             tag = st.Get_tag()
             ctrl.recv(source=0, tag=tag)
@@ -78,18 +89,21 @@ def _run_shard(topo, cfg, net, pw, iw, ranges, resume):
 
 # -- replica -------------------------------------------------------------------------------
 
-def _run_replica(topo, cfg, net, client):
+def _run_replica(topo, cfg, net, client, resume=None):
     from mpi4py import MPI
     o, r = cfg["optimizer"], cfg["run"]
     rep = topo.index
     ctrl = topo.ctrl
+    c = resume["counters"] if resume else {}
+    step0 = int(c.get(f"replica{rep}_step", 0))
+    position = (int(c.get(f"replica{rep}_epoch", 0)), int(c.get(f"replica{rep}_offset", 0)))
     batches = Batches(cfg["data"]["path"], o["batch_size"], o["seed"], rep, topo.replicas,
-                      cfg["data"]["cache_mb"])
+                      cfg["data"]["cache_mb"], position=position)
     theta = np.empty(net.num_params, dtype=np.float32)
     acc, acc_empty = np.zeros_like(theta), True
     scratch = np.empty_like(theta)
     lr = np.float32(o["learning_rate"])
-    warm = o["warmstart_steps"]
+    warm = o["warmstart_steps"] if step0 == 0 else 0   # a resumed run is warm already
     stopped = False
     if warm and rep != 0:
         msg_tag = None
@@ -103,7 +117,8 @@ def _run_replica(topo, cfg, net, client):
         stopped = msg_tag == TAGS["STOP"]
     t0 = time.perf_counter()
     t_fetch = t_push = t_compute = 0.0
-    fetches = step = 0
+    fetches, step = 0, step0
+    dropped = bad_run = 0       # non-finite gradients dropped; how many in a row
     if not stopped:
         t = time.perf_counter()
         client.fetch(theta)
@@ -130,23 +145,31 @@ def _run_replica(topo, cfg, net, client):
         t_compute += time.perf_counter() - t
         if step % o["n_push"] == 0:
             t = time.perf_counter()
-            acc_empty = client.push(acc)
+            if all_finite(acc):
+                acc_empty, bad_run = client.push(acc), 0
+            else:   # never send a gradient with NaN/Inf: shards would apply its finite parts
+                acc_empty, dropped, bad_run = True, dropped + 1, bad_run + 1
+                if bad_run == DIVERGED_AFTER:
+                    ctrl.send(dropped, dest=0, tag=TAGS["DIVERGED"])
             t_push += time.perf_counter() - t
         if step % r["log_every"] == 0 or step == 1:
-            ctrl.send({"replica": rep, "step": step, "loss": float(loss)}, dest=0,
+            ctrl.send({"replica": rep, "step": step, "loss": float(loss),
+                       "epoch": batches.epoch, "offset": batches.offset}, dest=0,
                       tag=TAGS["LOG"])
         if warm and rep == 0 and step == warm:
             ctrl.send(step, dest=0, tag=TAGS["WARM"])
         if ctrl.Iprobe(source=0, tag=TAGS["STOP"]):
             ctrl.recv(source=0, tag=TAGS["STOP"])
             stopped = True
-    if not acc_empty and np.any(acc):
+    if not acc_empty and all_finite(acc) and np.any(acc):
         client.push(acc)  # offer what is left once; what no shard had room for is dropped
     wall = time.perf_counter() - t0
-    ctrl.send({"replica": rep, "steps": step, "samples": step * o["batch_size"],
+    ctrl.send({"replica": rep, "steps": step, "samples": (step - step0) * o["batch_size"],
+               "epoch": batches.epoch, "offset": batches.offset,
                "wall_s": wall, "compute_s": t_compute, "fetch_s": t_fetch, "push_s": t_push,
                "fetches": fetches, "pushes_sent": client.pushes_sent,
-               "push_attempts": client.push_attempts, "stopped_early": stopped},
+               "push_attempts": client.push_attempts, "stopped_early": stopped,
+               "nonfinite_dropped": dropped},
               dest=0, tag=TAGS["DONE"])
     if not stopped:  # the coordinator sends STOP to everyone; take it so nothing is left over
         _poll_recv(ctrl, 0, TAGS["STOP"], Backoff(hi=0.02))
@@ -163,8 +186,12 @@ class _Coordinator:
         self.say = Progress(enabled=not quiet)
         self.theta = np.empty(net.num_params, dtype=np.float32)
         self.done: dict[int, dict] = {}
-        self.updates0 = int(resume["counters"].get("updates", 0)) if resume else 0
         self.last_snaps = None
+        c = resume["counters"] if resume else {}
+        self.positions = {i: (int(c.get(f"replica{i}_step", 0)), int(c.get(f"replica{i}_epoch", 0)),
+                              int(c.get(f"replica{i}_offset", 0)))
+                          for i in range(topo.replicas)}
+        self.diverged = False
 
     def snapshots(self, tag="SNAP_REQ"):
         from mpi4py import MPI
@@ -183,13 +210,16 @@ class _Coordinator:
         state = {k: np.concatenate([m["state"][k] for m in snaps]) for k in snaps[0]["state"]}
         counters = {"updates": sum(m["version"] for m in snaps),
                     **{f"shard{m['shard']}_version": m["version"] for m in snaps}}
+        for i, (st, ep, off) in self.positions.items():
+            counters.update({f"replica{i}_step": st, f"replica{i}_epoch": ep,
+                             f"replica{i}_offset": off})
         save_checkpoint(self.run.checkpoint, params, state, counters, self.cfg)
         return params
 
     def eval(self):
         self.client.fetch(self.theta)
         ev = self.evaluate(self.theta)
-        updates = self.updates0 + sum(self.client.fetched_version.values())
+        updates = sum(self.client.fetched_version.values())
         self.run.log("eval", updates=updates, test_loss=ev["loss"], test_accuracy=ev["accuracy"])
         return ev, updates
 
@@ -201,9 +231,13 @@ class _Coordinator:
             src, tag = st.Get_source(), st.Get_tag()
             m = ctrl.recv(source=src, tag=tag)
             if tag == TAGS["LOG"]:
+                self.positions[m["replica"]] = (m["step"], m.pop("epoch"), m.pop("offset"))
                 self.run.log("train", **m)
             elif tag == TAGS["DONE"]:
                 self.done[m["replica"]] = m
+                self.positions[m["replica"]] = (m["steps"], m["epoch"], m["offset"])
+            elif tag == TAGS["DIVERGED"]:
+                self.diverged = True
             elif tag == TAGS["WARM"]:
                 for reps in self.topo.replica_ranks[1:]:
                     for rank in reps:
@@ -231,8 +265,16 @@ class _Coordinator:
                 if r["target_accuracy"] and ev["accuracy"] >= r["target_accuracy"]:
                     stop = "target_accuracy"
                     break
+                if not np.isfinite(ev["loss"]):
+                    self.diverged = True
+            if self.diverged:
+                stop = "diverged"
+                break
             if now - t0 >= r["max_time_s"]:
                 stop = "max_time_s"
+                break
+            if preempted():
+                stop = "preempted"
                 break
             if now - last_ckpt >= r["checkpoint_every_s"]:
                 self.checkpoint(self.snapshots())
@@ -247,8 +289,9 @@ class _Coordinator:
                 backoff.idle()
         snaps = self.snapshots("DRAIN")   # every push the replicas sent is applied by now
         params = self.checkpoint(snaps)
+        self.say(f"stopped ({stop}); checkpoint {self.run.checkpoint}", force=True)
         ev = self.evaluate(params)
-        self.run.log("eval", updates=self.updates0 + sum(m["version"] for m in snaps),
+        self.run.log("eval", updates=sum(m["version"] for m in snaps),
                      test_loss=ev["loss"], test_accuracy=ev["accuracy"])
         return self.summary(stop, wall, ev, snaps)
 
@@ -267,7 +310,8 @@ class _Coordinator:
             "pushes_applied": sum(m["applied"] for m in snaps),
             "pushes_rejected": sum(m["rejected"] for m in snaps),
             "push_attempts": sum(d["push_attempts"] for d in reps),
-            "updates": self.updates0 + sum(m["version"] for m in snaps),
+            "nonfinite_dropped": sum(d["nonfinite_dropped"] for d in reps),
+            "updates": sum(m["version"] for m in snaps),
             "staleness_histogram": stal[:last].tolist(),
             "staleness_mean": float((stal * np.arange(len(stal))).sum() / max(stal.sum(), 1)),
             "replicas": [{"replica": d["replica"], "steps": d["steps"],
@@ -302,7 +346,7 @@ def run_downpour(topo, cfg, net, out, resume=None, quiet=False):
         topo.rma.Barrier()
         client.warm_up()
         if topo.role == "replica":
-            _run_replica(topo, cfg, net, client)
+            _run_replica(topo, cfg, net, client, resume)
         else:
             run = RunDir(out, cfg, append=resume is not None)
             try:

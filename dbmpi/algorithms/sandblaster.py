@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
@@ -24,6 +25,7 @@ import numpy as np
 from ..config import check_model
 from ..model import build
 from ..rundir import RunDir, save_checkpoint
+from ..signals import preempted
 from ..server import Backoff, PSClient, ShardServer, create_windows
 from ..topology import shard_ranges
 from .common import Evaluator, Progress
@@ -152,6 +154,8 @@ class SandblasterShard(ShardServer):
             for k, a in args[0].items():
                 if k in v:
                     v[k][:] = a
+            with self.pw.lock(self.rank, exclusive=True):
+                self.params[:] = v["x"]
         else:
             raise ValueError(f"unknown shard command {cmd!r}")
         return None
@@ -351,7 +355,8 @@ def wolfe_line_search(phi, f0, g0, t, c1=1e-4, c2=0.9, max_evals=20):
 
 
 class _Coordinator:
-    def __init__(self, topo, cfg, net, client, run, quiet):
+    def __init__(self, topo, cfg, net, client, run, quiet, resume=None):
+        self.resume = resume
         self.topo, self.cfg, self.net, self.client, self.run = topo, cfg, net, client, run
         self.shards = _Shards(topo)
         self.evaluate_test = Evaluator(net, cfg["data"]["path"])
@@ -424,21 +429,52 @@ class _Coordinator:
         f = loss / count + 0.5 * self.net.l2 * sum(x["xx"] for x in c)
         return f, sum(x["gd"] for x in c)
 
+    def save(self, f, it, hist, gamma):
+        """Checkpoint at an iteration boundary: every vector, and the coordinator's state."""
+        snaps = self.shards("snapshot")
+        self.pushes_applied = sum(s["applied"] for s in snaps)
+        vecs = [s["vectors"] for s in snaps]
+        params = np.concatenate([v["x"] for v in vecs]).astype(np.float32)
+        state = {f"lbfgs_{k}": np.concatenate([v[k] for v in vecs]) for k in vecs[0]}
+        save_checkpoint(self.run.checkpoint, params, state, {
+            "iterations": it, "evaluations": self.evals, "batch": self.batch, "objective": f,
+            "gamma": gamma, "history": json.dumps(hist),
+            "rng": json.dumps(self.rng.bit_generator.state)}, self.cfg)
+        return params
+
+    def _restore(self):
+        """Put the checkpoint's vectors back on the shards; return (f, it, hist, gamma)."""
+        c = self.resume["counters"]
+        for s, rank in enumerate(self.topo.shard_ranks):
+            lo, hi = self.ranges[s]
+            vec = {k[len("lbfgs_"):]: v[lo:hi] for k, v in self.resume["state"].items()
+                   if k.startswith("lbfgs_")}
+            self.topo.ctrl.send(("restore", (vec,)), dest=rank, tag=TAG_CMD)
+        for rank in self.topo.shard_ranks:
+            self.topo.ctrl.recv(source=rank, tag=TAG_REPLY)
+        self.evals, self.batch = int(c["evaluations"]), int(c["batch"])
+        self.rng.bit_generator.state = json.loads(c["rng"])
+        hist = [tuple(h) for h in json.loads(c["history"])]
+        return float(c["objective"]), int(c["iterations"]), hist, float(c["gamma"])
+
     def loop(self):
         o, r = self.cfg["optimizer"], self.cfg["run"]
         m = o["lbfgs_history"]
         sh = self.shards
         self.portions = self._portions()
         t_start = time.time()
-        last_eval = t_start
-        # f and g at x0: evaluate at t = 0 (d is zero), then accept as the current point
-        sh("copy", "g", "d")
-        sh("scale", 0.0, "d")
-        f, _ = self.batch_gradient(0.0)
-        sh("copy", "gt", "g")
-        hist: list[tuple[int, float]] = []     # (slot, rho), oldest first
+        last_eval = last_ckpt = t_start
         gamma, it, stop = 1.0, 0, "max_steps"
-        self.run.log("train", replica=0, step=0, loss=f)
+        hist: list[tuple[int, float]] = []     # (slot, rho), oldest first
+        if self.resume is not None:
+            f, it, hist, gamma = self._restore()
+        else:
+            # f and g at x0: evaluate at t = 0 (d is zero), then take it as the current point
+            sh("copy", "g", "d")
+            sh("scale", 0.0, "d")
+            f, _ = self.batch_gradient(0.0)
+            sh("copy", "gt", "g")
+            self.run.log("train", replica=0, step=0, loss=f)
         while it < r["max_steps"]:
             gg = sh.dot("g", "g")
             if gg ** 0.5 <= 1e-7 * max(1.0, abs(f)):
@@ -464,7 +500,7 @@ class _Coordinator:
                 sh("scale", -1.0, "d")
                 gd = -gg
             t0 = 1.0 if hist else min(1.0, 1.0 / max(gg ** 0.5, 1e-12))
-            if self.portions is not None and o["batch_fraction"] < 1.0:
+            if o["batch_fraction"] < 1.0:
                 self.portions = self._portions()   # a new mini-batch for this iteration
             t, fn, _, ok = wolfe_line_search(self.batch_gradient, f, gd, t0,
                                              max_evals=o["max_line_search"])
@@ -493,20 +529,20 @@ class _Coordinator:
                 if r["target_accuracy"] and ev["accuracy"] >= r["target_accuracy"]:
                     stop = "target_accuracy"
                     break
+            if now - last_ckpt >= r["checkpoint_every_s"]:
+                self.save(f, it, hist, gamma)
+                last_ckpt = time.time()
             if now - t_start >= r["max_time_s"]:
                 stop = "max_time_s"
+                break
+            if preempted():
+                stop = "preempted"
                 break
             if rel < 1e-12:
                 stop = "converged"
                 break
         wall = time.time() - t_start
-        snaps = sh("snapshot")
-        self.pushes_applied = sum(s["applied"] for s in snaps)
-        vecs = [s["vectors"] for s in snaps]
-        params = np.concatenate([v["x"] for v in vecs]).astype(np.float32)
-        state = {f"lbfgs_{k}": np.concatenate([v[k] for v in vecs]) for k in vecs[0]}
-        save_checkpoint(self.run.checkpoint, params, state,
-                        {"iterations": it, "evaluations": self.evals}, self.cfg)
+        params = self.save(f, it, hist, gamma)
         ev = self.evaluate_test(params)
         self.run.log("eval", updates=it, test_loss=ev["loss"], test_accuracy=ev["accuracy"])
         return params, f, it, stop, wall, ev
@@ -537,9 +573,10 @@ def run_sandblaster(topo, cfg, net, out, resume=None, quiet=False):
             if topo.partition == 0:
                 _run_replica(topo, cfg, client)
         else:
-            run = RunDir(out, cfg)
+            run = RunDir(out, cfg, append=resume is not None)
             try:
-                co = _Coordinator(topo, cfg, net, client, run, quiet)
+                co = _Coordinator(topo, cfg, net, client, run, quiet, resume)
+                co.ranges = ranges
                 params, f, it, stop, wall, ev = co.loop()
                 for reps in topo.replica_ranks:
                     topo.ctrl.send(("stop",), dest=reps[0], tag=TAG_WORK)

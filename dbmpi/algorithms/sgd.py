@@ -8,6 +8,7 @@ import numpy as np
 
 from ..optim import make_optimizer
 from ..rundir import save_checkpoint
+from ..signals import preempted
 from .common import Batches, Evaluator, Progress
 
 __all__ = ["train_sgd"]
@@ -73,6 +74,9 @@ def train_sgd(cfg: dict, net, run, resume: dict | None = None, progress: bool = 
                 break
         if now - t_start >= r["max_time_s"]:
             stop = "max_time_s"
+            break
+        if preempted():
+            stop = "preempted"
             break
         if now - last_ckpt >= r["checkpoint_every_s"]:
             checkpoint()

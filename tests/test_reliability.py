@@ -1,0 +1,215 @@
+"""Reliability: real kills, signals and corrupted input; every multi-rank run has a timeout."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import MPIEXEC, ROOT, run_cli, run_mpi
+from dbmpi.rundir import load_checkpoint
+
+
+def _cfg(tmp_path, digits_path, name):
+    text = (ROOT / "jobs" / name).read_text().replace('path = "data/digits.h5"',
+                                                      f'path = "{digits_path}"')
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def _popen_mpi(n, *args):
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    return subprocess.Popen([MPIEXEC, "-n", str(n), sys.executable, "-m", "mpi4py", "-m",
+                             "dbmpi", *map(str, args)], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+
+
+def _wait(p, timeout):
+    try:
+        return p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, err = p.communicate()
+        raise AssertionError(f"job did not end within {timeout} s:\n{err[-3000:]}")
+
+
+def _rank_pids(n, deadline=30):
+    """pid of each MPI rank of the running job, from PMI_RANK in /proc/PID/environ."""
+    t_end = time.time() + deadline
+    while time.time() < t_end:
+        pids = {}
+        for d in os.listdir("/proc"):
+            if not d.isdigit():
+                continue
+            try:
+                cmd = open(f"/proc/{d}/cmdline", "rb").read()
+                if b"dbmpi\x00train" not in cmd or b"mpiexec" in cmd:
+                    continue
+                env = open(f"/proc/{d}/environ", "rb").read().split(b"\x00")
+            except OSError:
+                continue
+            for kv in env:
+                if kv.startswith(b"PMI_RANK="):
+                    pids[int(kv[9:])] = int(d)
+        if len(pids) == n:
+            return pids
+        time.sleep(0.2)
+    raise AssertionError("could not find the ranks' processes")
+
+
+def test_checkpoint_survives_kill_during_save(tmp_path):
+    path = tmp_path / "checkpoint.h5"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    rng = np.random.default_rng(0)
+    for trial in range(4):
+        p = subprocess.Popen([sys.executable, str(ROOT / "tests" / "ckpt_writer.py"), str(path)],
+                             cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+        p.stdout.readline()                       # at least one checkpoint is complete
+        time.sleep(rng.uniform(0.05, 0.4))        # then kill it at a random point of a save
+        p.kill()
+        p.wait()
+        ck = load_checkpoint(path)
+        k = ck["counters"]["step"]
+        assert k >= 1 and np.all(ck["params"] == k) and np.all(ck["state"]["adagrad_acc"] == k)
+    # each killed save may leave its temporary file; the next save removes the earlier ones
+    assert len([f for f in os.listdir(tmp_path) if f.startswith(".checkpoint")]) <= 1
+
+
+def test_sgd_sigterm_checkpoints_and_resumes(tmp_path, digits_path):
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.Popen([sys.executable, "-m", "dbmpi", "train",
+                          _cfg(tmp_path, digits_path, "digits_sgd.toml"), "--out", out,
+                          "--quiet", "--set", "run.max_steps=1000000"], cwd=ROOT, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(4)
+    p.send_signal(signal.SIGTERM)
+    t0 = time.time()
+    p.communicate(timeout=30)
+    assert p.returncode == 75 and time.time() - t0 < 30
+    step = load_checkpoint(out / "checkpoint.h5")["counters"]["step"]
+    assert step > 100
+    r = run_cli("train", "--resume", out, "--quiet", "--set", f"run.max_steps={step + 50}")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "summary.json").read_text())["steps"] == step + 50
+
+
+def test_downpour_sigterm_then_resume_matches_uninterrupted(tmp_path, digits_path):
+    """Acceptance: SIGTERM 10 s into a Downpour run on digits, then --resume: the resumed run
+    starts from the saved counters and ends within 1% test accuracy of an uninterrupted run."""
+    cfg = _cfg(tmp_path, digits_path, "digits_downpour.toml")
+    steps = ["--set", "run.max_steps=5000", "--set", "run.max_time_s=300"]
+    full = tmp_path / "full"
+    r = run_mpi(5, "train", cfg, "--out", full, "--quiet", *steps, timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    acc_full = json.loads((full / "summary.json").read_text())["final_test_accuracy"]
+
+    part = tmp_path / "part"
+    p = _popen_mpi(5, "train", cfg, "--out", part, "--quiet", *steps)
+    time.sleep(10)
+    t0 = time.time()
+    os.kill(p.pid, signal.SIGTERM)                 # to mpiexec, as a scheduler would
+    _wait(p, 60)
+    assert time.time() - t0 < 30 and p.returncode == 75, p.returncode
+    c = load_checkpoint(part / "checkpoint.h5")["counters"]
+    saved = [c[f"replica{i}_step"] for i in range(2)]
+    assert 0 < min(saved) and max(saved) < 5000 and c["updates"] > 0
+    n_lines = len((part / "metrics.jsonl").read_text().splitlines())
+
+    r = run_mpi(5, "train", "--resume", part, "--quiet", timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    s = json.loads((part / "summary.json").read_text())
+    lines = [json.loads(l) for l in (part / "metrics.jsonl").read_text().splitlines()[n_lines:]]
+    for i in range(2):
+        first = min(l["step"] for l in lines if l["kind"] == "train" and l["replica"] == i)
+        assert saved[i] < first <= saved[i] + 20      # continues from its saved step
+    assert abs(s["final_test_accuracy"] - acc_full) <= 0.01, (s["final_test_accuracy"], acc_full)
+
+
+def test_sandblaster_resume_follows_the_same_trajectory(tmp_path, digits_path):
+    cfg = _cfg(tmp_path, digits_path, "digits_sandblaster.toml")
+    a, b = tmp_path / "a", tmp_path / "b"
+    r = run_mpi(6, "train", cfg, "--out", a, "--quiet", "--set", "run.max_steps=20", timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_mpi(6, "train", cfg, "--out", b, "--quiet", "--set", "run.max_steps=8", timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_mpi(6, "train", "--resume", b, "--quiet", "--set", "run.max_steps=20", timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))
+    assert sb["iterations"] == sa["iterations"] == 20
+    assert abs(sa["final_objective"] - sb["final_objective"]) <= 1e-9 * abs(sa["final_objective"])
+    pa, pb = (load_checkpoint(d / "checkpoint.h5")["params"] for d in (a, b))
+    np.testing.assert_allclose(pa, pb, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("rank,role", [(0, "coordinator"), (1, "parameter-server shard 0"),
+                                       (4, "replica 1, partition 0")])
+def test_sigkill_of_any_rank_ends_job_naming_it(tmp_path, digits_path, rank, role):
+    out = tmp_path / "run"
+    p = _popen_mpi(5, "train", _cfg(tmp_path, digits_path, "digits_downpour.toml"), "--out",
+                   out, "--quiet", "--set", "run.max_steps=1000000")
+    pids = _rank_pids(5)
+    time.sleep(3)
+    t0 = time.time()
+    os.kill(pids[rank], signal.SIGKILL)
+    _, err = _wait(p, 60)
+    assert time.time() - t0 < 30 and p.returncode != 0
+    assert f"dbmpi: error: rank {rank} ({role}, pid {pids[rank]}" in err, err[-2000:]
+    assert err.count("dbmpi: error: rank") == 1
+
+
+def test_exception_on_a_rank_ends_job_naming_it(tmp_path, digits_path):
+    t0 = time.time()
+    r = run_mpi(5, "train", _cfg(tmp_path, digits_path, "digits_downpour.toml"), "--quiet",
+                "--out", tmp_path / "run", "--set", "run.max_steps=1000000",
+                "--set", "faults.fail_rank=3", "--set", "faults.fail_after_s=2", timeout=60)
+    assert r.returncode != 0 and time.time() - t0 < 40
+    assert "dbmpi: error on rank 3 (replica 0, partition 0): InjectedFailure" in r.stderr
+    assert "died" not in r.stderr                  # the rank said it itself; no sentinel noise
+
+
+def test_bad_input_under_mpiexec_is_one_line(tmp_path, digits_path):
+    cfg = _cfg(tmp_path, digits_path, "digits_downpour.toml")
+    for sets, needle in [(["--set", "data.path=/nope.h5"], "/nope.h5: dataset file not found"),
+                         (["--set", "optimizer.learnig_rate=1"], "learning_rate"),
+                         (["--set", "model.layers.0.channels=0"], "channels")]:
+        r = run_mpi(5, "train", cfg, "--quiet", *sets, timeout=60)
+        assert r.returncode == 2, r.stderr[-2000:]
+        assert r.stderr.count("dbmpi: error") == 1 and needle in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr
+    bad = tmp_path / "nan.h5"
+    bad.write_bytes(digits_path.read_bytes())
+    import h5py
+    with h5py.File(bad, "a") as f:
+        f["train"]["x"][5, 0, 3, 3] = np.nan
+    r = run_mpi(5, "train", cfg, "--quiet", "--set", f"data.path={bad}", timeout=60)
+    assert r.returncode == 2 and r.stderr.count("dbmpi: error") == 1
+    assert "'train/x'[5] holds NaN" in r.stderr
+
+
+def test_checkpoint_from_a_different_network_is_refused(tmp_path, digits_path):
+    out = tmp_path / "run"
+    r = run_cli("train", _cfg(tmp_path, digits_path, "digits_sgd.toml"), "--out", out,
+                "--quiet", "--set", "run.max_steps=20")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("train", "--resume", out, "--set", "model.layers.2.units=32")
+    assert r.returncode == 2 and "checkpoint is from a different model" in r.stderr
+
+
+def test_diverging_downpour_stops_with_advice(tmp_path, digits_path):
+    out = tmp_path / "run"
+    r = run_mpi(5, "train", _cfg(tmp_path, digits_path, "digits_downpour.toml"), "--quiet",
+                "--out", out, "--set", "optimizer.adagrad=false",
+                "--set", "optimizer.learning_rate=1e4", "--set", "run.max_steps=100000",
+                timeout=90)
+    assert r.returncode == 3, r.stderr[-2000:]
+    assert "diverged" in r.stderr and "smaller optimizer.learning_rate" in r.stderr
+    s = json.loads((out / "summary.json").read_text())
+    assert s["stop_reason"] == "diverged"
+    assert s["nonfinite_dropped"] + s["pushes_rejected"] > 0
