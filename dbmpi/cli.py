@@ -159,16 +159,13 @@ def cmd_train(args) -> int:
             run.close()
         print(json.dumps({"run_dir": str(out), **summary}))
         return EXIT_PREEMPTED if summary["stop_reason"] == "preempted" else 0
-    import tempfile
     from .launch import train_mpi
-    from .signals import Sentinel
+    from .signals import Guard
     from .topology import describe, role_of
     rank = mpi_rank_from_env()
-    explicit = bool(args.out or args.resume)
-    sdir = out if explicit else Path(tempfile.gettempdir()) / f"dbmpi-{os.getppid()}"
-    sentinel = Sentinel(rank, describe(*role_of(rank, cfg)), sdir) if size == need else None
-    return train_mpi(cfg, net, resume, out, quiet=args.quiet, sentinel=sentinel,
-                     agree_out=not explicit)
+    guard = Guard(rank, describe(*role_of(rank, cfg))) if size == need else None
+    return train_mpi(cfg, net, resume, out, quiet=args.quiet, guard=guard,
+                     agree_out=not (args.out or args.resume))
 
 
 def cmd_evaluate(args) -> int:

@@ -2,7 +2,7 @@
 
 Launch as ``mpiexec -n N python -m mpi4py -m dbmpi train CONFIG``.  An exception on any
 rank prints one line naming the rank and its role and aborts the whole job (MPI_Abort),
-so no rank is left hanging; a rank that dies outright is named by its sentinel
+so no rank is left hanging; a rank that dies outright is named by its guard
 (:mod:`dbmpi.signals`).  Exit codes: 0 done, 2 bad input or rank count, 3 diverged,
 75 preempted (checkpointed: resume with ``--resume``).
 """
@@ -43,7 +43,7 @@ def _arm_fault(cfg, rank):
     signal.setitimer(signal.ITIMER_REAL, max(f["fail_after_s"], 1e-3))
 
 
-def train_mpi(cfg, net, resume, out, quiet=False, sentinel=None, agree_out=False) -> int:
+def train_mpi(cfg, net, resume, out, quiet=False, guard=None, agree_out=False) -> int:
     import faulthandler
     from mpi4py import MPI
     faulthandler.register(signal.SIGUSR2, all_threads=False)  # `kill -USR2 PID`: where is it
@@ -68,8 +68,8 @@ def train_mpi(cfg, net, resume, out, quiet=False, sentinel=None, agree_out=False
     if bad is not None:
         if rank == 0:
             print(f"dbmpi: error: {bad}", file=sys.stderr)
-        if sentinel:
-            sentinel.clean_exit()
+        if guard:
+            guard.clean_exit()
         return 2
     algo = cfg["optimizer"]["algorithm"]
     from .topology import Topology
@@ -93,12 +93,12 @@ def train_mpi(cfg, net, resume, out, quiet=False, sentinel=None, agree_out=False
     except BaseException as e:  # noqa: BLE001 - any failure must end the whole job
         print(f"dbmpi: error on rank {rank} ({topo.describe()}): {type(e).__name__}: {e}",
               file=sys.stderr, flush=True)
-        if sentinel:
-            sentinel.error()
+        if guard:
+            guard.error()
         world.Abort(1)
         return 1
-    if sentinel:
-        sentinel.clean_exit()
+    if guard:
+        guard.clean_exit()
     if summary is not None:
         print(json.dumps({"run_dir": str(out), **{k: v for k, v in summary.items()
                                                    if k not in ("replicas", "shards")}}))

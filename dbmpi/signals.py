@@ -1,28 +1,32 @@
-"""Preemption signals and the dead-rank sentinel.
+"""Preemption signals and the per-rank guard that names a rank that died.
 
 Preemption: SIGTERM and SIGUSR1 (what ``mpiexec``/Hydra and Slurm's ``--signal`` deliver to
 every rank) set a flag; the trainers check it between steps, checkpoint, stop every rank
 cleanly and exit with :data:`EXIT_PREEMPTED`.
 
-Dead ranks: MPI cannot outlive a dead rank, and Hydra ends the other ranks with SIGKILL,
-so no rank can report the death itself.  Each rank therefore starts, before MPI is
-initialised, a tiny sentinel process in its own session that holds the read end of a pipe
-from the rank.  When the rank exits cleanly it first writes a byte; when it dies (SIGKILL,
-segfault, OOM) the pipe closes without one.  The sentinel records the time of death in the
-run directory, waits a moment for the others, and the sentinel of the rank that died first
-prints one line naming the rank, its role, pid and host.
+Dead ranks: MPI cannot outlive a dead rank, and the launcher ends the other ranks with
+SIGKILL, so no MPI process can report a death.  Watching from outside does not work either:
+a killed rank with large memory mappings finishes dying after the launcher has already
+killed the others.  So before MPI starts, each rank forks: the child becomes the MPI
+process and the parent, a small *guard*, waits for it.  The guard holds the rank's
+launcher connections (PMI socket, stdout/stderr) open, so the launcher notices nothing
+until the guard exits, and ``waitpid`` tells the guard exactly how its rank ended.  A rank
+that ends without saying "ok" or "error" first (killed, crashed) gets one line from its
+guard naming the rank, its role, pid, host and the signal; then the guard exits and the
+launcher ends the job.  The guard forwards signals (SIGTERM, SIGUSR1, SIGUSR2, SIGINT) to
+its rank, and the rank dies with its guard (PR_SET_PDEATHSIG), so the launcher's cleanup
+reaches it.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
-import subprocess
+import socket
 import sys
-import time
-from pathlib import Path
 
-__all__ = ["EXIT_PREEMPTED", "install_preemption", "preempted", "Sentinel"]
+__all__ = ["EXIT_PREEMPTED", "install_preemption", "preempted", "Guard"]
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpointed because of a signal; resume with --resume
 
@@ -42,51 +46,72 @@ def preempted() -> bool:
     return _flag["signal"] is not None
 
 
-_SENTINEL = r"""
-import os, sys, time, json, socket
-fd, rank, role, pid, dirpath = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5]
-data = b""
-while True:
+_PR_SET_PDEATHSIG, _PR_SET_NAME = 1, 15
+
+
+def _prctl(option, arg) -> None:
     try:
-        chunk = os.read(fd, 64)
-    except OSError:
-        chunk = b""
-    if not chunk:
-        break
-    data += chunk
-if b"ok" in data or b"err" in data:
-    sys.exit(0)                      # clean exit, or an error the rank reported itself
-t = time.time()
-os.makedirs(dirpath, exist_ok=True)
-with open(os.path.join(dirpath, f"{rank}.died"), "w") as f:
-    f.write(repr(t))
-time.sleep(1.5)                      # let the other ranks' sentinels record their times
-deaths = []
-for name in os.listdir(dirpath):
-    if name.endswith(".died"):
-        try:
-            deaths.append((float(open(os.path.join(dirpath, name)).read()), int(name[:-5])))
-        except (OSError, ValueError):
-            pass
-if deaths and min(deaths) == (t, rank):
-    sys.stderr.write(f"dbmpi: error: rank {rank} ({role}, pid {pid}, host {socket.gethostname()}) "
-                     "died (killed or crashed); MPI ended the whole job. Resume from the last "
-                     "checkpoint with `python -m dbmpi train --resume RUN_DIR`.\n")
-    sys.stderr.flush()
-"""
+        ctypes.CDLL(None, use_errno=True).prctl(option, arg, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # not Linux: no death signal, no process name
 
 
-class Sentinel:
-    """Start the sentinel for this rank; call :meth:`clean_exit` or :meth:`error` before exiting."""
+class Guard:
+    """Fork this rank into a guard (the parent, which never returns) and the MPI process.
 
-    def __init__(self, rank: int, role: str, run_dir):
+    Call in every rank before MPI is initialised; only the child returns, with a Guard on
+    which it calls :meth:`clean_exit` or :meth:`error` before it exits.
+    """
+
+    def __init__(self, rank: int, role: str):
         r, w = os.pipe()
-        d = Path(run_dir) / ".ranks"
-        self.w = w
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", _SENTINEL, str(r), str(rank), role, str(os.getpid()), str(d)],
-            pass_fds=(r,), start_new_session=True, stdin=subprocess.DEVNULL)
-        os.close(r)
+        parent = os.getpid()
+        pid = os.fork()
+        if pid == 0:
+            os.close(r)
+            self.w = w
+            _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+            if os.getppid() != parent:   # the guard is already gone
+                os._exit(1)
+            _prctl(_PR_SET_NAME, ctypes.c_char_p(f"dbmpi-r{rank}".encode()[:15]))
+            return
+        os.close(w)
+        self._watch(pid, r, rank, role)
+
+    @staticmethod
+    def _watch(pid, r, rank, role):
+        for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT):
+            signal.signal(s, lambda signum, frame: os.kill(pid, signum))
+        while True:
+            try:
+                _, status = os.waitpid(pid, 0)
+                break
+            except ChildProcessError:
+                status = 1 << 8
+                break
+            except InterruptedError:
+                continue
+        said = b""
+        try:
+            while chunk := os.read(r, 64):
+                said += chunk
+        except OSError:
+            pass
+        if os.WIFSIGNALED(status):
+            sig = os.WTERMSIG(status)
+            code = 128 + sig
+            if not said:
+                print(f"dbmpi: error: rank {rank} ({role}, pid {pid}, host "
+                      f"{socket.gethostname()}) was killed by {signal.Signals(sig).name}; MPI "
+                      "ends the whole job. Resume from the last checkpoint with `python -m "
+                      "dbmpi train --resume RUN_DIR`.", file=sys.stderr, flush=True)
+        else:
+            code = os.WEXITSTATUS(status)
+            if code and not said:
+                print(f"dbmpi: error: rank {rank} ({role}, pid {pid}, host "
+                      f"{socket.gethostname()}) exited with code {code} without a message",
+                      file=sys.stderr, flush=True)
+        os._exit(code)
 
     def _say(self, what: bytes) -> None:
         if self.w is not None:
