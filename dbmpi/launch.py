@@ -86,8 +86,8 @@ def train_mpi(cfg, net, resume, out, quiet=False, guard=None, agree_out=False) -
             from .algorithms.sync import run_sync
             summary = run_sync(topo, cfg, net, out, resume, quiet)
         else:
-            raise NotImplementedError("algorithm sgd runs in one process; more ranks need "
-                                      "model parallelism (cluster.partitions > 1)")
+            from .algorithms.sgd import train_sgd_partitioned
+            summary = train_sgd_partitioned(topo, cfg, out, resume, quiet)
         signal.setitimer(signal.ITIMER_REAL, 0)
         reason = world.bcast(summary.get("stop_reason") if summary else None, root=0)
     except BaseException as e:  # noqa: BLE001 - any failure must end the whole job

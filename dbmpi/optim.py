@@ -43,7 +43,7 @@ class SGD:
         else:
             params -= self.lr * grads
 
-    def delta(self, grads: np.ndarray, out: np.ndarray) -> None:
+    def delta(self, grads: np.ndarray, out: np.ndarray, offset: int = 0) -> None:
         np.multiply(grads, self.lr, out=out)
 
 
@@ -66,9 +66,10 @@ class Adagrad:
         self.delta(grads, self._tmp[:len(params)])
         params -= self._tmp[:len(params)]
 
-    def delta(self, grads: np.ndarray, out: np.ndarray) -> None:
-        """Update the accumulators with grads and write the step into ``out``."""
-        acc = self.state["adagrad_acc"]
+    def delta(self, grads: np.ndarray, out: np.ndarray, offset: int = 0) -> None:
+        """Update the accumulators of elements ``offset:offset+len(grads)`` with grads and
+        write the step into ``out``."""
+        acc = self.state["adagrad_acc"][offset:offset + len(grads)]
         if _fast(grads, acc, out):
             _K.adagrad_delta(acc, grads, out, self.lr, self.eps)
             return

@@ -6,9 +6,9 @@ windows made with ``MPI.Win.Allocate`` (MPI-NOTES.md: 5-20x faster than ``Win.Cr
 - *params*: an int64 version (updates applied so far) followed by the float32 parameters.
   Clients ``Get`` both in one shared-lock epoch; the shard applies each update under an
   exclusive lock on its own window, so a fetch never sees a half-applied update.
-- *inbox*: one slot per replica: an int64 header ``(full, fetched_version)`` and the float32
-  gradient.  A replica ``Put``s into its own slot under a shared lock only when the slot is
-  empty; the shard drains full slots under an exclusive lock and applies each as one
+- *inbox*: one slot per client (replica x partition): an int64 header ``(full,
+  fetched_version, offset, length)`` and the float32 gradient of the part of the shard the
+  client owns.  A client ``Put``s into its own slot under a shared lock only when it is empty; the shard drains full slots under an exclusive lock and applies each as one
   update, exactly once.  A replica whose slot is still full keeps accumulating and retries
   at its next push, so replicas never wait for the server.
 
@@ -27,7 +27,7 @@ from .optim import all_finite
 
 __all__ = ["Window", "ShardServer", "PSClient", "HEADER"]
 
-HEADER = 16  # bytes: two int64
+HEADER = 32  # bytes: four int64
 
 
 def _mpi():
@@ -73,7 +73,7 @@ def _slot_bytes(length: int) -> int:
     return HEADER + 4 * length
 
 
-def create_windows(comm, ranges, replicas: int, my_shard: int | None):
+def create_windows(comm, ranges, clients: int, my_shard: int | None):
     """Collective over ``comm``: the params and inbox windows of every shard.
 
     Returns ``(params_windows, inbox_windows)``; each window spans all ranks of ``comm``
@@ -83,7 +83,7 @@ def create_windows(comm, ranges, replicas: int, my_shard: int | None):
     for s, (lo, hi) in enumerate(ranges):
         mine = s == my_shard
         params.append(Window(comm, HEADER + 4 * (hi - lo) if mine else 0))
-        inbox.append(Window(comm, replicas * _slot_bytes(hi - lo) if mine else 0))
+        inbox.append(Window(comm, clients * _slot_bytes(hi - lo) if mine else 0))
     return params, inbox
 
 
@@ -91,16 +91,16 @@ class ShardServer:
     """Shard ``index``: owns its windows' memory and applies pushes with ``optimizer``."""
 
     def __init__(self, params_win: Window, inbox_win: Window, lo: int, hi: int,
-                 replicas: int, optimizer, init: np.ndarray, max_staleness_bins: int = 64):
+                 clients: int, optimizer, init: np.ndarray, max_staleness_bins: int = 64):
         self.pw, self.iw = params_win, inbox_win
         self.lo, self.hi, self.n = lo, hi, hi - lo
-        self.replicas = replicas
+        self.clients = clients
         self.opt = optimizer
         self.version = self.pw.view(0, 1, np.int64)
         self.params = self.pw.view(HEADER, self.n, np.float32)
         self.params[:] = init
         self.version[0] = 0
-        for r in range(replicas):
+        for r in range(clients):
             self._slot_header(r)[:] = 0
         self.applied = 0
         self.rejected = 0
@@ -109,7 +109,7 @@ class ShardServer:
         self.rank = None  # set by the caller: this shard's rank in the RMA communicator
 
     def _slot_header(self, r):
-        return self.iw.view(r * _slot_bytes(self.n), 2, np.int64)
+        return self.iw.view(r * _slot_bytes(self.n), 4, np.int64)
 
     def _slot_grad(self, r):
         return self.iw.view(r * _slot_bytes(self.n) + HEADER, self.n, np.float32)
@@ -121,26 +121,29 @@ class ShardServer:
         only when it is empty), so the gradient is read in place, outside the lock: no copy,
         and the other replicas' pushes are not held up while it is applied."""
         done = 0
-        for r in range(self.replicas):
+        for r in range(self.clients):
             with self.iw.lock(self.rank, exclusive=True):
                 hdr = self._slot_header(r)
-                full, fetched = int(hdr[0]), int(hdr[1])
+                full, fetched, off, n = (int(v) for v in hdr)
             if not full:
                 continue
             done += 1
-            self._apply(self._slot_grad(r), fetched)
+            self._apply(self._slot_grad(r)[off:off + n], fetched, off)
             with self.iw.lock(self.rank, exclusive=True):
                 hdr[0] = 0
         return done
 
-    def _apply(self, grad: np.ndarray, fetched: int) -> None:
-        """Apply one push as one update (or reject it whole if it holds NaN/Inf)."""
+    def _apply(self, grad: np.ndarray, fetched: int, off: int = 0) -> None:
+        """Apply one push (to elements off:off+len(grad)) as one update, or reject it whole
+        if it holds NaN/Inf."""
         if not all_finite(grad):
             self.rejected += 1  # parameters unchanged
             return
-        self.opt.delta(grad, self._delta)   # outside the lock that fetches wait on
+        n = len(grad)
+        delta = self._delta[:n]
+        self.opt.delta(grad, delta, off)    # outside the lock that fetches wait on
         with self.pw.lock(self.rank, exclusive=True):
-            self.params -= self._delta
+            self.params[off:off + n] -= delta
             self.version[0] += 1
             v = int(self.version[0])
         self.applied += 1
@@ -169,11 +172,11 @@ class PSClient:
     shards whose ranges overlap it.
     """
 
-    def __init__(self, params_wins, inbox_wins, ranges, shard_ranks, replica: int,
+    def __init__(self, params_wins, inbox_wins, ranges, shard_ranks, client: int,
                  lo: int = 0, hi: int | None = None):
         self.pw, self.iw = params_wins, inbox_wins
         self.ranges, self.shard_ranks = ranges, shard_ranks
-        self.replica = replica
+        self.client = client      # my inbox slot: replica * partitions + partition
         self.lo, self.hi = lo, ranges[-1][1] if hi is None else hi
         # (shard, offset in shard, offset in my slice, length) for each overlapping shard
         self.parts = []
@@ -185,7 +188,7 @@ class PSClient:
         self.pending = {s: False for s, *_ in self.parts}
         self.pushes_sent = 0
         self.push_attempts = 0
-        self._hdr = np.zeros(2, dtype=np.int64)
+        self._hdr = np.zeros(4, dtype=np.int64)
 
     def warm_up(self) -> None:
         """One epoch to every shard on both windows (MPI-NOTES.md: the first epoch after
@@ -193,7 +196,7 @@ class PSClient:
         for s, *_ in self.parts:
             for w in (self.pw[s], self.iw[s]):
                 with w.lock(self.shard_ranks[s]) as win:
-                    win.Get(self._hdr, self.shard_ranks[s], target=(0, 2, _mpi().INT64_T))
+                    win.Get(self._hdr[:2], self.shard_ranks[s], target=(0, 2, _mpi().INT64_T))
 
     def fetch(self, out: np.ndarray) -> None:
         """Read my slice of the parameters into ``out`` (length hi - lo)."""
@@ -216,17 +219,17 @@ class PSClient:
         taken = []
         for s, off, mine, n in self.parts:
             rank = self.shard_ranks[s]
-            slot = self.replica * _slot_bytes(self.ranges[s][1] - self.ranges[s][0])
+            slot = self.client * _slot_bytes(self.ranges[s][1] - self.ranges[s][0])
             self.push_attempts += 1
             with self.iw[s].lock(rank) as win:
-                win.Get(self._hdr, rank, target=(slot, 2, MPI.INT64_T))
+                win.Get(self._hdr[:1], rank, target=(slot, 1, MPI.INT64_T))
                 win.Flush(rank)
                 if self._hdr[0] != 0:
                     continue  # the shard has not taken my previous push yet
                 win.Put(acc[mine:mine + n], rank, target=(slot + HEADER + 4 * off, n, MPI.FLOAT))
                 win.Flush(rank)  # the gradient lands before the flag that hands it over
-                self._hdr[0], self._hdr[1] = 1, self.fetched_version[s]
-                win.Put(self._hdr, rank, target=(slot, 2, MPI.INT64_T))
+                self._hdr[:] = (1, self.fetched_version[s], off, n)
+                win.Put(self._hdr, rank, target=(slot, 4, MPI.INT64_T))
             taken.append((mine, n))
             self.pushes_sent += 1
         if len(taken) == len(self.parts):

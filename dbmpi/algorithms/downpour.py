@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 
+from ..mpiwait import wait
 from ..optim import all_finite, make_optimizer
 from ..rundir import RunDir, save_checkpoint
 from ..signals import preempted
@@ -42,17 +43,17 @@ def _poll_recv(comm, source, tag, backoff=None):
 
 # -- shard ---------------------------------------------------------------------------------
 
-def _run_shard(topo, cfg, net, pw, iw, ranges, resume):
+def _run_shard(topo, cfg, net, pw, iw, ranges, resume, layout):
     from mpi4py import MPI
     s = topo.index
     lo, hi = ranges[s]
     opt = make_optimizer(cfg["optimizer"], hi - lo)
-    init = net.init_params(cfg["optimizer"]["seed"])[lo:hi]
-    server = ShardServer(pw[s], iw[s], lo, hi, topo.replicas, opt, init)
+    init = layout.to_partitioned(net.init_params(cfg["optimizer"]["seed"]))[lo:hi]
+    server = ShardServer(pw[s], iw[s], lo, hi, topo.replicas * topo.partitions, opt, init)
     server.rank = topo.shard_ranks[s]
     if resume is not None:
-        server.restore(resume["params"][lo:hi],
-                       {k: v[lo:hi] for k, v in resume["state"].items()},
+        server.restore(layout.to_partitioned(resume["params"])[lo:hi],
+                       {k: layout.to_partitioned(v)[lo:hi] for k, v in resume["state"].items()},
                        int(resume["counters"].get(f"shard{s}_version", 0)))
     ctrl, backoff, st = topo.ctrl, Backoff(), MPI.Status()
     cpu0, idle_s = time.process_time(), 0.0
@@ -90,31 +91,47 @@ def _run_shard(topo, cfg, net, pw, iw, ranges, resume):
 # -- replica -------------------------------------------------------------------------------
 
 def _run_replica(topo, cfg, net, client, resume=None):
+    """One partition of one replica.  With P > 1 partitions, the partitions step in lockstep
+    (their forward and backward passes exchange activations); partition 0 talks to the
+    coordinator and broadcasts its decisions, and each partition fetches and pushes only its
+    own slice of the parameters."""
     from mpi4py import MPI
+    from ..model.partition import PartitionedNetwork
     o, r = cfg["optimizer"], cfg["run"]
-    rep = topo.index
+    rep, P = topo.index, topo.partitions
+    lead = topo.partition == 0
+    model = PartitionedNetwork(cfg["model"], topo.model) if P > 1 else net
+    size = model.local_size if P > 1 else net.num_params
     ctrl = topo.ctrl
+    flag = np.zeros(1, dtype=np.int32)
+
+    def agree(value: int) -> int:
+        """Partition 0's value, on every partition."""
+        if P == 1:
+            return value
+        flag[0] = value
+        wait([topo.model.Ibcast(flag, root=0)])
+        return int(flag[0])
+
     c = resume["counters"] if resume else {}
     step0 = int(c.get(f"replica{rep}_step", 0))
     position = (int(c.get(f"replica{rep}_epoch", 0)), int(c.get(f"replica{rep}_offset", 0)))
     batches = Batches(cfg["data"]["path"], o["batch_size"], o["seed"], rep, topo.replicas,
                       cfg["data"]["cache_mb"], position=position)
-    theta = np.empty(net.num_params, dtype=np.float32)
+    theta = np.empty(size, dtype=np.float32)
     acc, acc_empty = np.zeros_like(theta), True
     scratch = np.empty_like(theta)
     lr = np.float32(o["learning_rate"])
     warm = o["warmstart_steps"] if step0 == 0 else 0   # a resumed run is warm already
-    stopped = False
+    stopped = 0
     if warm and rep != 0:
-        msg_tag = None
-        while msg_tag is None:  # wait for the coordinator's go (or a stop) without spinning
-            st = MPI.Status()
-            backoff = Backoff(hi=0.02)
+        if lead:   # wait for the coordinator's go (or a stop) without spinning
+            st, backoff = MPI.Status(), Backoff(hi=0.02)
             while not ctrl.Iprobe(source=0, status=st):
                 backoff.idle()
-            msg_tag = st.Get_tag()
-            ctrl.recv(source=0, tag=msg_tag)
-        stopped = msg_tag == TAGS["STOP"]
+            ctrl.recv(source=0, tag=st.Get_tag())
+            stopped = int(st.Get_tag() == TAGS["STOP"])
+        stopped = agree(stopped)
     t0 = time.perf_counter()
     t_fetch = t_push = t_compute = 0.0
     fetches, step = 0, step0
@@ -132,7 +149,7 @@ def _run_replica(topo, cfg, net, client, resume=None):
             fetches += 1
         x, y = batches.next()
         t = time.perf_counter()
-        loss, g = net.loss_and_grad(theta, x, y)
+        loss, g = model.loss_and_grad(theta, x, y)
         if acc_empty:
             acc, acc_empty = g, False      # g is a fresh array: take it, no copy
         else:
@@ -152,26 +169,36 @@ def _run_replica(topo, cfg, net, client, resume=None):
                 if bad_run == DIVERGED_AFTER:
                     ctrl.send(dropped, dest=0, tag=TAGS["DIVERGED"])
             t_push += time.perf_counter() - t
-        if step % r["log_every"] == 0 or step == 1:
+        if lead and (step % r["log_every"] == 0 or step == 1):
             ctrl.send({"replica": rep, "step": step, "loss": float(loss),
                        "epoch": batches.epoch, "offset": batches.offset}, dest=0,
                       tag=TAGS["LOG"])
-        if warm and rep == 0 and step == warm:
+        if lead and warm and rep == 0 and step == warm:
             ctrl.send(step, dest=0, tag=TAGS["WARM"])
-        if ctrl.Iprobe(source=0, tag=TAGS["STOP"]):
+        if lead and ctrl.Iprobe(source=0, tag=TAGS["STOP"]):
             ctrl.recv(source=0, tag=TAGS["STOP"])
-            stopped = True
+            stopped = 1
+        stopped = agree(stopped)
     if not acc_empty and all_finite(acc) and np.any(acc):
         client.push(acc)  # offer what is left once; what no shard had room for is dropped
     wall = time.perf_counter() - t0
-    ctrl.send({"replica": rep, "steps": step, "samples": (step - step0) * o["batch_size"],
-               "epoch": batches.epoch, "offset": batches.offset,
-               "wall_s": wall, "compute_s": t_compute, "fetch_s": t_fetch, "push_s": t_push,
-               "fetches": fetches, "pushes_sent": client.pushes_sent,
-               "push_attempts": client.push_attempts, "stopped_early": stopped,
-               "nonfinite_dropped": dropped},
-              dest=0, tag=TAGS["DONE"])
-    if not stopped:  # the coordinator sends STOP to everyone; take it so nothing is left over
+    mine = {"pushes_sent": client.pushes_sent, "push_attempts": client.push_attempts,
+            "nonfinite_dropped": dropped}
+    if P > 1:
+        allp = topo.model.gather(mine, root=0)
+        if lead:
+            mine = {k: sum(d[k] for d in allp) for k in mine}
+        bytes_sent = topo.model.gather(model.bytes_sent, root=0)
+    else:
+        bytes_sent = [0]
+    if lead:
+        ctrl.send({"replica": rep, "steps": step, "samples": (step - step0) * o["batch_size"],
+                   "epoch": batches.epoch, "offset": batches.offset,
+                   "wall_s": wall, "compute_s": t_compute, "fetch_s": t_fetch,
+                   "push_s": t_push, "fetches": fetches, "stopped_early": bool(stopped),
+                   "partition_bytes_per_step": [b / max(step - step0, 1) for b in bytes_sent],
+                   **mine}, dest=0, tag=TAGS["DONE"])
+    if not (lead and stopped):  # the coordinator sends STOP to every rank; take it
         _poll_recv(ctrl, 0, TAGS["STOP"], Backoff(hi=0.02))
     _poll_recv(ctrl, 0, TAGS["FINISH"], Backoff(hi=0.02))
 
@@ -206,8 +233,10 @@ class _Coordinator:
         return snaps
 
     def checkpoint(self, snaps):
-        params = np.concatenate([m["params"] for m in snaps])
-        state = {k: np.concatenate([m["state"][k] for m in snaps]) for k in snaps[0]["state"]}
+        to_c = self.layout.to_canonical     # shards hold the partitioned layout
+        params = to_c(np.concatenate([m["params"] for m in snaps]))
+        state = {k: to_c(np.concatenate([m["state"][k] for m in snaps]))
+                 for k in snaps[0]["state"]}
         counters = {"updates": sum(m["version"] for m in snaps),
                     **{f"shard{m['shard']}_version": m["version"] for m in snaps}}
         for i, (st, ep, off) in self.positions.items():
@@ -218,7 +247,7 @@ class _Coordinator:
 
     def eval(self):
         self.client.fetch(self.theta)
-        ev = self.evaluate(self.theta)
+        ev = self.evaluate(self.layout.to_canonical(self.theta))
         updates = sum(self.client.fetched_version.values())
         self.run.log("eval", updates=updates, test_loss=ev["loss"], test_accuracy=ev["accuracy"])
         return ev, updates
@@ -240,8 +269,7 @@ class _Coordinator:
                 self.diverged = True
             elif tag == TAGS["WARM"]:
                 for reps in self.topo.replica_ranks[1:]:
-                    for rank in reps:
-                        ctrl.send(None, dest=rank, tag=TAGS["GO"])
+                    ctrl.send(None, dest=reps[0], tag=TAGS["GO"])
         return any_msg
 
     def loop(self):
@@ -314,6 +342,8 @@ class _Coordinator:
             "updates": sum(m["version"] for m in snaps),
             "staleness_histogram": stal[:last].tolist(),
             "staleness_mean": float((stal * np.arange(len(stal))).sum() / max(stal.sum(), 1)),
+            "partitions": self.topo.partitions,
+            "partition_bytes_per_step": reps[0]["partition_bytes_per_step"],
             "replicas": [{"replica": d["replica"], "steps": d["steps"],
                           "samples_per_s": d["samples"] / d["wall_s"] if d["wall_s"] else 0.0,
                           "step_s": d["wall_s"] / max(d["steps"], 1),
@@ -331,18 +361,24 @@ class _Coordinator:
 
 def run_downpour(topo, cfg, net, out, resume=None, quiet=False):
     """Every rank calls this; each plays its role.  Returns the summary on the coordinator."""
+    from ..model.partition import Layout
+    layout = Layout(net, topo.partitions)   # shards hold the vector partition-major
     ranges = shard_ranges(net.num_params, topo.shards)
     my_shard = topo.index if topo.role == "shard" else None
-    pw, iw = create_windows(topo.rma, ranges, topo.replicas, my_shard)
+    pw, iw = create_windows(topo.rma, ranges, topo.replicas * topo.partitions, my_shard)
     summary = None
     # Windows are freed (a collective) only on success: after an error the launcher aborts
     # the job, and a rank waiting in a collective would otherwise hang.
     if topo.role == "shard":
         topo.rma.Barrier()  # shards have initialised their memory
-        _run_shard(topo, cfg, net, pw, iw, ranges, resume)
+        _run_shard(topo, cfg, net, pw, iw, ranges, resume, layout)
     else:
-        replica = topo.index if topo.role == "replica" else 0
-        client = PSClient(pw, iw, ranges, topo.shard_ranks, replica)
+        if topo.role == "replica":   # my slice of the partitioned layout, my inbox slot
+            lo, hi = layout.ranges[topo.partition]
+            client = PSClient(pw, iw, ranges, topo.shard_ranks,
+                              topo.index * topo.partitions + topo.partition, lo, hi)
+        else:
+            client = PSClient(pw, iw, ranges, topo.shard_ranks, 0)
         topo.rma.Barrier()
         client.warm_up()
         if topo.role == "replica":
@@ -350,8 +386,9 @@ def run_downpour(topo, cfg, net, out, resume=None, quiet=False):
         else:
             run = RunDir(out, cfg, append=resume is not None)
             try:
-                summary = _Coordinator(topo, cfg, net, client, ranges, run, quiet,
-                                       resume).loop()
+                co = _Coordinator(topo, cfg, net, client, ranges, run, quiet, resume)
+                co.layout = layout
+                summary = co.loop()
                 run.write_summary(summary)
             finally:
                 run.close()

@@ -110,8 +110,8 @@ class SandblasterShard(ShardServer):
             self.v[f"y{i}"] = np.zeros(n)
         self.acc = np.zeros(n)
 
-    def _apply(self, grad, fetched):
-        self.acc += grad
+    def _apply(self, grad, fetched, off=0):
+        self.acc[off:off + len(grad)] += grad
         self.applied += 1
 
     def command(self, cmd, args):

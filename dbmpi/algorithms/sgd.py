@@ -97,3 +97,110 @@ def train_sgd(cfg: dict, net, run, resume: dict | None = None, progress: bool = 
     say(f"done: {step} steps in {wall:.1f} s, test accuracy {ev['accuracy']:.4f} "
         f"({stop})", force=True)
     return summary
+
+
+def train_sgd_partitioned(topo, cfg, out, resume=None, quiet=False) -> dict | None:
+    """Algorithm ``sgd`` with one replica of P > 1 partitions (model parallelism).
+
+    Every partition reads the same batches (the order never depends on P), computes its
+    units and updates its own slice of the parameters; partition 0 logs, decides when to
+    evaluate and stop (broadcast each step), and writes the run directory.
+    """
+    from mpi4py import MPI
+    from ..data import open_split
+    from ..model.partition import PartitionedNetwork
+    from ..mpiwait import wait
+    from ..rundir import RunDir
+    comm = topo.model
+    lead = comm.Get_rank() == 0
+    o, r = cfg["optimizer"], cfg["run"]
+    pn = PartitionedNetwork(cfg["model"], comm)
+    theta = pn.init_local(o["seed"])
+    opt = make_optimizer(o, pn.local_size)
+    step0, position = 0, (0, 0)
+    if resume is not None:
+        theta[:] = pn.local(resume["params"])
+        for k, v in resume["state"].items():
+            if k in opt.state:
+                opt.state[k][:] = pn.local(v)
+        step0 = int(resume["counters"].get("step", 0))
+        position = (int(resume["counters"].get("epoch", 0)),
+                    int(resume["counters"].get("offset", 0)))
+    batches = Batches(cfg["data"]["path"], o["batch_size"], o["seed"],
+                      cache_mb=cfg["data"]["cache_mb"], position=position)
+    test = open_split(cfg["data"]["path"], "test")
+    tx, ty = test.all()
+    test.close()
+    run = RunDir(out, cfg, append=resume is not None) if lead else None
+    say = Progress(enabled=lead and not quiet)
+    flag = np.zeros(1, dtype=np.int32)          # bits: 1 evaluate, 2 stop, 4 checkpoint
+    t_start = time.time()
+    last_eval = last_ckpt = t_start
+    step, stop, loss = step0, "max_steps", float("nan")
+
+    def gather_canonical(local):
+        parts = comm.gather(local, root=0)
+        return pn.to_canonical(np.concatenate(parts)) if lead else None
+
+    def checkpoint():
+        params = gather_canonical(theta)
+        state = {k: gather_canonical(v) for k, v in opt.state.items()}
+        if lead:
+            save_checkpoint(run.checkpoint, params, state,
+                            {"step": step, "epoch": batches.epoch, "offset": batches.offset}, cfg)
+
+    while step < r["max_steps"]:
+        x, y = batches.next()
+        loss, g = pn.loss_and_grad(theta, x, y)
+        if not np.isfinite(loss):
+            raise FloatingPointError(
+                f"training diverged at step {step} (loss {loss}); try a smaller "
+                f"optimizer.learning_rate than {o['learning_rate']}")
+        opt.step(theta, g)
+        step += 1
+        if lead:   # one broadcast a step carries partition 0's decisions
+            if step % r["log_every"] == 0 or step == 1:
+                run.log("train", replica=0, step=step, loss=loss)
+            now = time.time()
+            flag[0] = int(now - last_eval >= r["eval_every_s"])
+            if now - t_start >= r["max_time_s"] or preempted():
+                flag[0] |= 2
+                stop = "preempted" if preempted() else "max_time_s"
+            if now - last_ckpt >= r["checkpoint_every_s"]:
+                flag[0] |= 4
+        wait([comm.Ibcast(flag, root=0)])
+        if flag[0] & 1:
+            ev = pn.evaluate(theta, tx, ty)
+            last_eval = time.time()
+            if lead:
+                run.log("eval", updates=step, test_loss=ev["loss"], test_accuracy=ev["accuracy"])
+                say(f"step {step}/{r['max_steps']}  loss {loss:.4f}  test accuracy "
+                    f"{ev['accuracy']:.4f}")
+            if r["target_accuracy"] and ev["accuracy"] >= r["target_accuracy"]:
+                stop = "target_accuracy"
+                break
+        if flag[0] & 2:
+            break
+        if flag[0] & 4:
+            checkpoint()
+            last_ckpt = time.time()
+    wall = time.time() - t_start
+    ev = pn.evaluate(theta, tx, ty)
+    checkpoint()
+    sent = comm.gather(pn.bytes_sent, root=0)
+    if not lead:
+        return None
+    run.log("eval", updates=step, test_loss=ev["loss"], test_accuracy=ev["accuracy"])
+    steps = step - step0
+    summary = {
+        "algorithm": "sgd", "ranks": comm.Get_size(), "partitions": comm.Get_size(),
+        "stop_reason": stop, "steps": step, "wall_time_s": wall,
+        "samples_per_s": steps * o["batch_size"] / wall if wall > 0 else 0.0,
+        "final_train_loss": loss, "final_test_loss": ev["loss"],
+        "final_test_accuracy": ev["accuracy"], "num_params": pn.num_params,
+        "partition_bytes_per_step": [b / max(steps, 1) for b in sent],
+        "pushes_sent": 0, "pushes_applied": 0,
+    }
+    run.write_summary(summary)
+    run.close()
+    return summary

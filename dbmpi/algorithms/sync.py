@@ -23,8 +23,8 @@ def run_sync(topo, cfg, net, out, resume=None, quiet=False):
     from mpi4py import MPI
     comm = topo.replicas_comm
     if topo.partitions != 1:
-        raise NotImplementedError("sync with partitions > 1 needs model parallelism "
-                                  "(not built yet); set cluster.partitions = 1")
+        raise NotImplementedError("sync with cluster.partitions > 1 is not supported yet; "
+                                  "use sgd or downpour for model parallelism")
     o, r = cfg["optimizer"], cfg["run"]
     R, rep = comm.Get_size(), comm.Get_rank()
     theta = net.init_params(o["seed"])

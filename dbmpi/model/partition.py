@@ -1,0 +1,408 @@
+"""Model parallelism: one network across the P ranks of a model-partition communicator.
+
+Every layer's output is split across partitions: spatial layers (locally connected,
+pooling, LCN) by output rows (stripes), fully connected and softmax layers by output units.
+A layer's partition needs a region of the layer's input (the rows its receptive fields
+cover; all of it for a fully connected layer); the parts of that region other partitions
+own arrive point to point (Isend/Irecv) on buffers planned once, and in the backward pass
+the gradients for them go back to their owners on the same plan, paired.  Only activations
+and gradients on edges that cross a partition boundary travel; ``bytes_sent`` counts them.
+
+Parameters: partition p owns the parameters of the units it computes.  The *partitioned
+layout* orders the flat vector partition-major (partition 0's blocks of every layer, then
+partition 1's ...), so each partition owns one contiguous slice; :meth:`to_partitioned` and
+:meth:`to_canonical` convert from and to the canonical layout that checkpoints and the
+Python API use, so runs with different P are interchangeable.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..mpiwait import wait
+from .network import Network
+from .reference import out_size, softmax_xent
+
+__all__ = ["PartitionedNetwork", "split", "Layout"]
+
+
+def split(n: int, parts: int, p: int) -> tuple[int, int]:
+    return n * p // parts, n * (p + 1) // parts
+
+
+def _overlap(a, b):
+    lo, hi = max(a[0], b[0]), min(a[1], b[1])
+    return (lo, hi) if lo < hi else None
+
+
+class _Exchange:
+    """The plan of one layer's input exchange.
+
+    ``owned[q]`` = (rows, channels) block of the input that partition q holds; ``need[q]`` =
+    the row range (all channels) partition q's computation reads.  Forward: I receive
+    need[me] & owned[q] from each q and send need[q] & owned[me] to each q.  Backward: the
+    gradients of exactly those blocks travel the other way and are added by the owners.
+    """
+
+    def __init__(self, comm, tag, shape, owned, need):
+        self.comm, self.tag = comm, tag
+        self.shape = shape                       # (h, w, c) of the layer's input
+        me, P = comm.Get_rank(), comm.Get_size()
+        self.me = me
+        self.need = need[me]
+        self.recv, self.send = [], []            # (peer, rows, chans)
+        for q in range(P):
+            if q == me:
+                continue
+            rr = _overlap(need[me], owned[q][0])
+            if rr is not None and owned[q][1][0] < owned[q][1][1]:
+                self.recv.append((q, rr, owned[q][1]))
+            rs = _overlap(need[q], owned[me][0])
+            if rs is not None and owned[me][1][0] < owned[me][1][1]:
+                self.send.append((q, rs, owned[me][1]))
+        self.own = owned[me]
+        self.self_rows = _overlap(need[me], owned[me][0]) if owned[me][1][0] < owned[me][1][1] else None
+        self.bytes_sent = 0
+
+    def _block(self, n, rows, chans):
+        return (n, rows[1] - rows[0], self.shape[1], chans[1] - chans[0])
+
+    def forward(self, n, local, dtype):
+        """Assemble the needed region (n, need rows, w, c) from my block ``local``."""
+        from mpi4py import MPI
+        h, w, c = self.shape
+        lo, hi = self.need
+        region = np.zeros((n, hi - lo, w, c), dtype=dtype)
+        reqs, bufs = [], []
+        for q, rows, chans in self.recv:
+            b = np.empty(self._block(n, rows, chans), dtype=dtype)
+            reqs.append(self.comm.Irecv(b, source=q, tag=self.tag))
+            bufs.append((b, rows, chans))
+        r0 = self.own[0][0]
+        for q, rows, chans in self.send:
+            b = np.ascontiguousarray(local[:, rows[0] - r0:rows[1] - r0])
+            reqs.append(self.comm.Isend(b, dest=q, tag=self.tag))
+            self.bytes_sent += b.nbytes
+            bufs.append((b, None, None))
+        if self.self_rows is not None:
+            a, z = self.self_rows
+            c0, c1 = self.own[1]
+            region[:, a - lo:z - lo, :, c0:c1] = local[:, a - r0:z - r0]
+        wait(reqs)
+        for b, rows, chans in bufs:
+            if rows is not None:
+                region[:, rows[0] - lo:rows[1] - lo, :, chans[0]:chans[1]] = b
+        return region
+
+    def backward(self, dregion, dtype):
+        """Send the gradients of received blocks back; return the gradient of my block."""
+        from mpi4py import MPI
+        n = dregion.shape[0]
+        lo = self.need[0]
+        (r0, r1), (c0, c1) = self.own
+        dlocal = np.zeros((n, r1 - r0, self.shape[1], c1 - c0), dtype=dtype)
+        reqs, bufs = [], []
+        for q, rows, chans in self.send:          # my rows they used: gradients come back
+            b = np.empty(self._block(n, rows, chans), dtype=dtype)
+            reqs.append(self.comm.Irecv(b, source=q, tag=self.tag + 1))
+            bufs.append((b, rows))
+        for q, rows, chans in self.recv:          # their rows I used: gradients go back
+            b = np.ascontiguousarray(dregion[:, rows[0] - lo:rows[1] - lo, :, chans[0]:chans[1]])
+            reqs.append(self.comm.Isend(b, dest=q, tag=self.tag + 1))
+            self.bytes_sent += b.nbytes
+        if self.self_rows is not None:
+            a, z = self.self_rows
+            dlocal[:, a - r0:z - r0] += dregion[:, a - lo:z - lo, :, c0:c1]
+        wait(reqs)
+        for b, rows in bufs:
+            dlocal[:, rows[0] - r0:rows[1] - r0] += b
+        return dlocal
+
+
+class _Part:
+    """One layer's share on this partition: output block, needed input rows, parameters."""
+
+    def __init__(self, layer, P, p):
+        self.layer = layer
+        h, w, c = layer.in_shape
+        ho, wo, co = layer.out_shape
+        kind = layer.spec["type"]
+        self.spatial = kind in ("locally_connected", "max_pool", "l2_pool", "lcn")
+        if self.spatial:
+            self.out_rows = [split(ho, P, q) for q in range(P)]
+            self.out_chans = [(0, co)] * P
+            self.need = []
+            for (a, z) in self.out_rows:
+                if a == z:
+                    self.need.append((0, 0))
+                elif kind == "lcn":
+                    r = 2 * (layer.size // 2)
+                    self.need.append((max(a - r, 0), min(z + r, h)))
+                else:
+                    k = layer.k if kind == "locally_connected" else layer.size
+                    pad = layer.pad if kind == "locally_connected" else 0
+                    s = layer.stride
+                    self.need.append((max(a * s - pad, 0), min((z - 1) * s - pad + k, h)))
+        else:
+            self.out_rows = [(0, 1)] * P
+            self.out_chans = [split(co, P, q) for q in range(P)]
+            self.need = [(0, h)] * P
+        self.rows, self.chans = self.out_rows[p], self.out_chans[p]
+        # parameter blocks (canonical offsets within the layer) this partition owns
+        self.blocks = []
+        if kind == "locally_connected":
+            ho_, wo_, kkc, f = layer.param_shapes[0]
+            a, z = self.rows
+            row_w, row_b = wo_ * kkc * f, wo_ * f
+            nw = ho_ * row_w
+            self.blocks = [(a * row_w, z * row_w), (nw + a * row_b, nw + z * row_b)]
+            self.pshapes = ((z - a, wo_, kkc, f), (z - a, wo_, f))
+        elif not self.spatial:
+            u, d = layer.param_shapes[0]
+            a, z = self.chans
+            self.blocks = [(a * d, z * d), (u * d + a, u * d + z)]
+            self.pshapes = ((z - a, d), (z - a,))
+        else:
+            self.pshapes = ()
+        self.num_params = sum(z - a for a, z in self.blocks)
+
+    def views(self, flat):
+        out, o = [], 0
+        for s in self.pshapes:
+            n = int(np.prod(s))
+            out.append(flat[o:o + n].reshape(s))
+            o += n
+        return out
+
+
+class Layout:
+    """The partitioned layout of a network's flat vector for P partitions (needs no MPI).
+
+    ``perm[i]`` is the canonical index of partitioned position i; partition q owns the
+    contiguous slice ``ranges[q]`` of the partitioned layout."""
+
+    def __init__(self, full: Network, P: int):
+        self.P = P
+        self.parts = [[_Part(layer, P, q) for layer in full.layers] for q in range(P)]
+        perm, self.ranges, start = [], [], 0
+        for q in range(P):
+            for i, part in enumerate(self.parts[q]):
+                base = full.offsets[i]
+                perm += [np.arange(base + a, base + z) for a, z in part.blocks]
+            end = start + sum(part.num_params for part in self.parts[q])
+            self.ranges.append((start, end))
+            start = end
+        self.perm = np.concatenate(perm) if perm else np.zeros(0, np.int64)
+        assert len(self.perm) == full.num_params
+
+    def to_partitioned(self, theta):
+        return np.asarray(theta)[self.perm]
+
+    def to_canonical(self, theta_part):
+        out = np.empty(len(self.perm), dtype=np.asarray(theta_part).dtype)
+        out[self.perm] = theta_part
+        return out
+
+
+class PartitionedNetwork:
+    """The share of a :class:`Network` that partition ``comm.Get_rank()`` of ``comm`` computes.
+
+    ``loss_and_grad``, ``logits`` and ``evaluate`` are collective over ``comm``: every
+    partition calls them with the same batch.  Parameters are this partition's slice of the
+    partitioned layout (``local_range``).
+    """
+
+    def __init__(self, spec, comm, backend="auto"):
+        self.full = Network(spec, backend)
+        self.comm = comm
+        self.P, self.p = comm.Get_size(), comm.Get_rank()
+        self.classes, self.l2 = self.full.classes, self.full.l2
+        self.input_shape, self.num_params = self.full.input_shape, self.full.num_params
+        self.layout = Layout(self.full, self.P)
+        self.parts, self.perm, self.ranges = self.layout.parts, self.layout.perm, self.layout.ranges
+        self.mine = self.parts[self.p]
+        self.local_range = self.ranges[self.p]
+        self.local_size = self.local_range[1] - self.local_range[0]
+        # exchanges, planned once: layer i's input is owned as layer i-1's output
+        self.exchanges = [None]
+        for i in range(1, len(self.full.layers)):
+            prev = [(pq[i - 1].out_rows[q], pq[i - 1].out_chans[q])
+                    for q, pq in enumerate(self.parts)]
+            need = self.mine[i].need                  # need[q] for every partition q
+            shape = self.full.layers[i].in_shape
+            self.exchanges.append(_Exchange(comm, 100 + 4 * i, shape, prev, need))
+        self.logit_bytes = 0
+
+    # -- layouts -------------------------------------------------------------------------
+    def to_partitioned(self, theta):
+        return self.layout.to_partitioned(theta)
+
+    def to_canonical(self, theta_part):
+        return self.layout.to_canonical(theta_part)
+
+    def local(self, theta_canonical):
+        """My slice of a canonical vector."""
+        a, z = self.local_range
+        return self.to_partitioned(theta_canonical)[a:z]
+
+    def init_local(self, seed: int):
+        return self.local(self.full.init_params(seed))
+
+    @property
+    def bytes_sent(self) -> int:
+        return sum(e.bytes_sent for e in self.exchanges[1:]) + self.logit_bytes
+
+    # -- compute ---------------------------------------------------------------------------
+    def _params(self, theta_local):
+        out, o = [], 0
+        for part in self.mine:
+            out.append(part.views(theta_local[o:o + part.num_params]))
+            o += part.num_params
+        return out
+
+    def _forward(self, theta_local, x):
+        ops = self.full._ops(theta_local.dtype)
+        xh = np.ascontiguousarray(np.asarray(x).transpose(0, 2, 3, 1), dtype=theta_local.dtype)
+        n = xh.shape[0]
+        params = self._params(theta_local)
+        a = xh                                 # layer 0: every partition has the whole input
+        caches = []
+        for i, part in enumerate(self.mine):
+            lo, hi = part.need[self.p]
+            region = a[:, lo:hi] if i == 0 else self.exchanges[i].forward(n, a, a.dtype)
+            y, cache = self._local_forward(part, region, params[i], ops, n)
+            caches.append(cache)
+            a = y
+        return a, caches, params, ops
+
+    def _local_forward(self, part, region, params, ops, n):
+        layer, kind = part.layer, part.layer.spec["type"]
+        a, z = part.rows if part.spatial else part.chans
+        if z <= a:                                 # this partition owns none of this layer
+            shape = (n, 0, layer.out_shape[1], layer.out_shape[2]) if part.spatial else (n, 1, 1, 0)
+            return np.zeros(shape, dtype=region.dtype), None
+        if kind == "locally_connected":
+            h, w, c = layer.in_shape
+            lo_in = a * layer.stride - layer.pad
+            hi_in = (z - 1) * layer.stride - layer.pad + layer.k
+            slab = np.zeros((n, hi_in - lo_in, w + 2 * layer.pad, c), dtype=region.dtype)
+            top = max(lo_in, 0) - lo_in           # rows above the image are zero padding
+            slab[:, top:top + region.shape[1], layer.pad:layer.pad + w] = region
+            y = ops.lc_forward(slab, params[0], params[1], layer.k, layer.stride, 0, layer.act)
+            return y, (slab, y, top, region.shape[1])
+        if kind in ("max_pool", "l2_pool"):
+            y, aux = ops.pool_forward(region, layer.size, layer.stride, layer.mode)
+            return y, (region, aux)
+        if kind == "lcn":
+            y, aux = ops.lcn_forward(region, layer.size, layer.eps)
+            off = a - self._need_lo(part)
+            return np.ascontiguousarray(y[:, off:off + (z - a)]), (aux, off, z - a, region.shape)
+        x2 = region.reshape(n, -1)
+        y = ops.fc_forward(x2, params[0], params[1], "linear" if kind == "softmax" else layer.act)
+        return y.reshape(n, 1, 1, z - a), (x2, y, region.shape)
+
+    def _need_lo(self, part):
+        return part.need[self.p][0]
+
+    def _local_backward(self, part, dy, cache, params, grads, ops, need_dx, n, dtype):
+        layer, kind = part.layer, part.layer.spec["type"]
+        lo, hi = part.need[self.p]
+        h, w, c = layer.in_shape
+        if cache is None:
+            return np.zeros((n, hi - lo, w, c), dtype=dtype) if need_dx else None
+        if kind == "locally_connected":
+            slab, y, top, rows = cache
+            dslab = ops.lc_backward(slab, params[0], y, np.ascontiguousarray(dy), layer.k,
+                                    layer.stride, 0, layer.act, grads[0], grads[1], need_dx)
+            if not need_dx:
+                return None
+            return np.ascontiguousarray(dslab[:, top:top + rows, layer.pad:layer.pad + w])
+        if kind in ("max_pool", "l2_pool"):
+            region, aux = cache
+            return ops.pool_backward(region, np.ascontiguousarray(dy), aux, layer.size,
+                                     layer.stride, layer.mode) if need_dx else None
+        if kind == "lcn":
+            aux, off, rows, shape = cache
+            dfull = np.zeros(shape, dtype=dtype)
+            dfull[:, off:off + rows] = dy
+            return ops.lcn_backward(dfull, aux, layer.size) if need_dx else None
+        x2, y, shape = cache
+        dx = ops.fc_backward(x2, params[0], y, np.ascontiguousarray(dy.reshape(y.shape)),
+                             "linear" if kind == "softmax" else layer.act, grads[0], grads[1],
+                             need_dx)
+        return None if dx is None else dx.reshape(shape)
+
+    def _all_logits(self, z_local):
+        """Every partition's slice of the logits, assembled on every partition."""
+        from mpi4py import MPI
+        n = z_local.shape[0]
+        chans = [pq[-1].chans for pq in self.parts]
+        full = np.empty((n, self.classes), dtype=z_local.dtype)
+        a, b = chans[self.p]
+        full[:, a:b] = z_local.reshape(n, b - a)
+        reqs, bufs = [], []
+        for q, (c0, c1) in enumerate(chans):
+            if q == self.p or c1 <= c0:
+                continue
+            buf = np.empty((n, c1 - c0), dtype=z_local.dtype)
+            reqs.append(self.comm.Irecv(buf, source=q, tag=90))
+            bufs.append((buf, c0, c1))
+        send = np.ascontiguousarray(full[:, a:b])
+        if b > a:
+            for q in range(self.P):
+                if q != self.p:
+                    reqs.append(self.comm.Isend(send, dest=q, tag=90))
+                    self.logit_bytes += send.nbytes
+        wait(reqs)
+        for buf, c0, c1 in bufs:
+            full[:, c0:c1] = buf
+        return full
+
+    def logits(self, theta_local, x):
+        z, _, _, _ = self._forward(np.asarray(theta_local), x)
+        return self._all_logits(z)
+
+    def loss_and_grad(self, theta_local, x, y):
+        """Mean cross-entropy + l2/2 ||theta||^2 (the whole network's, on every partition) and
+        the gradient of this partition's slice."""
+        from mpi4py import MPI
+        theta_local = np.asarray(theta_local)
+        y = np.asarray(y, dtype=np.intp)
+        z, caches, params, ops = self._forward(theta_local, x)
+        full = self._all_logits(z)
+        loss, dz_full = softmax_xent(full, y)
+        n = full.shape[0]
+        a, b = self.mine[-1].chans
+        grad = np.zeros_like(theta_local)
+        gviews = self._params(grad)
+        d = np.ascontiguousarray(dz_full[:, a:b]).reshape(n, 1, 1, b - a)
+        for i in range(len(self.mine) - 1, -1, -1):
+            part = self.mine[i]
+            dregion = self._local_backward(part, d, caches[i], params[i], gviews[i], ops,
+                                           i > 0, n, theta_local.dtype)
+            if i > 0:
+                d = self.exchanges[i].backward(dregion, theta_local.dtype)
+        if self.l2:
+            loss += 0.5 * self.l2 * self._sum_sq(theta_local)
+            grad += self.l2 * theta_local
+        return loss, grad
+
+    def evaluate(self, theta_local, x, y, batch: int = 1024) -> dict:
+        from mpi4py import MPI
+        total, correct, n = 0.0, 0, len(y)
+        for i in range(0, n, batch):
+            z = self.logits(theta_local, x[i:i + batch])
+            yb = np.asarray(y[i:i + batch], dtype=np.intp)
+            total += softmax_xent(z.astype(np.float64), yb)[0] * len(yb)
+            correct += int((z.argmax(axis=1) == yb).sum())
+        loss = total / max(n, 1)
+        return {"loss": loss, "accuracy": correct / max(n, 1),
+                "objective": loss + 0.5 * self.l2 * self._sum_sq(theta_local)}
+
+    def _sum_sq(self, theta_local) -> float:
+        """||theta||^2 of the whole network (collective)."""
+        from mpi4py import MPI
+        sq = np.array([float(np.asarray(theta_local, np.float64) @ theta_local)])
+        tot = np.zeros(1)
+        wait([self.comm.Iallreduce(sq, tot, op=MPI.SUM)])
+        return float(tot[0])

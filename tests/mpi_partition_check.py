@@ -1,0 +1,68 @@
+"""Launched by tests under mpiexec -n P: loss and gradient of the partitioned network equal
+the whole network's (computed serially on every rank), for the networks given by name.
+Prints one JSON line from rank 0.  Usage: python tests/mpi_partition_check.py NAME..."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from mpi4py import MPI
+
+from dbmpi.config import load
+from dbmpi.model import build
+from dbmpi.model.partition import PartitionedNetwork
+
+ROOT = Path(__file__).resolve().parents[1]
+SM = {"type": "softmax", "classes": 7}
+NETS = {
+    "lc": {"input_shape": [2, 11, 9], "layers": [
+        {"type": "locally_connected", "channels": 3, "kernel": 3, "stride": 1, "padding": 1}, SM]},
+    "lc_stride": {"input_shape": [3, 13, 10], "l2": 1e-2, "layers": [
+        {"type": "locally_connected", "channels": 4, "kernel": 4, "stride": 2, "padding": 2,
+         "activation": "tanh"},
+        {"type": "locally_connected", "channels": 2, "kernel": 3, "stride": 2}, SM]},
+    "pools": {"input_shape": [2, 14, 9], "layers": [
+        {"type": "max_pool", "size": 3, "stride": 2}, {"type": "l2_pool", "size": 2, "stride": 1},
+        {"type": "fully_connected", "units": 5, "activation": "sigmoid"}, SM]},
+    "lcn": {"input_shape": [3, 12, 8], "layers": [
+        {"type": "lcn", "size": 3}, {"type": "locally_connected", "channels": 2, "kernel": 3},
+        {"type": "lcn", "size": 5}, SM]},
+    "fc": {"input_shape": [1, 5, 5], "l2": 1e-3, "layers": [
+        {"type": "fully_connected", "units": 9, "activation": "relu"},
+        {"type": "fully_connected", "units": 11, "activation": "tanh"}, SM]},
+    "softmax": {"input_shape": [1, 8, 8], "layers": [{"type": "softmax", "classes": 10}]},
+}
+for name in ("digits_sgd", "digits_downpour", "digits_sandblaster"):
+    NETS[name] = load(ROOT / "jobs" / f"{name}.toml")["model"]
+
+
+def main():
+    comm = MPI.COMM_WORLD
+    out = {}
+    for name in sys.argv[1:]:
+        spec = NETS[name]
+        full = build(spec)
+        pn = PartitionedNetwork(spec, comm)
+        rng = np.random.default_rng(0)
+        theta = full.init_params(1)
+        theta += (rng.standard_normal(theta.shape) * 0.05).astype(np.float32)
+        x = rng.standard_normal((5,) + full.input_shape).astype(np.float32)
+        y = rng.integers(0, full.classes, 5)
+        l1, g1 = full.loss_and_grad(theta, x, y)
+        b0 = pn.bytes_sent
+        lp, gp = pn.loss_and_grad(pn.local(theta), x, y)
+        sent = pn.bytes_sent - b0
+        parts = comm.gather(gp, root=0)
+        sends = comm.gather(sent, root=0)
+        if comm.Get_rank() == 0:
+            g = pn.to_canonical(np.concatenate(parts))
+            out[name] = {"loss_diff": abs(lp - l1) / max(1.0, abs(l1)),
+                         "grad_diff": float(np.abs(g - g1).max() / max(1e-12, np.abs(g1).max())),
+                         "bytes_sent": sends}
+    if comm.Get_rank() == 0:
+        print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""Model parallelism: partitioned loss and gradient equal the whole network's; traffic equals
+the analytic cut-edge count; sgd and Downpour run with P > 1, P = 8 oversubscribed."""
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, run_cli, run_mpi
+from dbmpi.model import build
+from dbmpi.model.partition import Layout, split
+
+CHECK = ["lc", "lc_stride", "pools", "lcn", "fc", "softmax", "digits_sgd",
+         "digits_downpour", "digits_sandblaster"]
+
+
+def _check(P):
+    r = run_mpi(P, ROOT / "tests" / "mpi_partition_check.py", *CHECK, module=False, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _rows_read(layer, o):
+    """Input rows output row o of a spatial layer reads (from the layer's definition)."""
+    kind, h = layer.spec["type"], layer.in_shape[0]
+    if kind == "lcn":                    # y = v / d: d averages v, v averages x
+        r = 2 * (layer.size // 2)
+        return range(max(o - r, 0), min(o + r + 1, h))
+    k = layer.k if kind == "locally_connected" else layer.size
+    pad = layer.pad if kind == "locally_connected" else 0
+    return range(max(o * layer.stride - pad, 0), min(o * layer.stride - pad + k, h))
+
+
+def cut_edge_bytes(spec, P, batch):
+    """Bytes partition p sends per step, counted from the network's edges: every input
+    activation owned by p that some output unit owned by q != p reads goes from p to q once
+    in the forward pass, and its gradient from q back to p once in the backward pass; plus
+    the logits slice each partition shares with the others."""
+    net = build(spec)
+    out = [0] * P
+    for i, layer in enumerate(net.layers):
+        spatial = layer.spec["type"] in ("locally_connected", "max_pool", "l2_pool", "lcn")
+        if i > 0:
+            prev = net.layers[i - 1]
+            prev_spatial = prev.spec["type"] in ("locally_connected", "max_pool", "l2_pool", "lcn")
+            h, w, c = layer.in_shape
+            for q in range(P):
+                if spatial:
+                    a, z = split(layer.out_shape[0], P, q)
+                    rows = set().union(*[set(_rows_read(layer, o)) for o in range(a, z)])
+                else:
+                    rows = set(range(h)) if split(layer.out_shape[2], P, q)[1] > split(layer.out_shape[2], P, q)[0] else set()
+                for p in range(P):
+                    if p == q:
+                        continue
+                    if prev_spatial:
+                        a, z = split(prev.out_shape[0], P, p)
+                        n = len(rows & set(range(a, z))) * w * c
+                    else:
+                        a, z = split(prev.out_shape[2], P, p)
+                        n = len(rows) * (z - a)
+                    out[p] += n * batch * 4      # activations, p -> q
+                    out[q] += n * batch * 4      # their gradients, q -> p
+    for p in range(P):                   # the logits slices, to every other partition
+        a, z = split(net.classes, P, p)
+        out[p] += (P - 1) * (z - a) * batch * 4
+    return out
+
+
+@pytest.mark.parametrize("P", [2, 3, 4])
+def test_partitioned_loss_grad_and_traffic(P):
+    """Acceptance: P = 2, 3, 4 (widths P does not divide included) equal P = 1 within float32
+    tolerance for every layer type and the jobs networks; bytes = cut edges."""
+    from mpi_partition_check import NETS
+    res = _check(P)
+    for name, r in res.items():
+        assert r["loss_diff"] < 1e-6 and r["grad_diff"] < 2e-6, (name, r)
+        assert r["bytes_sent"] == cut_edge_bytes(NETS[name], P, 5), name
+
+
+def test_layout_roundtrip_and_contiguous_slices():
+    from mpi_partition_check import NETS
+    net = build(NETS["lc_stride"])
+    lay = Layout(net, 3)
+    theta = net.init_params(0)
+    assert np.array_equal(lay.to_canonical(lay.to_partitioned(theta)), theta)
+    assert lay.ranges[0][0] == 0 and lay.ranges[-1][1] == net.num_params
+    assert all(lay.ranges[i][1] == lay.ranges[i + 1][0] for i in range(2))
+    assert sorted(lay.perm.tolist()) == list(range(net.num_params))
+
+
+def _cfg(tmp_path, digits_path, name):
+    text = (ROOT / "jobs" / name).read_text().replace('path = "data/digits.h5"',
+                                                      f'path = "{digits_path}"')
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_sgd_losses_match_single_partition_for_50_steps(tmp_path, digits_path):
+    cfg = _cfg(tmp_path, digits_path, "digits_sgd.toml")
+    sets = ["--set", "run.max_steps=50", "--set", "run.log_every=1", "--quiet"]
+    r = run_cli("train", cfg, "--out", tmp_path / "p1", *sets)
+    assert r.returncode == 0, r.stderr
+    r = run_mpi(3, "train", cfg, "--out", tmp_path / "p3", "--set", "cluster.partitions=3",
+                *sets, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    losses = []
+    for d in ("p1", "p3"):
+        lines = (tmp_path / d / "metrics.jsonl").read_text().splitlines()
+        losses.append([json.loads(l)["loss"] for l in lines if '"train"' in l])
+    assert len(losses[0]) == len(losses[1]) == 50
+    np.testing.assert_allclose(losses[1], losses[0], rtol=2e-5)
+    s = json.loads((tmp_path / "p3" / "summary.json").read_text())
+    assert s["partitions"] == 3 and len(s["partition_bytes_per_step"]) == 3
+
+
+def test_eight_partitions_oversubscribed(tmp_path, digits_path):
+    cfg = _cfg(tmp_path, digits_path, "digits_sgd.toml")
+    out = tmp_path / "p8"
+    r = run_mpi(8, "train", cfg, "--out", out, "--quiet", "--set", "cluster.partitions=8",
+                "--set", "run.max_steps=30", timeout=180)
+    assert r.returncode == 0, r.stderr[-2000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["steps"] == 30 and s["partitions"] == 8
+    r = run_cli("evaluate", out)           # the checkpoint is in the canonical layout
+    assert r.returncode == 0 and json.loads(r.stdout)["accuracy"] == pytest.approx(
+        s["final_test_accuracy"])
+
+
+def test_downpour_with_two_partitions(tmp_path, digits_path):
+    out = tmp_path / "run"
+    r = run_mpi(7, "train", _cfg(tmp_path, digits_path, "digits_downpour.toml"), "--out", out,
+                "--quiet", "--set", "cluster.partitions=2", "--set", "run.max_steps=300",
+                timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["pushes_sent"] == s["pushes_applied"] > 0 and s["partitions"] == 2
+    assert s["final_test_accuracy"] > 0.8
+    assert run_cli("evaluate", out).returncode == 0
