@@ -43,8 +43,10 @@ def _poll_recv(comm, source, tag, backoff=None):
 
 # -- shard ---------------------------------------------------------------------------------
 
-def _run_shard(topo, cfg, net, pw, iw, ranges, resume, layout):
+def _run_shard(topo, cfg, net, pw, iw, ranges, resume, layout=None):
     from mpi4py import MPI
+    from ..model.partition import Identity
+    layout = layout or Identity()
     s = topo.index
     lo, hi = ranges[s]
     opt = make_optimizer(cfg["optimizer"], hi - lo)

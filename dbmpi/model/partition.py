@@ -175,6 +175,16 @@ class _Part:
         return out
 
 
+class Identity:
+    """The layout of an unpartitioned network (P = 1): partitioned = canonical."""
+
+    def to_partitioned(self, theta):
+        return np.asarray(theta)
+
+    def to_canonical(self, theta_part):
+        return np.asarray(theta_part)
+
+
 class Layout:
     """The partitioned layout of a network's flat vector for P partitions (needs no MPI).
 
