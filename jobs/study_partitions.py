@@ -1,0 +1,103 @@
+#!/usr/bin/env python
+"""Usage: python jobs/study_partitions.py --out DIR [--quick] [--partitions 1,2,4,8]
+
+The DistBelief paper's Figure 3: training speed-up against the number of partitions of one
+model replica, for a locally connected image network (64x64 inputs) and a fully connected,
+speech-like network (4 sigmoid layers of 2560 units and a softmax).  Algorithm sgd with P
+partitions; speed-up = samples/s over the same network's P = 1 in the same run.  Writes
+partitions.csv, partitions.png and summary.txt into DIR.  --quick: P = 1, 2, 4 and few steps
+(about 2 minutes on 2 cores); on a cluster give --partitions up to the cores of the
+allocation and set MPIEXEC.
+"""
+
+import argparse
+from pathlib import Path
+
+import studylib as S
+
+NETS = {
+    "locally connected, 64x64 images": ("synth64", """
+[model]
+input_shape = [1, 64, 64]
+[[model.layers]]
+type = "locally_connected"
+channels = 16
+kernel = 5
+[[model.layers]]
+type = "max_pool"
+size = 2
+[[model.layers]]
+type = "locally_connected"
+channels = 32
+kernel = 3
+[[model.layers]]
+type = "softmax"
+classes = 10
+"""),
+    "fully connected, speech-like": ("synth32", """
+[model]
+input_shape = [1, 32, 32]
+""" + "".join('[[model.layers]]\ntype = "fully_connected"\nunits = 2560\n'
+              'activation = "sigmoid"\n' for _ in range(4))
+        + '[[model.layers]]\ntype = "softmax"\nclasses = 10\n'),
+}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--smoke", action="store_true", help="seconds, for tests")
+    p.add_argument("--partitions", default=None)
+    p.add_argument("--steps", type=int, default=None)
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    parts = [int(x) for x in (args.partitions or ("1,2" if args.smoke else "1,2,4" if args.quick
+                                                  else "1,2,4,8,16")).split(",")]
+    steps = args.steps or (3 if args.smoke else 30 if args.quick else 100)
+    rows = []
+    for net, (data, model) in NETS.items():
+        if args.smoke:   # a small stand-in of the same shape of network
+            model = model.replace("units = 2560", "units = 64").replace("channels = 32", "channels = 8")
+        path = S.ensure_data(data)
+        base = None
+        for P in parts:
+            text = S.config(path, model, cluster={"partitions": P},
+                            optimizer={"algorithm": "sgd", "batch_size": 32, "learning_rate": 0.01},
+                            run={"max_steps": steps, "eval_every_s": 1e6,
+                                 "checkpoint_every_s": 1e6, "log_every": 1000})
+            s = S.train(text, out / "runs", f"{data}-p{P}")
+            base = base or s["samples_per_s"]
+            bps = s.get("partition_bytes_per_step", [0])
+            rows.append({"network": net, "partitions": P, "num_params": s["num_params"],
+                         "samples_per_s": round(s["samples_per_s"], 2),
+                         "speedup": round(s["samples_per_s"] / base, 3),
+                         "bytes_per_step_per_partition": round(sum(bps) / len(bps))})
+            print(rows[-1], flush=True)
+    S.write_csv(out / "partitions.csv", rows)
+    plt = S.plt()
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for net in NETS:
+        r = [x for x in rows if x["network"] == net]
+        ax.plot([x["partitions"] for x in r], [x["speedup"] for x in r], "o-", label=net)
+    ax.plot(parts, parts, "k:", label="ideal")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(parts, [str(x) for x in parts])
+    ax.set_xlabel("partitions per model replica (one core each)")
+    ax.set_ylabel("training speed-up over 1 partition (samples/s ratio)")
+    ax.set_title("Model parallelism (paper Fig. 3)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "partitions.png", dpi=110)
+    lines = [S.header("study_partitions: speed-up against partitions (sgd, batch 32)")]
+    for x in rows:
+        lines.append(f"{x['network']:<34} P={x['partitions']:<3} {x['samples_per_s']:>9.1f} "
+                     f"samples/s  {x['speedup']:.2f}x  {x['bytes_per_step_per_partition']} B/step")
+    (out / "summary.txt").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

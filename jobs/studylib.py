@@ -1,0 +1,114 @@
+"""Shared pieces of the study scripts: run a training job, read its results, write CSV/PNG.
+
+Each run is a real ``python -m dbmpi train`` (under ``MPIEXEC`` when it needs more than one
+rank), so a study measures exactly what users run.  Ranks beyond the cores here are
+oversubscribed; on a cluster, launch the study inside an allocation and set ``MPIEXEC``
+(for example ``MPIEXEC="srun --mpi=pmix"``) and ``--cores``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+ENV = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+
+DIGITS_MODEL = """
+[model]
+input_shape = [1, 8, 8]
+l2 = 0.001
+[[model.layers]]
+type = "locally_connected"
+channels = 16
+kernel = 3
+padding = 1
+[[model.layers]]
+type = "max_pool"
+size = 2
+[[model.layers]]
+type = "fully_connected"
+units = 64
+[[model.layers]]
+type = "softmax"
+classes = 10
+"""
+
+
+def mpiexec() -> list[str]:
+    return shlex.split(os.environ.get("MPIEXEC", str(Path(PY).parent / "mpiexec")))
+
+
+def ensure_data(name: str) -> Path:
+    """data/digits.h5, data/synth32.h5 or data/synth64.h5, made if missing."""
+    path = ROOT / "data" / f"{name}.h5"
+    if not path.exists():
+        args = (["digits"] if name == "digits" else
+                ["synthetic", "--size", name[len("synth"):], "--count", "4000"])
+        subprocess.run([PY, "-m", "dbmpi", "data", *args, "--out", str(path)], check=True,
+                       cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return path
+
+
+def config(data: Path, model: str, **tables) -> str:
+    """A config file's text: [data], the model, then tables given as dicts."""
+    out = [f'[data]\npath = "{data}"', model.strip()]
+    for name, keys in tables.items():
+        out.append(f"[{name}]")
+        for k, v in keys.items():
+            out.append(f"{k} = " + (f'"{v}"' if isinstance(v, str) else
+                                    str(v).lower() if isinstance(v, bool) else repr(v)))
+    return "\n".join(out) + "\n"
+
+
+def ranks_of(text: str, workdir: Path) -> int:
+    cfg = workdir / "probe.toml"
+    cfg.write_text(text)
+    r = subprocess.run([PY, "-m", "dbmpi", "validate", str(cfg), "--no-data"], cwd=ROOT,
+                       env=ENV, capture_output=True, text=True, check=True)
+    return json.loads(r.stdout)["ranks"]
+
+
+def train(text: str, workdir: Path, name: str, timeout: float = 900) -> dict:
+    """Run one training job; return its summary with ``metrics`` (list of dicts) and ranks."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    cfg = workdir / f"{name}.toml"
+    cfg.write_text(text)
+    out = workdir / name
+    ranks = ranks_of(text, workdir)
+    cmd = [PY, "-m", "dbmpi", "train", str(cfg), "--out", str(out), "--quiet"]
+    if ranks > 1:
+        cmd = mpiexec() + ["-n", str(ranks), PY, "-m", "mpi4py"] + cmd[1:]
+    r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    if r.returncode != 0:
+        raise RuntimeError(f"{name}: train failed ({r.returncode}):\n{r.stderr[-2000:]}")
+    s = json.loads((out / "summary.json").read_text())
+    s["metrics"] = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    s["ranks"] = ranks
+    return s
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as p
+    return p
+
+
+def header(title: str) -> str:
+    import platform
+    return (f"{title}\nmachine: {platform.node()}, {os.cpu_count()} cores; launcher: "
+            f"{' '.join(mpiexec())}\n")

@@ -1,0 +1,27 @@
+"""The study scripts run end to end (a smaller variant of each) and write CSV, PNG, summary."""
+
+import csv
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+
+@pytest.mark.parametrize("name,csvname,cols", [
+    ("study_partitions", "partitions.csv", {"network", "partitions", "speedup"}),
+    ("study_accuracy_time", "accuracy_time.csv", {"method", "time_s", "test_accuracy"}),
+    ("study_time_to_accuracy", "time_to_accuracy.csv", {"method", "cores", "time_to_target_s"}),
+])
+def test_study_smoke(tmp_path, name, csvname, cols):
+    r = subprocess.run([sys.executable, str(ROOT / "jobs" / f"{name}.py"), "--out",
+                        str(tmp_path), "--smoke"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = list(csv.DictReader(open(tmp_path / csvname)))
+    assert rows and cols <= set(rows[0])
+    png = (tmp_path / csvname.replace(".csv", ".png")).read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    summary = (tmp_path / "summary.txt").read_text()
+    assert "cores" in summary and len(summary.splitlines()) >= len({r.get("method", r.get("network")) for r in rows})
