@@ -3,8 +3,9 @@
 MPICH's blocking waits busy-poll (MPI-NOTES.md).  On an oversubscribed node (parameter
 servers and a coordinator beside the partitions, or a laptop), a partition spinning in
 ``Waitall`` takes the core from the very peer it waits for.  :func:`wait` polls with
-``Testall`` and yields the CPU between polls, first with ``sched_yield`` (cheap, keeps
-latency low on dedicated cores), then with short sleeps.
+``Testall`` and yields the CPU between polls: ``sched_yield`` for the first milliseconds
+(as fast as spinning on a dedicated core, but a waiting peer gets the core on a shared one),
+then short sleeps, so a rank that waits long costs little.
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ def wait(reqs) -> None:
     from mpi4py import MPI
     if not reqs:
         return
-    spins, pause = 0, 2e-5
+    t_yield = time.perf_counter() + 5e-3     # yield for 5 ms, then sleep in short naps
+    pause = 5e-5
     while not MPI.Request.Testall(reqs):
-        if spins < 50:
+        if time.perf_counter() < t_yield:
             os.sched_yield()
-            spins += 1
         else:
             time.sleep(pause)
             pause = min(pause * 2, 1e-3)

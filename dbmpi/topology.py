@@ -51,7 +51,8 @@ class Topology:
     rma : duplicate of the world communicator over which the RMA windows are created
     ps : communicator of the shards (None elsewhere)
     model : the replica's model-partition communicator (None elsewhere)
-    replicas_comm : one rank per replica (partition 0s), for ``sync``'s Allreduce
+    replicas_comm : one rank per replica (partition 0s)
+    peers : the ranks holding the same partition of every replica, for ``sync``'s Allreduce
     """
     role: str
     index: int
@@ -64,6 +65,7 @@ class Topology:
     ps: object
     model: object
     replicas_comm: object
+    peers: object
     shard_ranks: list
     replica_ranks: list  # replica_ranks[r][p] = world rank
 
@@ -88,7 +90,11 @@ class Topology:
         replicas_comm = lead if role == "replica" and part == 0 else None
         if replicas_comm is None:
             lead.Free()
-        return cls(role, index, part, S, R, P, ctrl, rma, ps, model, replicas_comm,
+        same = world.Split(part if role == "replica" else P + 1, rank)
+        peers = same if role == "replica" else None
+        if peers is None:
+            same.Free()
+        return cls(role, index, part, S, R, P, ctrl, rma, ps, model, replicas_comm, peers,
                    list(range(1, 1 + S)),
                    [[first + r * P + p for p in range(P)] for r in range(R)])
 

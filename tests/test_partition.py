@@ -138,3 +138,17 @@ def test_downpour_with_two_partitions(tmp_path, digits_path):
     assert s["pushes_sent"] == s["pushes_applied"] > 0 and s["partitions"] == 2
     assert s["final_test_accuracy"] > 0.8
     assert run_cli("evaluate", out).returncode == 0
+
+
+def test_sync_with_partitions_follows_the_same_trajectory(tmp_path, digits_path):
+    cfg = _cfg(tmp_path, digits_path, "digits_sgd.toml")
+    sets = ["--quiet", "--set", "optimizer.algorithm=sync", "--set", "cluster.replicas=2",
+            "--set", "run.max_steps=120", "--set", "run.log_every=1"]
+    r = run_mpi(2, "train", cfg, "--out", tmp_path / "p1", *sets, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_mpi(4, "train", cfg, "--out", tmp_path / "p2", "--set", "cluster.partitions=2",
+                *sets, timeout=180)
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("p1", "p2"))
+    assert b["partitions"] == 2 and b["steps"] == a["steps"] == 120
+    assert b["final_test_loss"] == pytest.approx(a["final_test_loss"], rel=1e-4)

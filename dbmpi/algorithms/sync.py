@@ -1,9 +1,10 @@
 """Algorithm ``sync``: synchronous data-parallel SGD, gradients averaged with Allreduce.
 
-No parameter server: every replica holds the whole parameter vector and applies the same
-averaged gradient, so all copies stay identical.  The baseline Downpour is compared with.
-Replica 0 evaluates, logs and checkpoints (its time counts in the wall time, as it would
-for any synchronous trainer).
+No parameter server: every replica holds the whole parameter vector (with partitions > 1,
+each partition its slice, and it averages that slice with the same partition of the other
+replicas), and applies the same averaged gradient, so all copies stay identical.  The
+baseline Downpour is compared with.  World rank 0 (replica 0, partition 0) evaluates, logs
+and checkpoints; one small broadcast a step carries its decisions to every rank.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ import time
 
 import numpy as np
 
+from ..mpiwait import wait
 from ..optim import make_optimizer
 from ..rundir import RunDir, save_checkpoint
+from ..signals import preempted
 from .common import Batches, Evaluator, Progress
 
 __all__ = ["run_sync"]
@@ -21,37 +24,53 @@ __all__ = ["run_sync"]
 
 def run_sync(topo, cfg, net, out, resume=None, quiet=False):
     from mpi4py import MPI
-    comm = topo.replicas_comm
-    if topo.partitions != 1:
-        raise NotImplementedError("sync with cluster.partitions > 1 is not supported yet; "
-                                  "use sgd or downpour for model parallelism")
+    from ..model.partition import PartitionedNetwork
     o, r = cfg["optimizer"], cfg["run"]
-    R, rep = comm.Get_size(), comm.Get_rank()
-    theta = net.init_params(o["seed"])
-    opt = make_optimizer(o, net.num_params)
+    P, R, rep = topo.partitions, topo.replicas, topo.index
+    model = PartitionedNetwork(cfg["model"], topo.model) if P > 1 else net
+    local = (lambda v: model.local(v)) if P > 1 else (lambda v: np.array(v))
+    theta = local(net.init_params(o["seed"]))
+    opt = make_optimizer(o, len(theta))
     step0 = 0
     if resume is not None:
-        theta[:] = resume["params"]
+        theta[:] = local(resume["params"])
         for k, v in resume["state"].items():
             if k in opt.state:
-                opt.state[k][:] = v
+                opt.state[k][:] = local(v)
         step0 = int(resume["counters"].get("step", 0))
     batches = Batches(cfg["data"]["path"], o["batch_size"], o["seed"], rep, R,
                       cfg["data"]["cache_mb"])
-    lead = rep == 0
+    world, peers = topo.ctrl, topo.peers
+    lead = world.Get_rank() == 0
     run = RunDir(out, cfg, append=resume is not None) if lead else None
     evaluate = Evaluator(net, cfg["data"]["path"]) if lead else None
     say = Progress(enabled=lead and not quiet)
+
+    def canonical(v):
+        """Replica 0's whole vector on world rank 0 (collective over replica 0)."""
+        if P == 1:
+            return v
+        parts = topo.model.gather(v, root=0)
+        return model.to_canonical(np.concatenate(parts)) if lead else None
+
+    def checkpoint(step):
+        if rep != 0:
+            return
+        params = canonical(theta)
+        state = {k: canonical(v) for k, v in opt.state.items()}
+        if lead:
+            save_checkpoint(run.checkpoint, params, state, {"step": step}, cfg)
+
     gsum = np.empty_like(theta)
     t0 = time.time()
     last_eval = last_ckpt = t0
-    step, stop, t_comm = step0, "max_steps", 0.0
-    flag = np.zeros(1, dtype=np.int32)
+    step, stop, t_comm, ev = step0, "max_steps", 0.0, None
+    flag = np.zeros(1, dtype=np.int32)           # bits: 1 evaluate, 2 stop, 4 checkpoint
     while step < r["max_steps"]:
         x, y = batches.next()
-        loss, g = net.loss_and_grad(theta, x, y)
+        loss, g = model.loss_and_grad(theta, x, y)
         t = time.perf_counter()
-        comm.Allreduce(g, gsum, op=MPI.SUM)
+        wait([peers.Iallreduce(g, gsum, op=MPI.SUM)])
         t_comm += time.perf_counter() - t
         gsum /= R
         opt.step(theta, gsum)
@@ -60,31 +79,41 @@ def run_sync(topo, cfg, net, out, resume=None, quiet=False):
             if step % r["log_every"] == 0 or step == 1:
                 run.log("train", replica=0, step=step, loss=loss)
             now = time.time()
-            if not flag[0] and now - last_eval >= r["eval_every_s"]:
-                ev = evaluate(theta)
+            flag[0] = int(now - last_eval >= r["eval_every_s"])
+            if now - t0 >= r["max_time_s"] or preempted():
+                flag[0] |= 2
+                stop = "preempted" if preempted() else "max_time_s"
+            if now - last_ckpt >= r["checkpoint_every_s"]:
+                flag[0] |= 4
+        wait([world.Ibcast(flag, root=0)])
+        if flag[0] & 1 and rep == 0:
+            params = canonical(theta)
+            if lead:
+                ev = evaluate(params)
                 run.log("eval", updates=step, test_loss=ev["loss"], test_accuracy=ev["accuracy"])
                 last_eval = time.time()
-                say(f"step {step}  test accuracy {ev['accuracy']:.4f}  {now - t0:.1f} s")
+                say(f"step {step}  test accuracy {ev['accuracy']:.4f}  {time.time() - t0:.1f} s")
                 if r["target_accuracy"] and ev["accuracy"] >= r["target_accuracy"]:
-                    flag[0] = 1
-            if not flag[0] and now - t0 >= r["max_time_s"]:
-                flag[0] = 2
-            if now - last_ckpt >= r["checkpoint_every_s"]:
-                save_checkpoint(run.checkpoint, theta, opt.state, {"step": step}, cfg)
-                last_ckpt = time.time()
-        if step % 10 == 0:
-            comm.Bcast(flag, root=0)   # everyone stops at the same step (flag is sticky)
-            if flag[0]:
-                stop = "target_accuracy" if flag[0] == 1 else "max_time_s"
+                    stop = "target_accuracy"
+                    flag[0] |= 8
+        if flag[0] & 1:
+            wait([world.Ibcast(flag, root=0)])   # did the evaluation reach the target?
+            if flag[0] & 8:
                 break
+        if flag[0] & 4:
+            checkpoint(step)
+            last_ckpt = time.time()
+        if flag[0] & 2:
+            break
     wall = time.time() - t0
+    params = canonical(theta) if rep == 0 else None
+    checkpoint(step)
     if not lead:
         return None
-    ev = evaluate(theta)
+    ev = evaluate(params)
     run.log("eval", updates=step, test_loss=ev["loss"], test_accuracy=ev["accuracy"])
-    save_checkpoint(run.checkpoint, theta, opt.state, {"step": step}, cfg)
-    summary = {"algorithm": "sync", "ranks": topo.ctrl.Get_size(), "stop_reason": stop,
-               "steps": step, "wall_time_s": wall,
+    summary = {"algorithm": "sync", "ranks": world.Get_size(), "partitions": P,
+               "stop_reason": stop, "steps": step, "wall_time_s": wall,
                "samples_per_s": (step - step0) * o["batch_size"] * R / wall if wall else 0.0,
                "allreduce_s": t_comm, "final_test_loss": ev["loss"],
                "final_test_accuracy": ev["accuracy"], "num_params": net.num_params,
