@@ -227,10 +227,6 @@ def parse(raw: dict, source: str = "") -> dict:
     if o["algorithm"] == "sgd" and c["replicas"] != 1:
         raise ConfigError(f"{_where(source, 'cluster.replicas')} = {c['replicas']}: algorithm "
                           "\"sgd\" trains one replica; set replicas = 1 or use \"downpour\"")
-    if c["partitions"] > 1 and o["algorithm"] == "sandblaster":
-        raise ConfigError(f"{_where(source, 'cluster.partitions')} = {c['partitions']}: model "
-                          f"parallelism is not supported with algorithm \"{o['algorithm']}\" "
-                          "yet; use sgd or downpour, or set partitions = 1")
     if cfg["faults"]["slow_replica"] >= c["replicas"]:
         raise ConfigError(f"{_where(source, 'faults.slow_replica')} = "
                           f"{cfg['faults']['slow_replica']} but there are only {c['replicas']} "

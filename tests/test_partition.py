@@ -152,3 +152,18 @@ def test_sync_with_partitions_follows_the_same_trajectory(tmp_path, digits_path)
     a, b = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("p1", "p2"))
     assert b["partitions"] == 2 and b["steps"] == a["steps"] == 120
     assert b["final_test_loss"] == pytest.approx(a["final_test_loss"], rel=1e-4)
+
+
+def test_sandblaster_with_partitions_matches_one_partition(tmp_path, digits_path):
+    cfg = _cfg(tmp_path, digits_path, "digits_sandblaster.toml")
+    sets = ["--quiet", "--set", "cluster.replicas=2", "--set", "cluster.ps_shards=1",
+            "--set", "run.max_steps=15"]
+    r = run_mpi(4, "train", cfg, "--out", tmp_path / "p1", *sets, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_mpi(6, "train", cfg, "--out", tmp_path / "p2", "--set", "cluster.partitions=2",
+                *sets, timeout=180)
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("p1", "p2"))
+    assert b["final_objective"] == pytest.approx(a["final_objective"], rel=1e-4)
+    assert b["pushes_sent"] == b["pushes_applied"] > 0
+    assert run_cli("evaluate", tmp_path / "p2").returncode == 0

@@ -161,13 +161,13 @@ class SandblasterShard(ShardServer):
         return None
 
 
-def _run_shard(topo, cfg, net, pw, iw, ranges):
+def _run_shard(topo, cfg, net, pw, iw, ranges, layout):
     from mpi4py import MPI
     s = topo.index
     lo, hi = ranges[s]
-    init = net.init_params(cfg["optimizer"]["seed"])[lo:hi].astype(np.float64)
-    shard = SandblasterShard(pw[s], iw[s], lo, hi, topo.replicas, cfg["optimizer"]["lbfgs_history"],
-                             init)
+    init = layout.to_partitioned(net.init_params(cfg["optimizer"]["seed"]))[lo:hi]
+    shard = SandblasterShard(pw[s], iw[s], lo, hi, topo.replicas * topo.partitions,
+                             cfg["optimizer"]["lbfgs_history"], init.astype(np.float64))
     shard.rank = topo.shard_ranks[s]
     ctrl, st, backoff = topo.ctrl, MPI.Status(), Backoff(lo=5e-5, hi=1e-3)
     while True:
@@ -186,20 +186,43 @@ def _run_shard(topo, cfg, net, pw, iw, ranges):
 
 # -- replica ---------------------------------------------------------------------------------
 
+TAG_RELAY = 34
+
+
 def _run_replica(topo, cfg, client):
+    """One partition of one replica.  Partition 0 receives the coordinator's messages and
+    relays them to the other partitions, which all compute each portion together (with
+    P > 1 the network is split across them) and each push their own slice."""
     from mpi4py import MPI
     from ..data import open_split
+    from ..model.partition import PartitionedNetwork
+    from ..mpiwait import wait
     o = cfg["optimizer"]
     spec = dict(check_model(cfg["model"]), l2=0.0)   # the l2 term is added at the shards
-    net = build(spec)
+    P, lead = topo.partitions, topo.partition == 0
+    net = PartitionedNetwork(spec, topo.model) if P > 1 else build(spec)
+    size = net.local_size if P > 1 else net.num_params
     split = open_split(cfg["data"]["path"], "train", cache_mb=cfg["data"]["cache_mb"])
     ps = o["portion_size"]
     slow = cfg["faults"]["slow_factor"] if cfg["faults"]["slow_replica"] == topo.index else 1.0
-    theta = np.empty(net.num_params, dtype=np.float32)
-    acc = np.zeros(net.num_params, dtype=np.float32)
+    theta = np.empty(size, dtype=np.float32)
+    acc = np.zeros(size, dtype=np.float32)
     ctrl, rep = topo.ctrl, topo.index
     batch, accepted, pushed, pending = -1, 0, 0, None
     stats = {"portions": 0, "compute_s": 0.0, "fetch_s": 0.0, "push_s": 0.0}
+
+    def next_message():
+        backoff = Backoff(lo=5e-5, hi=2e-3)
+        if lead:
+            while not ctrl.Iprobe(source=0, tag=TAG_WORK):
+                backoff.idle()
+            msg = ctrl.recv(source=0, tag=TAG_WORK)
+            for q in range(1, P):
+                topo.model.send(msg, dest=q, tag=TAG_RELAY)
+            return msg
+        while not topo.model.Iprobe(source=0, tag=TAG_RELAY):
+            backoff.idle()
+        return topo.model.recv(source=0, tag=TAG_RELAY)
 
     def push_all():
         nonlocal pushed
@@ -211,9 +234,11 @@ def _run_replica(topo, cfg, client):
             backoff.idle()
         acc[:] = 0
         pushed = accepted
+        if P > 1:
+            wait([topo.model.Ibarrier()])   # every partition's slice is at the shards
         stats["push_s"] += time.perf_counter() - t
-        # tell the coordinator at once: it may be waiting only for these sums
-        ctrl.send(("flushed", batch, rep, pushed), dest=0, tag=TAG_WORK)
+        if lead:   # tell the coordinator at once: it may be waiting only for these sums
+            ctrl.send(("flushed", batch, rep, pushed), dest=0, tag=TAG_WORK)
 
     def verdict(ok):
         nonlocal accepted, pending
@@ -223,15 +248,14 @@ def _run_replica(topo, cfg, client):
         pending = None
 
     while True:
-        st = MPI.Status()
-        backoff = Backoff(lo=5e-5, hi=2e-3)
-        while not ctrl.Iprobe(source=0, tag=TAG_WORK, status=st):
-            backoff.idle()
-        msg = ctrl.recv(source=0, tag=TAG_WORK)
+        msg = next_message()
         kind = msg[0]
         if kind == "stop":
-            ctrl.send(dict(stats, replica=rep, pushes_sent=client.pushes_sent), dest=0,
-                      tag=TAG_REPLY)
+            mine = dict(stats, replica=rep, pushes_sent=client.pushes_sent)
+            allp = topo.model.gather(mine, root=0) if P > 1 else [mine]
+            if lead:
+                mine["pushes_sent"] = sum(m["pushes_sent"] for m in allp)
+                ctrl.send(mine, dest=0, tag=TAG_REPLY)
             return
         if kind == "batch":
             batch, accepted, pushed, pending = msg[1], 0, 0, None
@@ -239,7 +263,8 @@ def _run_replica(topo, cfg, client):
             t = time.perf_counter()
             client.fetch(theta)
             stats["fetch_s"] += time.perf_counter() - t
-            ctrl.send(("ready", batch, rep, 0), dest=0, tag=TAG_WORK)
+            if lead:
+                ctrl.send(("ready", batch, rep, 0), dest=0, tag=TAG_WORK)
             continue
         _, b, ok = msg[:3]
         if b != batch:
@@ -262,8 +287,9 @@ def _run_replica(topo, cfg, client):
         stats["compute_s"] += dt
         stats["portions"] += 1
         pending = g
-        ctrl.send(("result", batch, rep, pushed, p, loss * len(idx), len(idx)), dest=0,
-                  tag=TAG_WORK)
+        if lead:
+            ctrl.send(("result", batch, rep, pushed, p, loss * len(idx), len(idx)), dest=0,
+                      tag=TAG_WORK)
 
 
 # -- coordinator -----------------------------------------------------------------------------
@@ -434,8 +460,9 @@ class _Coordinator:
         snaps = self.shards("snapshot")
         self.pushes_applied = sum(s["applied"] for s in snaps)
         vecs = [s["vectors"] for s in snaps]
-        params = np.concatenate([v["x"] for v in vecs]).astype(np.float32)
-        state = {f"lbfgs_{k}": np.concatenate([v[k] for v in vecs]) for k in vecs[0]}
+        to_c = self.layout.to_canonical      # shards hold the partitioned layout
+        params = to_c(np.concatenate([v["x"] for v in vecs])).astype(np.float32)
+        state = {f"lbfgs_{k}": to_c(np.concatenate([v[k] for v in vecs])) for k in vecs[0]}
         save_checkpoint(self.run.checkpoint, params, state, {
             "iterations": it, "evaluations": self.evals, "batch": self.batch, "objective": f,
             "gamma": gamma, "history": json.dumps(hist),
@@ -447,8 +474,8 @@ class _Coordinator:
         c = self.resume["counters"]
         for s, rank in enumerate(self.topo.shard_ranks):
             lo, hi = self.ranges[s]
-            vec = {k[len("lbfgs_"):]: v[lo:hi] for k, v in self.resume["state"].items()
-                   if k.startswith("lbfgs_")}
+            vec = {k[len("lbfgs_"):]: self.layout.to_partitioned(v)[lo:hi]
+                   for k, v in self.resume["state"].items() if k.startswith("lbfgs_")}
             self.topo.ctrl.send(("restore", (vec,)), dest=rank, tag=TAG_CMD)
         for rank in self.topo.shard_ranks:
             self.topo.ctrl.recv(source=rank, tag=TAG_REPLY)
@@ -549,7 +576,7 @@ class _Coordinator:
 
     def _eval(self):
         self.client.fetch(self.theta)       # after accept, the published point is x
-        ev = self.evaluate_test(self.theta)
+        ev = self.evaluate_test(self.layout.to_canonical(self.theta))
         self.run.log("eval", updates=self.evals, test_loss=ev["loss"],
                      test_accuracy=ev["accuracy"])
         return ev
@@ -557,26 +584,31 @@ class _Coordinator:
 
 def run_sandblaster(topo, cfg, net, out, resume=None, quiet=False):
     """Every rank calls this; each plays its role.  Returns the summary on the coordinator."""
+    from ..model.partition import Layout
+    layout = Layout(net, topo.partitions)   # shards hold the vectors partition-major
     ranges = shard_ranges(net.num_params, topo.shards)
     my_shard = topo.index if topo.role == "shard" else None
-    pw, iw = create_windows(topo.rma, ranges, topo.replicas, my_shard)
+    pw, iw = create_windows(topo.rma, ranges, topo.replicas * topo.partitions, my_shard)
     summary = None
     if topo.role == "shard":
         topo.rma.Barrier()
-        _run_shard(topo, cfg, net, pw, iw, ranges)
+        _run_shard(topo, cfg, net, pw, iw, ranges, layout)
     else:
-        client = PSClient(pw, iw, ranges, topo.shard_ranks,
-                          topo.index if topo.role == "replica" else 0)
+        if topo.role == "replica":   # my slice of the partitioned layout, my inbox slot
+            lo, hi = layout.ranges[topo.partition]
+            client = PSClient(pw, iw, ranges, topo.shard_ranks,
+                              topo.index * topo.partitions + topo.partition, lo, hi)
+        else:
+            client = PSClient(pw, iw, ranges, topo.shard_ranks, 0)
         topo.rma.Barrier()
         client.warm_up()
         if topo.role == "replica":
-            if topo.partition == 0:
-                _run_replica(topo, cfg, client)
+            _run_replica(topo, cfg, client)
         else:
             run = RunDir(out, cfg, append=resume is not None)
             try:
                 co = _Coordinator(topo, cfg, net, client, run, quiet, resume)
-                co.ranges = ranges
+                co.ranges, co.layout = ranges, layout
                 params, f, it, stop, wall, ev = co.loop()
                 for reps in topo.replica_ranks:
                     topo.ctrl.send(("stop",), dest=reps[0], tag=TAG_WORK)
