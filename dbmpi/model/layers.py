@@ -27,13 +27,18 @@ class Layer:
 
     @property
     def num_params(self) -> int:
-        return int(sum(np.prod(s) for s in self.param_shapes))
+        return sum(n for n, _ in self._sizes())
+
+    def _sizes(self):
+        # (size, shape) of each parameter array, computed once: views() runs every step
+        if getattr(self, "_sizes_cache", None) is None:
+            self._sizes_cache = tuple((int(np.prod(s)), tuple(s)) for s in self.param_shapes)
+        return self._sizes_cache
 
     def views(self, flat):
         """Split this layer's slice of the flat vector into arrays of ``param_shapes``."""
         out, o = [], 0
-        for s in self.param_shapes:
-            n = int(np.prod(s))
+        for n, s in self._sizes():
             out.append(flat[o:o + n].reshape(s))
             o += n
         return out

@@ -90,10 +90,11 @@ class Network:
             y = np.asarray(y)
             if y.shape != (x.shape[0],):
                 raise ValueError(f"y has shape {y.shape}, expected ({x.shape[0]},)")
-            if y.size and (y.min() < 0 or y.max() >= self.classes):
+            y = y.astype(np.intp, copy=False)
+            # one pass: a negative label is a huge unsigned one
+            if y.size and (y.view(np.uintp) >= self.classes).any():
                 raise ValueError(f"labels must be in [0, {self.classes}); got "
                                  f"{int(y.min())}..{int(y.max())}")
-            y = y.astype(np.intp, copy=False)
         return theta, xh, y
 
     # -- compute -----------------------------------------------------------------------
