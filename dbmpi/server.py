@@ -239,6 +239,42 @@ class PSClient:
         return False
 
 
+class PSSetup:
+    """What every rank of a parameter-server algorithm shares: the partitioned layout, the
+    shards' ranges and windows (created collectively here), and, off the shards, this rank's
+    client (a replica partition's slice and inbox slot; the whole vector for the
+    coordinator)."""
+
+    def __init__(self, topo, net):
+        from .model.partition import Layout
+        from .topology import shard_ranges
+        self.layout = Layout(net, topo.partitions)   # shards hold the vector partition-major
+        self.ranges = shard_ranges(net.num_params, topo.shards)
+        my_shard = topo.index if topo.role == "shard" else None
+        self.pw, self.iw = create_windows(topo.rma, self.ranges,
+                                          topo.replicas * topo.partitions, my_shard)
+        self.client = None
+        if topo.role == "replica":
+            lo, hi = self.layout.ranges[topo.partition]
+            self.client = PSClient(self.pw, self.iw, self.ranges, topo.shard_ranks,
+                                   topo.index * topo.partitions + topo.partition, lo, hi)
+        elif topo.role == "coordinator":
+            self.client = PSClient(self.pw, self.iw, self.ranges, topo.shard_ranks, 0)
+
+    def start(self, topo) -> None:
+        """Collective: shards have initialised their memory; clients do their warm-up epochs
+        (MPI-NOTES.md: the first epoch to a target may otherwise wait on it)."""
+        topo.rma.Barrier()
+        if self.client is not None:
+            self.client.warm_up()
+
+    def free(self) -> None:
+        """Collective; only on success (after an error the launcher aborts the job, and a
+        rank waiting in a collective would hang)."""
+        for w in self.pw + self.iw:
+            w.free()
+
+
 class Backoff:
     """Sleep between polls, longer while nothing happens, so an idle rank costs little CPU."""
 

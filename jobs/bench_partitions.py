@@ -22,32 +22,10 @@ PY = sys.executable
 MPIEXEC = os.environ.get("MPIEXEC", str(Path(PY).parent / "mpiexec"))
 ENV = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
 
-NETS = {
-    "lc64": ("synth64.h5", 64, """
-[model]
-input_shape = [1, 64, 64]
-[[model.layers]]
-type = "locally_connected"
-channels = 16
-kernel = 5
-stride = 1
-[[model.layers]]
-type = "max_pool"
-size = 2
-[[model.layers]]
-type = "locally_connected"
-channels = 32
-kernel = 3
-[[model.layers]]
-type = "softmax"
-classes = 10
-"""),
-    "speech": ("synth32.h5", 32, """
-[model]
-input_shape = [1, 32, 32]
-""" + "".join('[[model.layers]]\ntype = "fully_connected"\nunits = 2560\nactivation = "sigmoid"\n'
-              for _ in range(4)) + '[[model.layers]]\ntype = "softmax"\nclasses = 10\n'),
-}
+from study_partitions import NETS as _STUDY   # the same two networks as the study
+
+NETS = {"lc64": ("synth64.h5", 64, _STUDY["locally connected, 64x64 images"][1]),
+        "speech": ("synth32.h5", 32, _STUDY["fully connected, speech-like"][1])}
 
 
 def run(tmp, data, model, P, steps, batch):

@@ -15,7 +15,7 @@ import time
 import numpy as np
 from mpi4py import MPI
 
-from dbmpi.algorithms.downpour import TAGS, _poll_recv, _run_shard
+from dbmpi.algorithms.downpour import TAGS, _poll_recv, make_shard, serve_shard
 from dbmpi.config import parse
 from dbmpi.server import PSClient, create_windows
 from dbmpi.topology import Topology, shard_ranges
@@ -43,8 +43,9 @@ def main():
     ranges = shard_ranges(n, S)
     pw, iw = create_windows(topo.rma, ranges, R, topo.index if topo.role == "shard" else None)
     if topo.role == "shard":
+        server = make_shard(topo, cfg, net, pw, iw, ranges)
         topo.rma.Barrier()
-        _run_shard(topo, cfg, net, pw, iw, ranges, None)
+        serve_shard(topo, server)
     else:
         client = PSClient(pw, iw, ranges, topo.shard_ranks, topo.index)
         topo.rma.Barrier()

@@ -63,3 +63,13 @@ def test_file_errors(tmp_path):
         load(tmp_path / "nope.toml")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load(write(tmp_path, "[model\n"))
+
+
+def test_every_job_config_is_valid():
+    from pathlib import Path
+
+    from dbmpi.model import build
+    for path in sorted((Path(__file__).parents[1] / "jobs").glob("*.toml")):
+        cfg = load(path)
+        assert build(cfg["model"]).num_params > 0, path
+        assert ranks_needed(cfg) >= 1

@@ -4,7 +4,6 @@ import json
 
 import h5py
 import numpy as np
-import pytest
 
 from conftest import ROOT, run_mpi
 from dbmpi.algorithms.sandblaster import PortionScheduler, wolfe_line_search

@@ -18,8 +18,7 @@ from ..mpiwait import wait
 from ..optim import all_finite, make_optimizer
 from ..rundir import RunDir, save_checkpoint
 from ..signals import preempted
-from ..server import Backoff, PSClient, ShardServer, create_windows
-from ..topology import shard_ranges
+from ..server import Backoff, PSSetup, ShardServer
 from .common import Batches, Evaluator, Progress
 
 __all__ = ["run_downpour", "TAGS"]
@@ -43,8 +42,9 @@ def _poll_recv(comm, source, tag, backoff=None):
 
 # -- shard ---------------------------------------------------------------------------------
 
-def _run_shard(topo, cfg, net, pw, iw, ranges, resume, layout=None):
-    from mpi4py import MPI
+def make_shard(topo, cfg, net, pw, iw, ranges, resume=None, layout=None):
+    """Shard ``topo.index``'s server, its window memory initialised (call before the start
+    barrier, so no client reads or writes it first)."""
     from ..model.partition import Identity
     layout = layout or Identity()
     s = topo.index
@@ -57,6 +57,13 @@ def _run_shard(topo, cfg, net, pw, iw, ranges, resume, layout=None):
         server.restore(layout.to_partitioned(resume["params"])[lo:hi],
                        {k: layout.to_partitioned(v)[lo:hi] for k, v in resume["state"].items()},
                        int(resume["counters"].get(f"shard{s}_version", 0)))
+    return server
+
+
+def serve_shard(topo, server):
+    """Apply pushes and answer the coordinator until it says FINISH."""
+    from mpi4py import MPI
+    s = topo.index
     ctrl, backoff, st = topo.ctrl, Backoff(), MPI.Status()
     cpu0, idle_s = time.process_time(), 0.0
     seen, warned = (0, 0), False
@@ -363,39 +370,25 @@ class _Coordinator:
 
 def run_downpour(topo, cfg, net, out, resume=None, quiet=False):
     """Every rank calls this; each plays its role.  Returns the summary on the coordinator."""
-    from ..model.partition import Layout
-    layout = Layout(net, topo.partitions)   # shards hold the vector partition-major
-    ranges = shard_ranges(net.num_params, topo.shards)
-    my_shard = topo.index if topo.role == "shard" else None
-    pw, iw = create_windows(topo.rma, ranges, topo.replicas * topo.partitions, my_shard)
+    ps = PSSetup(topo, net)
+    server = (make_shard(topo, cfg, net, ps.pw, ps.iw, ps.ranges, resume, ps.layout)
+              if topo.role == "shard" else None)
+    ps.start(topo)                 # every shard's memory is initialised before anyone uses it
+    if server is not None:
+        serve_shard(topo, server)
     summary = None
-    # Windows are freed (a collective) only on success: after an error the launcher aborts
-    # the job, and a rank waiting in a collective would otherwise hang.
-    if topo.role == "shard":
-        topo.rma.Barrier()  # shards have initialised their memory
-        _run_shard(topo, cfg, net, pw, iw, ranges, resume, layout)
-    else:
-        if topo.role == "replica":   # my slice of the partitioned layout, my inbox slot
-            lo, hi = layout.ranges[topo.partition]
-            client = PSClient(pw, iw, ranges, topo.shard_ranks,
-                              topo.index * topo.partitions + topo.partition, lo, hi)
-        else:
-            client = PSClient(pw, iw, ranges, topo.shard_ranks, 0)
-        topo.rma.Barrier()
-        client.warm_up()
-        if topo.role == "replica":
-            _run_replica(topo, cfg, net, client, resume)
-        else:
-            run = RunDir(out, cfg, append=resume is not None)
-            try:
-                co = _Coordinator(topo, cfg, net, client, ranges, run, quiet, resume)
-                co.layout = layout
-                summary = co.loop()
-                run.write_summary(summary)
-            finally:
-                run.close()
-            for rank in topo.shard_ranks + [x for reps in topo.replica_ranks for x in reps]:
-                topo.ctrl.send(None, dest=rank, tag=TAGS["FINISH"])
-    for w in pw + iw:
-        w.free()
+    if topo.role == "replica":
+        _run_replica(topo, cfg, net, ps.client, resume)
+    elif topo.role == "coordinator":
+        run = RunDir(out, cfg, append=resume is not None)
+        try:
+            co = _Coordinator(topo, cfg, net, ps.client, ps.ranges, run, quiet, resume)
+            co.layout = ps.layout
+            summary = co.loop()
+            run.write_summary(summary)
+        finally:
+            run.close()
+        for rank in topo.shard_ranks + [x for reps in topo.replica_ranks for x in reps]:
+            topo.ctrl.send(None, dest=rank, tag=TAGS["FINISH"])
+    ps.free()
     return summary

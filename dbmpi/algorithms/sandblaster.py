@@ -26,8 +26,7 @@ from ..config import check_model
 from ..model import build
 from ..rundir import RunDir, save_checkpoint
 from ..signals import preempted
-from ..server import Backoff, PSClient, ShardServer, create_windows
-from ..topology import shard_ranges
+from ..server import Backoff, PSSetup, ShardServer
 from .common import Evaluator, Progress
 
 __all__ = ["PortionScheduler", "run_sandblaster", "wolfe_line_search"]
@@ -161,14 +160,19 @@ class SandblasterShard(ShardServer):
         return None
 
 
-def _run_shard(topo, cfg, net, pw, iw, ranges, layout):
-    from mpi4py import MPI
+def _make_shard(topo, cfg, net, pw, iw, ranges, layout):
+    """The shard's vectors and window memory, initialised before the start barrier."""
     s = topo.index
     lo, hi = ranges[s]
     init = layout.to_partitioned(net.init_params(cfg["optimizer"]["seed"]))[lo:hi]
     shard = SandblasterShard(pw[s], iw[s], lo, hi, topo.replicas * topo.partitions,
                              cfg["optimizer"]["lbfgs_history"], init.astype(np.float64))
     shard.rank = topo.shard_ranks[s]
+    return shard
+
+
+def _serve_shard(topo, shard):
+    from mpi4py import MPI
     ctrl, st, backoff = topo.ctrl, MPI.Status(), Backoff(lo=5e-5, hi=1e-3)
     while True:
         busy = shard.poll()
@@ -193,7 +197,6 @@ def _run_replica(topo, cfg, client):
     """One partition of one replica.  Partition 0 receives the coordinator's messages and
     relays them to the other partitions, which all compute each portion together (with
     P > 1 the network is split across them) and each push their own slice."""
-    from mpi4py import MPI
     from ..data import open_split
     from ..model.partition import PartitionedNetwork
     from ..mpiwait import wait
@@ -302,7 +305,6 @@ class _Shards:
         self.backoff = Backoff(lo=2e-5, hi=5e-4)
 
     def __call__(self, cmd, *args):
-        from mpi4py import MPI
         ctrl = self.topo.ctrl
         for rank in self.topo.shard_ranks:
             ctrl.send((cmd, args), dest=rank, tag=TAG_CMD)
@@ -584,24 +586,15 @@ class _Coordinator:
 
 def run_sandblaster(topo, cfg, net, out, resume=None, quiet=False):
     """Every rank calls this; each plays its role.  Returns the summary on the coordinator."""
-    from ..model.partition import Layout
-    layout = Layout(net, topo.partitions)   # shards hold the vectors partition-major
-    ranges = shard_ranges(net.num_params, topo.shards)
-    my_shard = topo.index if topo.role == "shard" else None
-    pw, iw = create_windows(topo.rma, ranges, topo.replicas * topo.partitions, my_shard)
+    ps = PSSetup(topo, net)
+    layout, ranges, client = ps.layout, ps.ranges, ps.client
+    shard = (_make_shard(topo, cfg, net, ps.pw, ps.iw, ranges, layout)
+             if topo.role == "shard" else None)
+    ps.start(topo)                 # every shard's memory is initialised before anyone uses it
     summary = None
-    if topo.role == "shard":
-        topo.rma.Barrier()
-        _run_shard(topo, cfg, net, pw, iw, ranges, layout)
+    if shard is not None:
+        _serve_shard(topo, shard)
     else:
-        if topo.role == "replica":   # my slice of the partitioned layout, my inbox slot
-            lo, hi = layout.ranges[topo.partition]
-            client = PSClient(pw, iw, ranges, topo.shard_ranks,
-                              topo.index * topo.partitions + topo.partition, lo, hi)
-        else:
-            client = PSClient(pw, iw, ranges, topo.shard_ranks, 0)
-        topo.rma.Barrier()
-        client.warm_up()
         if topo.role == "replica":
             _run_replica(topo, cfg, client)
         else:
@@ -635,6 +628,5 @@ def run_sandblaster(topo, cfg, net, out, resume=None, quiet=False):
                 run.write_summary(summary)
             finally:
                 run.close()
-    for w in pw + iw:
-        w.free()
+    ps.free()
     return summary

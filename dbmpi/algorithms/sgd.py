@@ -106,7 +106,6 @@ def train_sgd_partitioned(topo, cfg, out, resume=None, quiet=False) -> dict | No
     units and updates its own slice of the parameters; partition 0 logs, decides when to
     evaluate and stop (broadcast each step), and writes the run directory.
     """
-    from mpi4py import MPI
     from ..data import open_split
     from ..model.partition import PartitionedNetwork
     from ..mpiwait import wait

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..mpiwait import wait
 from .network import Network
-from .reference import out_size, softmax_xent
+from .reference import softmax_xent
 
 __all__ = ["PartitionedNetwork", "split", "Layout"]
 
@@ -69,7 +69,6 @@ class _Exchange:
 
     def forward(self, n, local, dtype):
         """Assemble the needed region (n, need rows, w, c) from my block ``local``."""
-        from mpi4py import MPI
         h, w, c = self.shape
         lo, hi = self.need
         region = np.zeros((n, hi - lo, w, c), dtype=dtype)
@@ -96,7 +95,6 @@ class _Exchange:
 
     def backward(self, dregion, dtype):
         """Send the gradients of received blocks back; return the gradient of my block."""
-        from mpi4py import MPI
         n = dregion.shape[0]
         lo = self.need[0]
         (r0, r1), (c0, c1) = self.own
@@ -344,7 +342,6 @@ class PartitionedNetwork:
 
     def _all_logits(self, z_local):
         """Every partition's slice of the logits, assembled on every partition."""
-        from mpi4py import MPI
         n = z_local.shape[0]
         chans = [pq[-1].chans for pq in self.parts]
         full = np.empty((n, self.classes), dtype=z_local.dtype)
@@ -375,7 +372,6 @@ class PartitionedNetwork:
     def loss_and_grad(self, theta_local, x, y):
         """Mean cross-entropy + l2/2 ||theta||^2 (the whole network's, on every partition) and
         the gradient of this partition's slice."""
-        from mpi4py import MPI
         theta_local = np.asarray(theta_local)
         y = np.asarray(y, dtype=np.intp)
         z, caches, params, ops = self._forward(theta_local, x)
@@ -398,7 +394,6 @@ class PartitionedNetwork:
         return loss, grad
 
     def evaluate(self, theta_local, x, y, batch: int = 1024) -> dict:
-        from mpi4py import MPI
         total, correct, n = 0.0, 0, len(y)
         for i in range(0, n, batch):
             z = self.logits(theta_local, x[i:i + batch])
