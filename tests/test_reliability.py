@@ -117,7 +117,7 @@ def test_downpour_sigterm_then_resume_matches_uninterrupted(tmp_path, digits_pat
     """Acceptance: SIGTERM 10 s into a Downpour run on digits, then --resume: the resumed run
     starts from the saved counters and ends within 1% test accuracy of an uninterrupted run."""
     cfg = _cfg(tmp_path, digits_path, "digits_downpour.toml")
-    steps = ["--set", "run.max_steps=5000", "--set", "run.max_time_s=300"]
+    steps = ["--set", "run.max_steps=8000", "--set", "run.max_time_s=300"]  # > 10 s of work
     full = tmp_path / "full"
     r = run_mpi(5, "train", cfg, "--out", full, "--quiet", *steps, timeout=240)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -133,7 +133,7 @@ def test_downpour_sigterm_then_resume_matches_uninterrupted(tmp_path, digits_pat
     assert t_end - t0 < 30 and p.returncode == 75, p.returncode
     c = load_checkpoint(part / "checkpoint.h5")["counters"]
     saved = [c[f"replica{i}_step"] for i in range(2)]
-    assert 0 < min(saved) and max(saved) < 5000 and c["updates"] > 0
+    assert 0 < min(saved) and max(saved) < 8000 and c["updates"] > 0
     n_lines = len((part / "metrics.jsonl").read_text().splitlines())
 
     r = run_mpi(5, "train", "--resume", part, "--quiet", timeout=240)

@@ -9,7 +9,19 @@ import numpy as np
 
 from ..data import open_split
 
-__all__ = ["Batches", "Evaluator", "Progress", "replica_part"]
+__all__ = ["Batches", "Evaluator", "Progress", "replica_part", "stop_for_time"]
+
+
+def stop_for_time(t_start: float, run_cfg: dict, now: float | None = None) -> str | None:
+    """"max_time_s" once the run's time is up, "preempted" once SIGTERM/SIGUSR1 arrived
+    (then the caller checkpoints and stops every rank), else None."""
+    from ..signals import preempted
+    now = time.time() if now is None else now
+    if now - t_start >= run_cfg["max_time_s"]:
+        return "max_time_s"
+    if preempted():
+        return "preempted"
+    return None
 
 
 def replica_part(n: int, replica: int, replicas: int) -> np.ndarray:

@@ -17,9 +17,8 @@ import numpy as np
 from ..mpiwait import wait
 from ..optim import all_finite, make_optimizer
 from ..rundir import RunDir, save_checkpoint
-from ..signals import preempted
 from ..server import Backoff, PSSetup, ShardServer
-from .common import Batches, Evaluator, Progress
+from .common import Batches, Evaluator, Progress, stop_for_time
 
 __all__ = ["run_downpour", "TAGS"]
 
@@ -307,11 +306,8 @@ class _Coordinator:
             if self.diverged:
                 stop = "diverged"
                 break
-            if now - t0 >= r["max_time_s"]:
-                stop = "max_time_s"
-                break
-            if preempted():
-                stop = "preempted"
+            if why := stop_for_time(t0, r, now):
+                stop = why
                 break
             if now - last_ckpt >= r["checkpoint_every_s"]:
                 self.checkpoint(self.snapshots())

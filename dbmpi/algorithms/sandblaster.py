@@ -25,9 +25,8 @@ import numpy as np
 from ..config import check_model
 from ..model import build
 from ..rundir import RunDir, save_checkpoint
-from ..signals import preempted
 from ..server import Backoff, PSSetup, ShardServer
-from .common import Evaluator, Progress
+from .common import Evaluator, Progress, stop_for_time
 
 __all__ = ["PortionScheduler", "run_sandblaster", "wolfe_line_search"]
 
@@ -561,11 +560,8 @@ class _Coordinator:
             if now - last_ckpt >= r["checkpoint_every_s"]:
                 self.save(f, it, hist, gamma)
                 last_ckpt = time.time()
-            if now - t_start >= r["max_time_s"]:
-                stop = "max_time_s"
-                break
-            if preempted():
-                stop = "preempted"
+            if why := stop_for_time(t_start, r, now):
+                stop = why
                 break
             if rel < 1e-12:
                 stop = "converged"

@@ -8,8 +8,7 @@ import numpy as np
 
 from ..optim import make_optimizer
 from ..rundir import save_checkpoint
-from ..signals import preempted
-from .common import Batches, Evaluator, Progress
+from .common import Batches, Evaluator, Progress, stop_for_time
 
 __all__ = ["train_sgd"]
 
@@ -72,11 +71,8 @@ def train_sgd(cfg: dict, net, run, resume: dict | None = None, progress: bool = 
             if r["target_accuracy"] and ev["accuracy"] >= r["target_accuracy"]:
                 stop = "target_accuracy"
                 break
-        if now - t_start >= r["max_time_s"]:
-            stop = "max_time_s"
-            break
-        if preempted():
-            stop = "preempted"
+        if why := stop_for_time(t_start, r, now):
+            stop = why
             break
         if now - last_ckpt >= r["checkpoint_every_s"]:
             checkpoint()
@@ -162,9 +158,9 @@ def train_sgd_partitioned(topo, cfg, out, resume=None, quiet=False) -> dict | No
                 run.log("train", replica=0, step=step, loss=loss)
             now = time.time()
             flag[0] = int(now - last_eval >= r["eval_every_s"])
-            if now - t_start >= r["max_time_s"] or preempted():
+            if why := stop_for_time(t_start, r, now):
                 flag[0] |= 2
-                stop = "preempted" if preempted() else "max_time_s"
+                stop = why
             if now - last_ckpt >= r["checkpoint_every_s"]:
                 flag[0] |= 4
         wait([comm.Ibcast(flag, root=0)])

@@ -16,8 +16,7 @@ import numpy as np
 from ..mpiwait import wait
 from ..optim import make_optimizer
 from ..rundir import RunDir, save_checkpoint
-from ..signals import preempted
-from .common import Batches, Evaluator, Progress
+from .common import Batches, Evaluator, Progress, stop_for_time
 
 __all__ = ["run_sync"]
 
@@ -80,9 +79,9 @@ def run_sync(topo, cfg, net, out, resume=None, quiet=False):
                 run.log("train", replica=0, step=step, loss=loss)
             now = time.time()
             flag[0] = int(now - last_eval >= r["eval_every_s"])
-            if now - t0 >= r["max_time_s"] or preempted():
+            if why := stop_for_time(t0, r, now):
                 flag[0] |= 2
-                stop = "preempted" if preempted() else "max_time_s"
+                stop = why
             if now - last_ckpt >= r["checkpoint_every_s"]:
                 flag[0] |= 4
         wait([world.Ibcast(flag, root=0)])
