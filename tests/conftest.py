@@ -18,6 +18,15 @@ def digits_path(tmp_path_factory):
     return p
 
 
+def job_config(tmp_path, digits_path, name, extra=""):
+    """jobs/NAME with its data path pointed at the test's dataset (plus ``extra`` text)."""
+    text = (ROOT / "jobs" / name).read_text().replace('path = "data/digits.h5"',
+                                                      f'path = "{digits_path}"')
+    p = tmp_path / name
+    p.write_text(text + extra)
+    return p
+
+
 def run_cli(*args, timeout=120, env=None, cwd=ROOT):
     """Run ``python -m dbmpi ARGS`` and return the CompletedProcess."""
     e = dict(os.environ)

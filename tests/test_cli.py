@@ -2,15 +2,11 @@ import json
 
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import job_config, run_cli
 
 
 def _cfg(tmp_path, digits_path, extra=""):
-    text = (ROOT / "jobs" / "digits_sgd.toml").read_text().replace(
-        'path = "data/digits.h5"', f'path = "{digits_path}"')
-    p = tmp_path / "digits.toml"
-    p.write_text(text + extra)
-    return p
+    return job_config(tmp_path, digits_path, "digits_sgd.toml", extra)
 
 
 def test_validate_prints_ranks_and_params(tmp_path, digits_path):

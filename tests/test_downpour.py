@@ -4,15 +4,11 @@ import json
 
 import pytest
 
-from conftest import ROOT, run_mpi
+from conftest import ROOT, job_config, run_mpi
 
 
 def _cfg(tmp_path, digits_path, name="digits_downpour.toml"):
-    text = (ROOT / "jobs" / name).read_text().replace('path = "data/digits.h5"',
-                                                      f'path = "{digits_path}"')
-    p = tmp_path / name
-    p.write_text(text)
-    return p
+    return job_config(tmp_path, digits_path, name)
 
 
 @pytest.mark.parametrize("shards,replicas,nan_every", [(2, 3, 0), (3, 2, 0), (3, 4, 25)])

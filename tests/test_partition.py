@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_cli, run_mpi
+from conftest import ROOT, job_config, run_cli, run_mpi
 from dbmpi.model import build
 from dbmpi.model.partition import Layout, split
 
@@ -90,11 +90,7 @@ def test_layout_roundtrip_and_contiguous_slices():
 
 
 def _cfg(tmp_path, digits_path, name):
-    text = (ROOT / "jobs" / name).read_text().replace('path = "data/digits.h5"',
-                                                      f'path = "{digits_path}"')
-    p = tmp_path / name
-    p.write_text(text)
-    return p
+    return job_config(tmp_path, digits_path, name)
 
 
 def test_sgd_losses_match_single_partition_for_50_steps(tmp_path, digits_path):

@@ -10,16 +10,12 @@ import time
 import numpy as np
 import pytest
 
-from conftest import MPIEXEC, ROOT, run_cli, run_mpi
+from conftest import MPIEXEC, ROOT, job_config, run_cli, run_mpi
 from dbmpi.rundir import load_checkpoint
 
 
 def _cfg(tmp_path, digits_path, name):
-    text = (ROOT / "jobs" / name).read_text().replace('path = "data/digits.h5"',
-                                                      f'path = "{digits_path}"')
-    p = tmp_path / name
-    p.write_text(text)
-    return p
+    return job_config(tmp_path, digits_path, name)
 
 
 def _popen_mpi(n, *args):

@@ -5,7 +5,7 @@ import json
 import h5py
 import numpy as np
 
-from conftest import ROOT, run_mpi
+from conftest import job_config, run_mpi
 from dbmpi.algorithms.sandblaster import PortionScheduler, wolfe_line_search
 from dbmpi.config import load
 from dbmpi.model import build
@@ -43,12 +43,8 @@ def test_line_search_quadratic():
     assert ok and f < 9.0 and abs(gd) <= 0.9 * 6.0
 
 
-def _cfg(tmp_path, digits_path, text_extra=""):
-    text = (ROOT / "jobs" / "digits_sandblaster.toml").read_text().replace(
-        'path = "data/digits.h5"', f'path = "{digits_path}"')
-    p = tmp_path / "sb.toml"
-    p.write_text(text + text_extra)
-    return p
+def _cfg(tmp_path, digits_path, extra=""):
+    return job_config(tmp_path, digits_path, "digits_sandblaster.toml", extra)
 
 
 def _train_arrays(digits_path):

@@ -9,7 +9,8 @@ import numpy as np
 
 from ..data import open_split
 
-__all__ = ["Batches", "Evaluator", "Progress", "replica_part", "stop_for_time"]
+__all__ = ["Batches", "Evaluator", "Progress", "replica_part", "stop_for_time", "EVAL",
+           "STOP", "CHECKPOINT", "lead_decision"]
 
 
 def stop_for_time(t_start: float, run_cfg: dict, now: float | None = None) -> str | None:
@@ -28,6 +29,22 @@ def replica_part(n: int, replica: int, replicas: int) -> np.ndarray:
     """The contiguous block of training indices replica ``replica`` reads."""
     lo, hi = n * replica // replicas, n * (replica + 1) // replicas
     return np.arange(lo, hi)
+
+
+EVAL, STOP, CHECKPOINT = 1, 2, 4   # bits of the decision rank 0 broadcasts every step
+
+
+def lead_decision(run_cfg: dict, t_start: float, last_eval: float, last_ckpt: float):
+    """Rank 0's decision for this step, for the trainers that move in lockstep (partitioned
+    sgd, sync): ``(bits, stop_reason)`` with bits of EVAL, STOP and CHECKPOINT."""
+    now = time.time()
+    bits = EVAL if now - last_eval >= run_cfg["eval_every_s"] else 0
+    why = stop_for_time(t_start, run_cfg, now)
+    if why:
+        bits |= STOP
+    if now - last_ckpt >= run_cfg["checkpoint_every_s"]:
+        bits |= CHECKPOINT
+    return bits, why
 
 
 class Batches:

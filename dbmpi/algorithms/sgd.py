@@ -8,7 +8,8 @@ import numpy as np
 
 from ..optim import make_optimizer
 from ..rundir import save_checkpoint
-from .common import Batches, Evaluator, Progress, stop_for_time
+from .common import (CHECKPOINT, EVAL, STOP, Batches, Evaluator, Progress,
+                     lead_decision, stop_for_time)
 
 __all__ = ["train_sgd"]
 
@@ -128,7 +129,7 @@ def train_sgd_partitioned(topo, cfg, out, resume=None, quiet=False) -> dict | No
     test.close()
     run = RunDir(out, cfg, append=resume is not None) if lead else None
     say = Progress(enabled=lead and not quiet)
-    flag = np.zeros(1, dtype=np.int32)          # bits: 1 evaluate, 2 stop, 4 checkpoint
+    flag = np.zeros(1, dtype=np.int32)          # bits: EVAL, STOP, CHECKPOINT (common.py)
     t_start = time.time()
     last_eval = last_ckpt = t_start
     step, stop, loss = step0, "max_steps", float("nan")
@@ -156,15 +157,10 @@ def train_sgd_partitioned(topo, cfg, out, resume=None, quiet=False) -> dict | No
         if lead:   # one broadcast a step carries partition 0's decisions
             if step % r["log_every"] == 0 or step == 1:
                 run.log("train", replica=0, step=step, loss=loss)
-            now = time.time()
-            flag[0] = int(now - last_eval >= r["eval_every_s"])
-            if why := stop_for_time(t_start, r, now):
-                flag[0] |= 2
-                stop = why
-            if now - last_ckpt >= r["checkpoint_every_s"]:
-                flag[0] |= 4
+            flag[0], why = lead_decision(r, t_start, last_eval, last_ckpt)
+            stop = why or stop
         wait([comm.Ibcast(flag, root=0)])
-        if flag[0] & 1:
+        if flag[0] & EVAL:
             ev = pn.evaluate(theta, tx, ty)
             last_eval = time.time()
             if lead:
@@ -174,9 +170,9 @@ def train_sgd_partitioned(topo, cfg, out, resume=None, quiet=False) -> dict | No
             if r["target_accuracy"] and ev["accuracy"] >= r["target_accuracy"]:
                 stop = "target_accuracy"
                 break
-        if flag[0] & 2:
+        if flag[0] & STOP:
             break
-        if flag[0] & 4:
+        if flag[0] & CHECKPOINT:
             checkpoint()
             last_ckpt = time.time()
     wall = time.time() - t_start

@@ -16,7 +16,7 @@ import numpy as np
 from ..mpiwait import wait
 from ..optim import make_optimizer
 from ..rundir import RunDir, save_checkpoint
-from .common import Batches, Evaluator, Progress, stop_for_time
+from .common import CHECKPOINT, EVAL, STOP, Batches, Evaluator, Progress, lead_decision
 
 __all__ = ["run_sync"]
 
@@ -64,7 +64,7 @@ def run_sync(topo, cfg, net, out, resume=None, quiet=False):
     t0 = time.time()
     last_eval = last_ckpt = t0
     step, stop, t_comm, ev = step0, "max_steps", 0.0, None
-    flag = np.zeros(1, dtype=np.int32)           # bits: 1 evaluate, 2 stop, 4 checkpoint
+    flag = np.zeros(1, dtype=np.int32)           # bits: EVAL, STOP, CHECKPOINT (common.py)
     while step < r["max_steps"]:
         x, y = batches.next()
         loss, g = model.loss_and_grad(theta, x, y)
@@ -77,15 +77,10 @@ def run_sync(topo, cfg, net, out, resume=None, quiet=False):
         if lead:
             if step % r["log_every"] == 0 or step == 1:
                 run.log("train", replica=0, step=step, loss=loss)
-            now = time.time()
-            flag[0] = int(now - last_eval >= r["eval_every_s"])
-            if why := stop_for_time(t0, r, now):
-                flag[0] |= 2
-                stop = why
-            if now - last_ckpt >= r["checkpoint_every_s"]:
-                flag[0] |= 4
+            flag[0], why = lead_decision(r, t0, last_eval, last_ckpt)
+            stop = why or stop
         wait([world.Ibcast(flag, root=0)])
-        if flag[0] & 1 and rep == 0:
+        if flag[0] & EVAL and rep == 0:
             params = canonical(theta)
             if lead:
                 ev = evaluate(params)
@@ -95,14 +90,14 @@ def run_sync(topo, cfg, net, out, resume=None, quiet=False):
                 if r["target_accuracy"] and ev["accuracy"] >= r["target_accuracy"]:
                     stop = "target_accuracy"
                     flag[0] |= 8
-        if flag[0] & 1:
+        if flag[0] & EVAL:
             wait([world.Ibcast(flag, root=0)])   # did the evaluation reach the target?
             if flag[0] & 8:
                 break
-        if flag[0] & 4:
+        if flag[0] & CHECKPOINT:
             checkpoint(step)
             last_ckpt = time.time()
-        if flag[0] & 2:
+        if flag[0] & STOP:
             break
     wall = time.time() - t0
     params = canonical(theta) if rep == 0 else None
