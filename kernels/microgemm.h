@@ -51,7 +51,7 @@ static inline void NAME(int nseg, ptrdiff_t sstride, int k, const float *A, ptrd
         const float *a = A + sg * sstride + kk * csa;                                        \
         _Pragma("GCC unroll 16")                                                             \
         for (int r = 0; r < R; r++) {                                                        \
-            dbmpi_vec s = (dbmpi_vec){0} + a[r * rsa];                                       \
+            const float s = a[r * rsa];                                       \
             _Pragma("GCC unroll 4")                                                          \
             for (int v = 0; v < V; v++) acc[r][v] += s * b[v];                               \
         }                                                                                    \
