@@ -17,6 +17,7 @@ __all__ = ["lc_forward", "lc_backward", "fc_forward", "fc_backward", "pool_forwa
 
 _ACT = {"linear": 0, "relu": 1, "sigmoid": 2, "tanh": 3}
 _F32 = np.float32
+_VW = K.VECTOR_WIDTH
 
 
 def _flat(a, name):
@@ -50,16 +51,18 @@ def lc_backward(x, w, y, dy, k, stride, pad, act, dw, db, need_dx):
     if dy.shape != y.shape:
         raise ValueError(f"locally connected: gradient {dy.shape} does not match output {y.shape}")
     dz = np.empty(y.size, dtype=_F32)
-    dx = np.zeros((n, h, wd, c) if need_dx else 1, dtype=_F32)
-    kkc = k * k * c
-    kkcp = -(-kkc // 16) * 16 if f % 16 == 0 else kkc  # see lc_backward_c's buffers
-    p = np.empty(n * kkc, dtype=_F32)
-    dp = np.empty(n * kkcp if need_dx else 1, dtype=_F32)
-    wtt = np.zeros(f * kkcp if need_dx and f % 16 == 0 else 1, dtype=_F32)
+    npad = -(-n // _VW) * _VW      # batch-last buffers (see lc_backward_c)
+    if need_dx:
+        dx = np.empty((n, h, wd, c), dtype=_F32)
+        dxt = np.zeros((h + 2 * pad) * (wd + 2 * pad) * c * npad, dtype=_F32)
+        dzt = (np.zeros if npad > n else np.empty)(ho * wo * f * npad, dtype=_F32)
+    else:
+        dx = dxt = dzt = np.empty(1, dtype=_F32)
+    p = np.empty(n * k * k * c, dtype=_F32)
     dwf, dbf = dw.reshape(-1), db.reshape(-1)  # views into the flat gradient
-    K.lc_backward(_flat(x, "x"), _flat(w, "w"), _flat(y, "y"), _flat(dy, "dy"), dz,
-                  dx.reshape(-1), dwf, dbf, p, dp, wtt, n, h, wd, c, k, stride, pad, ho, wo, f,
-                  _ACT[act], need_dx)
+    K.lc_backward(_flat(x, "x"), _flat(w, "w"), _flat(y, "y"), _flat(dy, "dy"), dz, dxt,
+                  dx.reshape(-1), dwf, dbf, p, dzt, n, npad, h, wd, c, k, stride, pad, ho, wo,
+                  f, _ACT[act], need_dx)
     return dx if need_dx else None
 
 

@@ -21,6 +21,7 @@ from scipy.linalg.cython_blas cimport sgemm
 
 
 cdef extern from "microgemm.h" nogil:
+    int DBMPI_VW
     void dbmpi_mgemm(int m, int n, int k, const float* a, Py_ssize_t rsa, Py_ssize_t csa,
                      const float* b, Py_ssize_t ldb, float beta, float* c, Py_ssize_t ldc)
     void dbmpi_mgemm_seg(int m, int n, int nseg, Py_ssize_t sstride, int k, const float* a,
@@ -134,7 +135,8 @@ cdef void lc_forward_c(const float* x, const float* wt, const float* b, float* y
                        int f, int act) noexcept nogil:
     """y[s,i,j,:] = act(patch(x)[s,i,j,:] @ wt[i,j] + b[i,j]); p is an (n, k*k*c) buffer.
 
-    Filter counts that are multiples of 16 use the register-blocked microgemm.h; others BLAS."""
+    Filter counts that are multiples of the vector width (8 floats with AVX2) use the
+    register-blocked microgemm.h; others BLAS."""
     cdef int i, j, s, kkc = k * k * c, ld = ho * wo * f
     cdef Py_ssize_t loc
     for i in range(ho):
@@ -142,7 +144,7 @@ cdef void lc_forward_c(const float* x, const float* wt, const float* b, float* y
             loc = i * wo + j
             for s in range(n):
                 memcpy(y + s * <Py_ssize_t>ld + loc * f, b + loc * f, f * sizeof(float))
-            if f % 16 == 0 and _inside(h, w, k, stride, pad, i, j):
+            if f % DBMPI_VW == 0 and _inside(h, w, k, stride, pad, i, j):
                 # implicit GEMM: the patch's k rows are k contiguous segments of x
                 dbmpi_mgemm_seg(n, f, k, w * c, k * c,
                                 x + ((i * stride - pad) * <Py_ssize_t>w + j * stride - pad) * c,
@@ -150,7 +152,7 @@ cdef void lc_forward_c(const float* x, const float* wt, const float* b, float* y
                                 y + loc * f, ld)
                 continue
             _gather(x, n, h, w, c, k, stride, pad, i, j, p)
-            if f % 16 == 0:
+            if f % DBMPI_VW == 0:
                 dbmpi_mgemm(n, f, kkc, p, kkc, 1, wt + loc * kkc * f, f, 1.0, y + loc * f, ld)
             else:
                 _gemm(False, False, n, f, kkc, 1.0, p, kkc, wt + loc * kkc * f, f, 1.0,
@@ -158,23 +160,54 @@ cdef void lc_forward_c(const float* x, const float* wt, const float* b, float* y
     _act_forward(y, <Py_ssize_t>n * ld, act)
 
 
-cdef void lc_backward_c(const float* x, const float* wt, const float* dz, float* dx,
-                        float* dw, float* db, float* p, float* dp, float* wtt, int n, int h,
+cdef void _to_batch_last(const float* dz, float* dzt, int n, int npad, Py_ssize_t ld) noexcept nogil:
+    """dzt[t*npad + s] = dz[s*ld + t] for t < ld, s < n (padding columns untouched).
+
+    Blocked by 64 columns so the strided writes stay in L1."""
+    cdef Py_ssize_t t0, t, t1, s
+    for t0 in range(0, ld, 64):
+        t1 = t0 + 64 if t0 + 64 < ld else ld
+        for s in range(n):
+            for t in range(t0, t1):
+                dzt[t * npad + s] = dz[s * ld + t]
+
+
+cdef void _from_batch_last(const float* dxt, float* dx, int n, int npad, int h, int w, int c,
+                           int pad) noexcept nogil:
+    """dx[s, r, col, ch] = dxt[((r + pad)*wp + col + pad)*c + ch, s], wp = w + 2*pad."""
+    cdef Py_ssize_t wc = <Py_ssize_t>w * c, wp = w + 2 * pad, t, s
+    cdef int r
+    cdef const float* src
+    cdef float* dst
+    for r in range(h):
+        src = dxt + ((r + pad) * wp + pad) * c * <Py_ssize_t>npad
+        for s in range(n):
+            dst = dx + (s * <Py_ssize_t>h + r) * wc
+            for t in range(wc):
+                dst[t] = src[t * npad + s]
+
+
+cdef void lc_backward_c(const float* x, const float* wt, const float* dz, float* dxt,
+                        float* dw, float* db, float* p, float* dzt, int n, int npad, int h,
                         int w, int c, int k, int stride, int pad, int ho, int wo, int f,
                         bint need_dx) noexcept nogil:
     """dw[i,j] = patch^T @ dz[:,i,j,:]; db[i,j] = sum_s dz[s,i,j,:];
-    dx += scatter(dz[:,i,j,:] @ wt[i,j]^T).  dx must be zeroed by the caller.
+    dxt += dz[:,i,j,:]^T-scatter of wt[i,j] @ dz[:,i,j,:]^T, batch-last.
 
-    Buffers: p (n, k*k*c); with f % 16 == 0, dp (n, kkcp) and wtt (f, kkcp) where kkcp is
-    k*k*c rounded up to 16 and wtt's padding columns are zero; otherwise dp (n, k*k*c)."""
-    cdef int i, j, s, t, ky, kkc = k * k * c, ld = ho * wo * f
+    The input gradient is accumulated batch-last, dxt ((h + 2*pad), (w + 2*pad), c, npad)
+    zeroed by the caller, from dzt (ho*wo*f, npad) (dz transposed here; its padding columns
+    zeroed by the caller): the k rows of a patch are then k runs of k*c contiguous rows of
+    dxt, so each is one product wt-rows @ dzt with no transpose of the weights and no
+    scatter.  npad is n rounded up to the vector width.  p is an (n, k*k*c) buffer."""
+    cdef int i, j, s, t, ky, kkc = k * k * c, ld = ho * wo * f, kc = k * c
+    cdef Py_ssize_t loc, wp = w + 2 * pad
+    cdef bint micro = f % DBMPI_VW == 0
     cdef const float* xs
-    cdef bint micro = f % 16 == 0
-    cdef int kkcp = (kkc + 15) // 16 * 16 if micro else kkc
-    cdef Py_ssize_t loc
     cdef float* dbl
     cdef const float* dzl
     cdef const float* wl
+    if need_dx:
+        _to_batch_last(dz, dzt, n, npad, ld)
     for i in range(ho):
         for j in range(wo):
             loc = i * wo + j
@@ -182,9 +215,9 @@ cdef void lc_backward_c(const float* x, const float* wt, const float* dz, float*
             if micro and _inside(h, w, k, stride, pad, i, j):
                 xs = x + ((i * stride - pad) * <Py_ssize_t>w + j * stride - pad) * c
                 for ky in range(k):     # dw rows of patch row ky: x segment ky, transposed
-                    dbmpi_mgemm(k * c, f, n, xs + ky * <Py_ssize_t>w * c, 1,
+                    dbmpi_mgemm(kc, f, n, xs + ky * <Py_ssize_t>w * c, 1,
                                 <Py_ssize_t>h * w * c, dz + loc * f, ld, 0.0,
-                                dw + loc * kkc * f + ky * k * c * f, f)
+                                dw + loc * kkc * f + ky * kc * f, f)
             elif micro:
                 _gather(x, n, h, w, c, k, stride, pad, i, j, p)
                 dbmpi_mgemm(kkc, f, n, p, 1, kkc, dz + loc * f, ld, 0.0, dw + loc * kkc * f, f)
@@ -198,16 +231,11 @@ cdef void lc_backward_c(const float* x, const float* wt, const float* dz, float*
                 dzl = dz + s * <Py_ssize_t>ld + loc * f
                 for t in range(f):
                     dbl[t] += dzl[t]
-            if not need_dx:
-                continue
-            if micro:
-                for t in range(f):          # wtt[t, q] = wl[q, t]
-                    for s in range(kkc):
-                        wtt[t * kkcp + s] = wl[s * f + t]
-                dbmpi_mgemm(n, kkcp, f, dz + loc * f, ld, 1, wtt, kkcp, 0.0, dp, kkcp)
-            else:
-                _gemm(False, True, n, kkc, f, 1.0, dz + loc * f, ld, wl, f, 0.0, dp, kkc)
-            _scatter_add(dp, kkcp, n, h, w, c, k, stride, pad, i, j, dx)
+            if need_dx:
+                for ky in range(k):     # patch row ky: rows ky*kc.. of wt[i,j] into dxt
+                    dbmpi_mgemm(kc, npad, f, wl + ky * kc * f, f, 1, dzt + loc * f * npad,
+                                npad, 1.0,
+                                dxt + ((i * stride + ky) * wp + j * stride) * c * npad, npad)
 
 
 cdef void fc_forward_c(const float* x, const float* wt, const float* b, float* y, int n,
@@ -324,14 +352,16 @@ def lc_forward(const float[::1] x, const float[::1] wt, const float[::1] b, floa
 
 
 def lc_backward(const float[::1] x, const float[::1] wt, const float[::1] y,
-                const float[::1] dy, float[::1] dz, float[::1] dx, float[::1] dw,
-                float[::1] db, float[::1] p, float[::1] dp, float[::1] wtt, int n, int h, int w,
-                int c, int k, int stride, int pad, int ho, int wo, int f, int act,
-                bint need_dx):
+                const float[::1] dy, float[::1] dz, float[::1] dxt, float[::1] dx,
+                float[::1] dw, float[::1] db, float[::1] p, float[::1] dzt, int n, int npad,
+                int h, int w, int c, int k, int stride, int pad, int ho, int wo, int f,
+                int act, bint need_dx):
     with nogil:
         _act_backward(&y[0], &dy[0], &dz[0], dz.shape[0], act)
-        lc_backward_c(&x[0], &wt[0], &dz[0], &dx[0], &dw[0], &db[0], &p[0], &dp[0], &wtt[0],
-                      n, h, w, c, k, stride, pad, ho, wo, f, need_dx)
+        lc_backward_c(&x[0], &wt[0], &dz[0], &dxt[0], &dw[0], &db[0], &p[0], &dzt[0], n, npad,
+                      h, w, c, k, stride, pad, ho, wo, f, need_dx)
+        if need_dx:
+            _from_batch_last(&dxt[0], &dx[0], n, npad, h, w, c, pad)
 
 
 def fc_forward(const float[::1] x, const float[::1] wt, const float[::1] b, float[::1] y,
@@ -433,3 +463,6 @@ cdef void adagrad_delta_c(float* acc, const float* g, float* delta, Py_ssize_t n
 def adagrad_delta(float[::1] acc, const float[::1] g, float[::1] delta, float lr, float eps):
     with nogil:
         adagrad_delta_c(&acc[0], &g[0], &delta[0], acc.shape[0], lr, eps)
+
+
+VECTOR_WIDTH = DBMPI_VW   # floats per vector in microgemm.h: batch-last buffers pad to it

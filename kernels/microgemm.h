@@ -5,7 +5,7 @@
  * of R rows x V vectors of C in registers and streams over k: V loads of B and R broadcasts
  * of A for every R*V fused multiply-adds.
  *
- *   C[i, 0:n] = beta * C[i, 0:n] + sum_q A(i, q) * B[q*ldb + 0:n],   n % VW == 0
+ *   C[i, 0:n] = beta * C[i, 0:n] + sum_q A(i, q) * B[q*ldb + 0:n],   n % VW == 0 (DBMPI_VW)
  *
  * with q = sg*k + kk over nseg segments of k values, A(i, q) = A[i*rsa + sg*sstride + kk*csa].
  * Segments let A be a patch of an image read in place (k rows of k*c contiguous values),
@@ -51,7 +51,7 @@ static inline void NAME(int nseg, ptrdiff_t sstride, int k, const float *A, ptrd
         const float *a = A + sg * sstride + kk * csa;                                        \
         _Pragma("GCC unroll 16")                                                             \
         for (int r = 0; r < R; r++) {                                                        \
-            const float s = a[r * rsa];                                       \
+            const float s = a[r * rsa];  /* scalar * vector: vbroadcastss m32 */\
             _Pragma("GCC unroll 4")                                                          \
             for (int v = 0; v < V; v++) acc[r][v] += s * b[v];                               \
         }                                                                                    \
@@ -66,11 +66,46 @@ static inline void NAME(int nseg, ptrdiff_t sstride, int k, const float *A, ptrd
 }
 
 DBMPI_BLOCK(dbmpi_block_full_2, DBMPI_RB, 2)
-DBMPI_BLOCK(dbmpi_block_2_2, 2, 2)
-DBMPI_BLOCK(dbmpi_block_1_2, 1, 2)
 DBMPI_BLOCK(dbmpi_block_full_1, DBMPI_RB, 1)
+#if DBMPI_RB > 6
+DBMPI_BLOCK(dbmpi_block_6_2, 6, 2)
+DBMPI_BLOCK(dbmpi_block_6_1, 6, 1)
+#endif
+DBMPI_BLOCK(dbmpi_block_4_2, 4, 2)
+DBMPI_BLOCK(dbmpi_block_4_1, 4, 1)
+DBMPI_BLOCK(dbmpi_block_3_2, 3, 2)
+DBMPI_BLOCK(dbmpi_block_3_1, 3, 1)
+DBMPI_BLOCK(dbmpi_block_2_2, 2, 2)
 DBMPI_BLOCK(dbmpi_block_2_1, 2, 1)
+DBMPI_BLOCK(dbmpi_block_1_2, 1, 2)
 DBMPI_BLOCK(dbmpi_block_1_1, 1, 1)
+
+typedef void (*dbmpi_block_fn)(int, ptrdiff_t, int, const float *, ptrdiff_t, ptrdiff_t,
+                               const float *, ptrdiff_t, float, float *, ptrdiff_t);
+
+/* Rows left after the full blocks are done in blocks of 4, 3, 2 or 1 (5 = 3 + 2): few rows
+ * per block leave too few independent accumulators to hide the FMA latency, so the tail is
+ * split to keep every block as tall as possible. */
+static inline int dbmpi_tail_rows(int rem)
+{
+#if DBMPI_RB > 6
+    if (rem >= 6) return 6;
+#endif
+    return rem >= 5 ? 3 : rem;
+}
+
+static inline dbmpi_block_fn dbmpi_block_for(int rows, int two)
+{
+    switch (rows) {
+#if DBMPI_RB > 6
+    case 6: return two ? dbmpi_block_6_2 : dbmpi_block_6_1;
+#endif
+    case 4: return two ? dbmpi_block_4_2 : dbmpi_block_4_1;
+    case 3: return two ? dbmpi_block_3_2 : dbmpi_block_3_1;
+    case 2: return two ? dbmpi_block_2_2 : dbmpi_block_2_1;
+    default: return two ? dbmpi_block_1_2 : dbmpi_block_1_1;
+    }
+}
 
 static inline void dbmpi_mgemm_seg(int m, int n, int nseg, ptrdiff_t sstride, int k,
                                    const float *A, ptrdiff_t rsa, ptrdiff_t csa,
@@ -84,12 +119,12 @@ static inline void dbmpi_mgemm_seg(int m, int n, int nseg, ptrdiff_t sstride, in
             (two ? dbmpi_block_full_2 : dbmpi_block_full_1)(nseg, sstride, k, A + i * rsa, rsa,
                                                            csa, B + j, ldb, beta,
                                                            C + i * ldc + j, ldc);
-        for (; i + 2 <= m; i += 2)
-            (two ? dbmpi_block_2_2 : dbmpi_block_2_1)(nseg, sstride, k, A + i * rsa, rsa, csa,
-                                                     B + j, ldb, beta, C + i * ldc + j, ldc);
-        for (; i < m; i++)
-            (two ? dbmpi_block_1_2 : dbmpi_block_1_1)(nseg, sstride, k, A + i * rsa, rsa, csa,
-                                                     B + j, ldb, beta, C + i * ldc + j, ldc);
+        while (i < m) {
+            int r = dbmpi_tail_rows(m - i);
+            dbmpi_block_for(r, two)(nseg, sstride, k, A + i * rsa, rsa, csa, B + j, ldb, beta,
+                                    C + i * ldc + j, ldc);
+            i += r;
+        }
         j += two ? 2 * DBMPI_VW : DBMPI_VW;
     }
 }
