@@ -23,10 +23,12 @@ from scipy.linalg.cython_blas cimport sgemm
 cdef extern from "microgemm.h" nogil:
     int DBMPI_VW
     void dbmpi_mgemm(int m, int n, int k, const float* a, Py_ssize_t rsa, Py_ssize_t csa,
-                     const float* b, Py_ssize_t ldb, float beta, float* c, Py_ssize_t ldc)
+                     const float* b, Py_ssize_t ldb, float beta, float* c, Py_ssize_t ldc,
+                     const float* pf, Py_ssize_t pfn)
     void dbmpi_mgemm_seg(int m, int n, int nseg, Py_ssize_t sstride, int k, const float* a,
                          Py_ssize_t rsa, Py_ssize_t csa, const float* b, Py_ssize_t ldb,
-                         float beta, float* c, Py_ssize_t ldc)
+                         float beta, float* c, Py_ssize_t ldc, const float* bias,
+                         const float* pf, Py_ssize_t pfn)
 
 
 # ---- layer 2: BLAS -------------------------------------------------------------------------
@@ -138,23 +140,26 @@ cdef void lc_forward_c(const float* x, const float* wt, const float* b, float* y
     Filter counts that are multiples of the vector width (8 floats with AVX2) use the
     register-blocked microgemm.h; others BLAS."""
     cdef int i, j, s, kkc = k * k * c, ld = ho * wo * f
-    cdef Py_ssize_t loc
+    cdef Py_ssize_t loc, wsize = <Py_ssize_t>kkc * f
+    cdef Py_ssize_t pfn      # the next location's weights are fetched while this one runs
     for i in range(ho):
         for j in range(wo):
             loc = i * wo + j
-            for s in range(n):
-                memcpy(y + s * <Py_ssize_t>ld + loc * f, b + loc * f, f * sizeof(float))
+            pfn = wsize if loc + 1 < ho * wo else 0
             if f % DBMPI_VW == 0 and _inside(h, w, k, stride, pad, i, j):
                 # implicit GEMM: the patch's k rows are k contiguous segments of x
                 dbmpi_mgemm_seg(n, f, k, w * c, k * c,
                                 x + ((i * stride - pad) * <Py_ssize_t>w + j * stride - pad) * c,
-                                <Py_ssize_t>h * w * c, 1, wt + loc * kkc * f, f, 1.0,
-                                y + loc * f, ld)
+                                <Py_ssize_t>h * w * c, 1, wt + loc * wsize, f, 0.0,
+                                y + loc * f, ld, b + loc * f, wt + (loc + 1) * wsize, pfn)
                 continue
             _gather(x, n, h, w, c, k, stride, pad, i, j, p)
             if f % DBMPI_VW == 0:
-                dbmpi_mgemm(n, f, kkc, p, kkc, 1, wt + loc * kkc * f, f, 1.0, y + loc * f, ld)
+                dbmpi_mgemm_seg(n, f, 1, 0, kkc, p, kkc, 1, wt + loc * wsize, f, 0.0,
+                                y + loc * f, ld, b + loc * f, wt + (loc + 1) * wsize, pfn)
             else:
+                for s in range(n):
+                    memcpy(y + s * <Py_ssize_t>ld + loc * f, b + loc * f, f * sizeof(float))
                 _gemm(False, False, n, f, kkc, 1.0, p, kkc, wt + loc * kkc * f, f, 1.0,
                       y + loc * f, ld)
     _act_forward(y, <Py_ssize_t>n * ld, act)
@@ -206,21 +211,25 @@ cdef void lc_backward_c(const float* x, const float* wt, const float* dz, float*
     cdef float* dbl
     cdef const float* dzl
     cdef const float* wl
+    cdef Py_ssize_t pfw = kc * f if need_dx else 0     # prefetch: these weights, for dx
+    cdef Py_ssize_t pfd                                # and the next location's dw rows
     if need_dx:
         _to_batch_last(dz, dzt, n, npad, ld)
     for i in range(ho):
         for j in range(wo):
             loc = i * wo + j
+            pfd = kc * f if loc + 1 < ho * wo else 0
             wl = wt + loc * kkc * f
             if micro and _inside(h, w, k, stride, pad, i, j):
                 xs = x + ((i * stride - pad) * <Py_ssize_t>w + j * stride - pad) * c
                 for ky in range(k):     # dw rows of patch row ky: x segment ky, transposed
                     dbmpi_mgemm(kc, f, n, xs + ky * <Py_ssize_t>w * c, 1,
                                 <Py_ssize_t>h * w * c, dz + loc * f, ld, 0.0,
-                                dw + loc * kkc * f + ky * kc * f, f)
+                                dw + loc * kkc * f + ky * kc * f, f, wl + ky * kc * f, pfw)
             elif micro:
                 _gather(x, n, h, w, c, k, stride, pad, i, j, p)
-                dbmpi_mgemm(kkc, f, n, p, 1, kkc, dz + loc * f, ld, 0.0, dw + loc * kkc * f, f)
+                dbmpi_mgemm(kkc, f, n, p, 1, kkc, dz + loc * f, ld, 0.0, dw + loc * kkc * f, f,
+                            wl, pfw * k)
             else:
                 _gather(x, n, h, w, c, k, stride, pad, i, j, p)
                 _gemm(True, False, kkc, f, n, 1.0, p, kkc, dz + loc * f, ld, 0.0,
@@ -235,7 +244,8 @@ cdef void lc_backward_c(const float* x, const float* wt, const float* dz, float*
                 for ky in range(k):     # patch row ky: rows ky*kc.. of wt[i,j] into dxt
                     dbmpi_mgemm(kc, npad, f, wl + ky * kc * f, f, 1, dzt + loc * f * npad,
                                 npad, 1.0,
-                                dxt + ((i * stride + ky) * wp + j * stride) * c * npad, npad)
+                                dxt + ((i * stride + ky) * wp + j * stride) * c * npad, npad,
+                                dw + (loc + 1) * kkc * f + ky * kc * f, pfd)
 
 
 cdef void fc_forward_c(const float* x, const float* wt, const float* b, float* y, int n,

@@ -5,7 +5,8 @@
  * of R rows x V vectors of C in registers and streams over k: V loads of B and R broadcasts
  * of A for every R*V fused multiply-adds.
  *
- *   C[i, 0:n] = beta * C[i, 0:n] + sum_q A(i, q) * B[q*ldb + 0:n],   n % VW == 0 (DBMPI_VW)
+ *   C[i, 0:n] = beta * C[i, 0:n] + sum_q A(i, q) * B[q*ldb + 0:n] (+ bias[0:n]),
+ *   n % VW == 0 (DBMPI_VW)
  *
  * with q = sg*k + kk over nseg segments of k values, A(i, q) = A[i*rsa + sg*sstride + kk*csa].
  * Segments let A be a patch of an image read in place (k rows of k*c contiguous values),
@@ -34,7 +35,8 @@ static inline void dbmpi_st(float *p, dbmpi_vec v) { memcpy(p, &v, sizeof v); }
 
 #define DBMPI_BLOCK(NAME, R, V)                                                              \
 static inline void NAME(int nseg, ptrdiff_t sstride, int k, const float *A, ptrdiff_t rsa,   \
-        ptrdiff_t csa, const float *B, ptrdiff_t ldb, float beta, float *C, ptrdiff_t ldc)   \
+        ptrdiff_t csa, const float *B, ptrdiff_t ldb, float beta, float *C, ptrdiff_t ldc,   \
+        const float *bias, const float *pf, int npf)                                         \
 {                                                                                            \
     dbmpi_vec acc[R][V];                                                                     \
     _Pragma("GCC unroll 16")                                                                 \
@@ -44,6 +46,8 @@ static inline void NAME(int nseg, ptrdiff_t sstride, int k, const float *A, ptrd
             acc[r][v] = (dbmpi_vec){0};                                                      \
     for (int sg = 0; sg < nseg; sg++)                                                        \
     for (int kk = 0; kk < k; kk++) {                                                         \
+        if (sg * k + kk < npf) /* one line of what comes next, into L2 */                    \
+            __builtin_prefetch(pf + 16 * (sg * k + kk), 0, 1);                               \
         dbmpi_vec b[V];                                                                      \
         const float *bk = B + (sg * k + kk) * ldb;                                           \
         _Pragma("GCC unroll 4")                                                              \
@@ -61,7 +65,8 @@ static inline void NAME(int nseg, ptrdiff_t sstride, int k, const float *A, ptrd
         _Pragma("GCC unroll 4")                                                              \
         for (int v = 0; v < V; v++) {                                                        \
             float *c = C + r * ldc + DBMPI_VW * v;                                           \
-            dbmpi_st(c, beta != 0.0f ? acc[r][v] + beta * dbmpi_ld(c) : acc[r][v]);          \
+            dbmpi_vec out = beta != 0.0f ? acc[r][v] + beta * dbmpi_ld(c) : acc[r][v];       \
+            dbmpi_st(c, bias ? out + dbmpi_ld(bias + DBMPI_VW * v) : out);                   \
         }                                                                                    \
 }
 
@@ -81,7 +86,8 @@ DBMPI_BLOCK(dbmpi_block_1_2, 1, 2)
 DBMPI_BLOCK(dbmpi_block_1_1, 1, 1)
 
 typedef void (*dbmpi_block_fn)(int, ptrdiff_t, int, const float *, ptrdiff_t, ptrdiff_t,
-                               const float *, ptrdiff_t, float, float *, ptrdiff_t);
+                               const float *, ptrdiff_t, float, float *, ptrdiff_t,
+                               const float *, const float *, int);
 
 /* Rows left after the full blocks are done in blocks of 4, 3, 2 or 1 (5 = 3 + 2): few rows
  * per block leave too few independent accumulators to hide the FMA latency, so the tail is
@@ -107,22 +113,30 @@ static inline dbmpi_block_fn dbmpi_block_for(int rows, int two)
     }
 }
 
+/* pf, pfn: pfn floats to prefetch into L2 while multiplying, a line per k step of the first
+ * blocks (the next product's operand, which would otherwise arrive from memory on demand). */
 static inline void dbmpi_mgemm_seg(int m, int n, int nseg, ptrdiff_t sstride, int k,
                                    const float *A, ptrdiff_t rsa, ptrdiff_t csa,
                                    const float *B, ptrdiff_t ldb, float beta, float *C,
-                                   ptrdiff_t ldc)
+                                   ptrdiff_t ldc, const float *bias, const float *pf,
+                                   ptrdiff_t pfn)
 {
+    ptrdiff_t lines = pf ? (pfn + 15) / 16 : 0;
+    int steps = nseg * k;
     for (int j = 0; j < n; ) {
         int two = n - j >= 2 * DBMPI_VW;
         int i = 0;
-        for (; i + DBMPI_RB <= m; i += DBMPI_RB)
-            (two ? dbmpi_block_full_2 : dbmpi_block_full_1)(nseg, sstride, k, A + i * rsa, rsa,
-                                                           csa, B + j, ldb, beta,
-                                                           C + i * ldc + j, ldc);
         while (i < m) {
-            int r = dbmpi_tail_rows(m - i);
-            dbmpi_block_for(r, two)(nseg, sstride, k, A + i * rsa, rsa, csa, B + j, ldb, beta,
-                                    C + i * ldc + j, ldc);
+            int left = m - i;   /* 7 = 4 + 3 and 8 = 4 + 4 beat 6 + 1 and 6 + 2 */
+            int r = left == DBMPI_RB || left >= DBMPI_RB + 3 ? DBMPI_RB
+                    : left > DBMPI_RB ? 4 : dbmpi_tail_rows(left);
+            int npf = lines < steps ? (int)lines : steps;
+            dbmpi_block_fn blk = r == DBMPI_RB ? (two ? dbmpi_block_full_2 : dbmpi_block_full_1)
+                                               : dbmpi_block_for(r, two);
+            blk(nseg, sstride, k, A + i * rsa, rsa, csa, B + j, ldb, beta, C + i * ldc + j, ldc,
+                bias ? bias + j : bias, pf, npf);
+            pf += 16 * npf;
+            lines -= npf;
             i += r;
         }
         j += two ? 2 * DBMPI_VW : DBMPI_VW;
@@ -132,9 +146,9 @@ static inline void dbmpi_mgemm_seg(int m, int n, int nseg, ptrdiff_t sstride, in
 /* The plain product: one segment. */
 static inline void dbmpi_mgemm(int m, int n, int k, const float *A, ptrdiff_t rsa,
                                ptrdiff_t csa, const float *B, ptrdiff_t ldb, float beta,
-                               float *C, ptrdiff_t ldc)
+                               float *C, ptrdiff_t ldc, const float *pf, ptrdiff_t pfn)
 {
-    dbmpi_mgemm_seg(m, n, 1, 0, k, A, rsa, csa, B, ldb, beta, C, ldc);
+    dbmpi_mgemm_seg(m, n, 1, 0, k, A, rsa, csa, B, ldb, beta, C, ldc, NULL, pf, pfn);
 }
 
 #endif
