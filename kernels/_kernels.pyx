@@ -27,7 +27,7 @@ cdef extern from "microgemm.h" nogil:
                      const float* pf, Py_ssize_t pfn)
     void dbmpi_mgemm_seg(int m, int n, int nseg, Py_ssize_t sstride, int k, const float* a,
                          Py_ssize_t rsa, Py_ssize_t csa, const float* b, Py_ssize_t ldb,
-                         float beta, float* c, Py_ssize_t ldc, const float* bias,
+                         float beta, float* c, Py_ssize_t ldc, const float* bias, int relu,
                          const float* pf, Py_ssize_t pfn)
 
 
@@ -51,9 +51,8 @@ cdef void _act_forward(float* y, Py_ssize_t size, int act) noexcept nogil:
     """y = act(y), in place."""
     cdef Py_ssize_t t
     if act == 1:
-        for t in range(size):
-            if y[t] < 0:
-                y[t] = 0
+        for t in range(size):       # branch-free, so it vectorizes
+            y[t] = y[t] if y[t] > 0 else 0
     elif act == 2:
         for t in range(size):
             y[t] = 1.0 / (1.0 + expf(-y[t]))
@@ -109,29 +108,6 @@ cdef inline bint _inside(int h, int w, int k, int stride, int pad, int i,
     return r0 >= 0 and c0 >= 0 and r0 + k <= h and c0 + k <= w
 
 
-cdef void _scatter_add(const float* p, Py_ssize_t ldp, int n, int h, int w, int c, int k,
-                       int stride, int pad, int i, int j, float* dx) noexcept nogil:
-    """dx[s, i*stride - pad + ky, j*stride - pad + kx, ch] += p[s*ldp + (ky*k + kx)*c + ch]."""
-    cdef Py_ssize_t kc = k * c, s, t, m
-    cdef int r0 = i * stride - pad, c0 = j * stride - pad, ky, row
-    cdef int lo = -c0 if c0 < 0 else 0
-    cdef int hi = w - c0 if w - c0 < k else k
-    cdef const float* src
-    cdef float* dst
-    if hi <= lo:
-        return
-    m = (hi - lo) * c
-    for s in range(n):
-        for ky in range(k):
-            row = r0 + ky
-            if row < 0 or row >= h:
-                continue
-            src = p + s * ldp + ky * kc + lo * c
-            dst = dx + ((s * h + row) * <Py_ssize_t>w + c0 + lo) * c
-            for t in range(m):
-                dst[t] += src[t]
-
-
 cdef void lc_forward_c(const float* x, const float* wt, const float* b, float* y, float* p,
                        int n, int h, int w, int c, int k, int stride, int pad, int ho, int wo,
                        int f, int act) noexcept nogil:
@@ -151,18 +127,21 @@ cdef void lc_forward_c(const float* x, const float* wt, const float* b, float* y
                 dbmpi_mgemm_seg(n, f, k, w * c, k * c,
                                 x + ((i * stride - pad) * <Py_ssize_t>w + j * stride - pad) * c,
                                 <Py_ssize_t>h * w * c, 1, wt + loc * wsize, f, 0.0,
-                                y + loc * f, ld, b + loc * f, wt + (loc + 1) * wsize, pfn)
+                                y + loc * f, ld, b + loc * f, act == 1,
+                                wt + (loc + 1) * wsize, pfn)
                 continue
             _gather(x, n, h, w, c, k, stride, pad, i, j, p)
             if f % DBMPI_VW == 0:
                 dbmpi_mgemm_seg(n, f, 1, 0, kkc, p, kkc, 1, wt + loc * wsize, f, 0.0,
-                                y + loc * f, ld, b + loc * f, wt + (loc + 1) * wsize, pfn)
+                                y + loc * f, ld, b + loc * f, act == 1,
+                                wt + (loc + 1) * wsize, pfn)
             else:
                 for s in range(n):
                     memcpy(y + s * <Py_ssize_t>ld + loc * f, b + loc * f, f * sizeof(float))
                 _gemm(False, False, n, f, kkc, 1.0, p, kkc, wt + loc * kkc * f, f, 1.0,
                       y + loc * f, ld)
-    _act_forward(y, <Py_ssize_t>n * ld, act)
+    if f % DBMPI_VW != 0 or act != 1:      # relu is fused into the microkernel's epilogue
+        _act_forward(y, <Py_ssize_t>n * ld, act)
 
 
 cdef void _to_batch_last(const float* dz, float* dzt, int n, int npad, Py_ssize_t ld) noexcept nogil:

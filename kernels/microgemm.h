@@ -5,7 +5,7 @@
  * of R rows x V vectors of C in registers and streams over k: V loads of B and R broadcasts
  * of A for every R*V fused multiply-adds.
  *
- *   C[i, 0:n] = beta * C[i, 0:n] + sum_q A(i, q) * B[q*ldb + 0:n] (+ bias[0:n]),
+ *   C[i, 0:n] = beta * C[i, 0:n] + sum_q A(i, q) * B[q*ldb + 0:n] (+ bias[0:n], then relu),
  *   n % VW == 0 (DBMPI_VW)
  *
  * with q = sg*k + kk over nseg segments of k values, A(i, q) = A[i*rsa + sg*sstride + kk*csa].
@@ -29,6 +29,7 @@
 #endif
 
 typedef float dbmpi_vec __attribute__((vector_size(4 * DBMPI_VW)));
+typedef int dbmpi_ivec __attribute__((vector_size(4 * DBMPI_VW)));
 
 static inline dbmpi_vec dbmpi_ld(const float *p) { dbmpi_vec v; memcpy(&v, p, sizeof v); return v; }
 static inline void dbmpi_st(float *p, dbmpi_vec v) { memcpy(p, &v, sizeof v); }
@@ -36,7 +37,7 @@ static inline void dbmpi_st(float *p, dbmpi_vec v) { memcpy(p, &v, sizeof v); }
 #define DBMPI_BLOCK(NAME, R, V)                                                              \
 static inline void NAME(int nseg, ptrdiff_t sstride, int k, const float *A, ptrdiff_t rsa,   \
         ptrdiff_t csa, const float *B, ptrdiff_t ldb, float beta, float *C, ptrdiff_t ldc,   \
-        const float *bias, const float *pf, int npf)                                         \
+        const float *bias, int relu, const float *pf, int npf)                               \
 {                                                                                            \
     dbmpi_vec acc[R][V];                                                                     \
     _Pragma("GCC unroll 16")                                                                 \
@@ -66,7 +67,9 @@ static inline void NAME(int nseg, ptrdiff_t sstride, int k, const float *A, ptrd
         for (int v = 0; v < V; v++) {                                                        \
             float *c = C + r * ldc + DBMPI_VW * v;                                           \
             dbmpi_vec out = beta != 0.0f ? acc[r][v] + beta * dbmpi_ld(c) : acc[r][v];       \
-            dbmpi_st(c, bias ? out + dbmpi_ld(bias + DBMPI_VW * v) : out);                   \
+            if (bias) out += dbmpi_ld(bias + DBMPI_VW * v);                                  \
+            if (relu) out = (dbmpi_vec)((dbmpi_ivec)out & (out > 0));                        \
+            dbmpi_st(c, out);                                                                \
         }                                                                                    \
 }
 
@@ -87,7 +90,7 @@ DBMPI_BLOCK(dbmpi_block_1_1, 1, 1)
 
 typedef void (*dbmpi_block_fn)(int, ptrdiff_t, int, const float *, ptrdiff_t, ptrdiff_t,
                                const float *, ptrdiff_t, float, float *, ptrdiff_t,
-                               const float *, const float *, int);
+                               const float *, int, const float *, int);
 
 /* Rows left after the full blocks are done in blocks of 4, 3, 2 or 1 (5 = 3 + 2): few rows
  * per block leave too few independent accumulators to hide the FMA latency, so the tail is
@@ -118,8 +121,8 @@ static inline dbmpi_block_fn dbmpi_block_for(int rows, int two)
 static inline void dbmpi_mgemm_seg(int m, int n, int nseg, ptrdiff_t sstride, int k,
                                    const float *A, ptrdiff_t rsa, ptrdiff_t csa,
                                    const float *B, ptrdiff_t ldb, float beta, float *C,
-                                   ptrdiff_t ldc, const float *bias, const float *pf,
-                                   ptrdiff_t pfn)
+                                   ptrdiff_t ldc, const float *bias, int relu,
+                                   const float *pf, ptrdiff_t pfn)
 {
     ptrdiff_t lines = pf ? (pfn + 15) / 16 : 0;
     int steps = nseg * k;
@@ -134,7 +137,7 @@ static inline void dbmpi_mgemm_seg(int m, int n, int nseg, ptrdiff_t sstride, in
             dbmpi_block_fn blk = r == DBMPI_RB ? (two ? dbmpi_block_full_2 : dbmpi_block_full_1)
                                                : dbmpi_block_for(r, two);
             blk(nseg, sstride, k, A + i * rsa, rsa, csa, B + j, ldb, beta, C + i * ldc + j, ldc,
-                bias ? bias + j : bias, pf, npf);
+                bias ? bias + j : bias, relu, pf, npf);
             pf += 16 * npf;
             lines -= npf;
             i += r;
@@ -148,7 +151,7 @@ static inline void dbmpi_mgemm(int m, int n, int k, const float *A, ptrdiff_t rs
                                ptrdiff_t csa, const float *B, ptrdiff_t ldb, float beta,
                                float *C, ptrdiff_t ldc, const float *pf, ptrdiff_t pfn)
 {
-    dbmpi_mgemm_seg(m, n, 1, 0, k, A, rsa, csa, B, ldb, beta, C, ldc, NULL, pf, pfn);
+    dbmpi_mgemm_seg(m, n, 1, 0, k, A, rsa, csa, B, ldb, beta, C, ldc, NULL, 0, pf, pfn);
 }
 
 #endif
