@@ -25,7 +25,7 @@ if os.environ.get("DBMPI_PORTABLE", "0") not in ("", "0"):
     compile_args = [a for a in compile_args if a != "-march=native"]
 
 extensions = [
-    Extension("dbmpi._kernels", ["kernels/_kernels.pyx"], depends=["kernels/microgemm.h"],
+    Extension("dbmpi._kernels", ["kernels/_kernels.pyx"], depends=["kernels/microgemm.h", "kernels/vmath.h"],
               include_dirs=[np.get_include(), "kernels"], extra_compile_args=compile_args,
               define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")]
               + ([] if DEBUG else [("NDEBUG", None)])),

@@ -15,9 +15,14 @@ Shapes: ``x (n, h, w, c)``; locally connected weights ``(ho, wo, k*k*c, f)`` wit
 Activation codes: 0 linear, 1 relu, 2 sigmoid, 3 tanh.
 """
 
-from libc.math cimport expf, sqrtf, tanhf
+from libc.math cimport sqrtf
 from libc.string cimport memcpy, memset
 from scipy.linalg.cython_blas cimport sgemm
+
+
+cdef extern from "vmath.h" nogil:
+    void dbmpi_sigmoid(float* y, Py_ssize_t size)
+    void dbmpi_tanh(float* y, Py_ssize_t size)
 
 
 cdef extern from "microgemm.h" nogil:
@@ -54,11 +59,9 @@ cdef void _act_forward(float* y, Py_ssize_t size, int act) noexcept nogil:
         for t in range(size):       # branch-free, so it vectorizes
             y[t] = y[t] if y[t] > 0 else 0
     elif act == 2:
-        for t in range(size):
-            y[t] = 1.0 / (1.0 + expf(-y[t]))
+        dbmpi_sigmoid(y, size)
     elif act == 3:
-        for t in range(size):
-            y[t] = tanhf(y[t])
+        dbmpi_tanh(y, size)
 
 
 cdef void _act_backward(const float* y, const float* dy, float* dz, Py_ssize_t size,

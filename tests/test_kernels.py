@@ -131,3 +131,16 @@ def test_update_rules_match_numpy(n, monkeypatch):
         q[n // 2] = bad
         assert not O.all_finite(q)
     assert O.all_finite(g)
+
+
+@pytest.mark.parametrize("act,exact", [("sigmoid", lambda z: 1 / (1 + np.exp(-z))),
+                                       ("tanh", np.tanh)])
+def test_vectorized_activations_match_float64(act, exact):
+    """The vectorized exp behind sigmoid and tanh, over its whole range (clamps, tiny inputs)."""
+    z = np.concatenate([np.linspace(-120, 120, 400_001), 1e-6 * np.arange(-999, 1000),
+                        [0.0, -0.0, 1e-30, 88.5, -88.5]]).astype(np.float32)
+    y = KO.fc_forward(z.reshape(-1, 1), np.ones((1, 1), np.float32), np.zeros(1, np.float32),
+                      act).ravel()
+    r = exact(z.astype(np.float64))
+    assert np.all(np.isfinite(y))
+    np.testing.assert_allclose(y, r, rtol=1e-6, atol=3e-7)
