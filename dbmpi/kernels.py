@@ -13,11 +13,12 @@ from . import _kernels as K
 from .model import reference as R
 
 __all__ = ["lc_forward", "lc_backward", "fc_forward", "fc_backward", "pool_forward",
-           "pool_backward", "lcn_forward", "lcn_backward"]
+           "pool_backward", "lcn_forward", "lcn_backward", "softmax_xent"]
 
 _ACT = {"linear": 0, "relu": 1, "sigmoid": 2, "tanh": 3}
 _F32 = np.float32
 _VW = K.VECTOR_WIDTH
+_RB = K.ROW_BLOCK
 
 
 def _flat(a, name):
@@ -37,12 +38,23 @@ def _lc_dims(x, w, k, stride, pad):
     return n, h, wd, c, ho, wo, f
 
 
+def _lc_plan(n, h, wd, c, k, pad, f):
+    """Buffers' batch padding, and whether the kernels read x batch-last (see lc_forward_c):
+    with padding, or with patch rows too short for full row blocks."""
+    npad = -(-n // _VW) * _VW
+    batch_last = f % _VW == 0 and (pad > 0 or k * c < 2 * _RB)
+    xt = (np.zeros((h + 2 * pad) * (wd + 2 * pad) * c * npad, dtype=_F32) if batch_last
+          else np.empty(1, dtype=_F32))
+    p = np.empty(k * k * c * (npad if batch_last else n), dtype=_F32)
+    return npad, batch_last, xt, p
+
+
 def lc_forward(x, w, b, k, stride, pad, act):
     n, h, wd, c, ho, wo, f = _lc_dims(x, w, k, stride, pad)
     y = np.empty((n, ho, wo, f), dtype=_F32)
-    p = np.empty(n * k * k * c, dtype=_F32)
-    K.lc_forward(_flat(x, "x"), _flat(w, "w"), _flat(b, "b"), y.reshape(-1), p,
-                 n, h, wd, c, k, stride, pad, ho, wo, f, _ACT[act])
+    npad, batch_last, xt, p = _lc_plan(n, h, wd, c, k, pad, f)
+    K.lc_forward(_flat(x, "x"), xt, _flat(w, "w"), _flat(b, "b"), y.reshape(-1), p, n, npad,
+                 h, wd, c, k, stride, pad, ho, wo, f, _ACT[act], batch_last)
     return y
 
 
@@ -51,18 +63,17 @@ def lc_backward(x, w, y, dy, k, stride, pad, act, dw, db, need_dx):
     if dy.shape != y.shape:
         raise ValueError(f"locally connected: gradient {dy.shape} does not match output {y.shape}")
     dz = np.empty(y.size, dtype=_F32)
-    npad = -(-n // _VW) * _VW      # batch-last buffers (see lc_backward_c)
-    if need_dx:
+    npad, batch_last, xt, p = _lc_plan(n, h, wd, c, k, pad, f)
+    if need_dx:     # the input gradient is accumulated batch-last (see lc_backward_c)
         dx = np.empty((n, h, wd, c), dtype=_F32)
         dxt = np.zeros((h + 2 * pad) * (wd + 2 * pad) * c * npad, dtype=_F32)
         dzt = (np.zeros if npad > n else np.empty)(ho * wo * f * npad, dtype=_F32)
     else:
         dx = dxt = dzt = np.empty(1, dtype=_F32)
-    p = np.empty(n * k * k * c, dtype=_F32)
     dwf, dbf = dw.reshape(-1), db.reshape(-1)  # views into the flat gradient
-    K.lc_backward(_flat(x, "x"), _flat(w, "w"), _flat(y, "y"), _flat(dy, "dy"), dz, dxt,
+    K.lc_backward(_flat(x, "x"), xt, _flat(w, "w"), _flat(y, "y"), _flat(dy, "dy"), dz, dxt,
                   dx.reshape(-1), dwf, dbf, p, dzt, n, npad, h, wd, c, k, stride, pad, ho, wo,
-                  f, _ACT[act], need_dx)
+                  f, _ACT[act], need_dx, batch_last)
     return dx if need_dx else None
 
 
@@ -110,6 +121,15 @@ def pool_backward(x, dy, aux, size, stride, kind):
         K.l2_pool_back(_flat(x, "x"), _flat(aux, "y"), _flat(dy, "dy"), dx.reshape(-1), n, h,
                        w, c, size, stride, ho, wo)
     return dx
+
+
+def softmax_xent(z, y):
+    """Mean cross-entropy of float32 logits z (n, classes) against labels y; (loss, dz)."""
+    n, k = z.shape
+    dz = np.empty((n, k), dtype=_F32)
+    loss = K.softmax_xent(_flat(z, "z"), np.ascontiguousarray(y, dtype=np.intp), dz.reshape(-1),
+                          n, k)
+    return loss, dz
 
 
 lcn_forward = R.lcn_forward

@@ -15,7 +15,7 @@ Shapes: ``x (n, h, w, c)``; locally connected weights ``(ho, wo, k*k*c, f)`` wit
 Activation codes: 0 linear, 1 relu, 2 sigmoid, 3 tanh.
 """
 
-from libc.math cimport sqrtf
+from libc.math cimport expf, log, sqrtf
 from libc.string cimport memcpy, memset
 from scipy.linalg.cython_blas cimport sgemm
 
@@ -23,10 +23,12 @@ from scipy.linalg.cython_blas cimport sgemm
 cdef extern from "vmath.h" nogil:
     void dbmpi_sigmoid(float* y, Py_ssize_t size)
     void dbmpi_tanh(float* y, Py_ssize_t size)
+    void dbmpi_max_step(const float* x, float* y, int* arg, int c, int a)
 
 
 cdef extern from "microgemm.h" nogil:
     int DBMPI_VW
+    int DBMPI_RB
     void dbmpi_mgemm(int m, int n, int k, const float* a, Py_ssize_t rsa, Py_ssize_t csa,
                      const float* b, Py_ssize_t ldb, float beta, float* c, Py_ssize_t ldc,
                      const float* pf, Py_ssize_t pfn)
@@ -104,47 +106,58 @@ cdef void _gather(const float* x, int n, int h, int w, int c, int k, int stride,
                    (hi - lo) * c * sizeof(float))
 
 
-cdef inline bint _inside(int h, int w, int k, int stride, int pad, int i,
-                         int j) noexcept nogil:
-    """Whether output location (i, j)'s receptive field lies wholly inside the input."""
-    cdef int r0 = i * stride - pad, c0 = j * stride - pad
-    return r0 >= 0 and c0 >= 0 and r0 + k <= h and c0 + k <= w
-
-
-cdef void lc_forward_c(const float* x, const float* wt, const float* b, float* y, float* p,
-                       int n, int h, int w, int c, int k, int stride, int pad, int ho, int wo,
-                       int f, int act) noexcept nogil:
+cdef void lc_forward_c(const float* x, const float* xt, const float* wt, const float* b,
+                       float* y, float* p, int n, int npad, int h, int w, int c, int k,
+                       int stride, int pad, int ho, int wo, int f, int act) noexcept nogil:
     """y[s,i,j,:] = act(patch(x)[s,i,j,:] @ wt[i,j] + b[i,j]); p is an (n, k*k*c) buffer.
 
     Filter counts that are multiples of the vector width (8 floats with AVX2) use the
-    register-blocked microgemm.h; others BLAS."""
+    register-blocked microgemm.h, others BLAS on gathered patches.  The microkernel reads
+    patches in place (implicit GEMM: a patch's k rows are k contiguous segments), from x when
+    xt is NULL (then pad is 0), else from xt, x batch-last and zero-padded (see _batch_last_x),
+    where every location is interior."""
     cdef int i, j, s, kkc = k * k * c, ld = ho * wo * f
-    cdef Py_ssize_t loc, wsize = <Py_ssize_t>kkc * f
+    cdef Py_ssize_t loc, wsize = <Py_ssize_t>kkc * f, wp = w + 2 * pad
     cdef Py_ssize_t pfn      # the next location's weights are fetched while this one runs
     for i in range(ho):
         for j in range(wo):
             loc = i * wo + j
             pfn = wsize if loc + 1 < ho * wo else 0
-            if f % DBMPI_VW == 0 and _inside(h, w, k, stride, pad, i, j):
-                # implicit GEMM: the patch's k rows are k contiguous segments of x
+            if f % DBMPI_VW == 0 and xt != NULL:
+                dbmpi_mgemm_seg(n, f, k, wp * c * npad, k * c,
+                                xt + ((i * stride) * wp + j * stride) * c * npad, 1, npad,
+                                wt + loc * wsize, f, 0.0, y + loc * f, ld, b + loc * f,
+                                act == 1, wt + (loc + 1) * wsize, pfn)
+            elif f % DBMPI_VW == 0:
                 dbmpi_mgemm_seg(n, f, k, w * c, k * c,
-                                x + ((i * stride - pad) * <Py_ssize_t>w + j * stride - pad) * c,
+                                x + ((i * stride) * <Py_ssize_t>w + j * stride) * c,
                                 <Py_ssize_t>h * w * c, 1, wt + loc * wsize, f, 0.0,
                                 y + loc * f, ld, b + loc * f, act == 1,
                                 wt + (loc + 1) * wsize, pfn)
-                continue
-            _gather(x, n, h, w, c, k, stride, pad, i, j, p)
-            if f % DBMPI_VW == 0:
-                dbmpi_mgemm_seg(n, f, 1, 0, kkc, p, kkc, 1, wt + loc * wsize, f, 0.0,
-                                y + loc * f, ld, b + loc * f, act == 1,
-                                wt + (loc + 1) * wsize, pfn)
             else:
+                _gather(x, n, h, w, c, k, stride, pad, i, j, p)
                 for s in range(n):
                     memcpy(y + s * <Py_ssize_t>ld + loc * f, b + loc * f, f * sizeof(float))
                 _gemm(False, False, n, f, kkc, 1.0, p, kkc, wt + loc * kkc * f, f, 1.0,
                       y + loc * f, ld)
     if f % DBMPI_VW != 0 or act != 1:      # relu is fused into the microkernel's epilogue
         _act_forward(y, <Py_ssize_t>n * ld, act)
+
+
+cdef void _batch_last_x(const float* x, float* xt, int n, int npad, int h, int w, int c,
+                        int pad) noexcept nogil:
+    """xt[((r + pad)*wp + col + pad)*c + ch, s] = x[s, r, col, ch], wp = w + 2*pad; the
+    caller zeroes xt (its padding rows and columns stay zero)."""
+    cdef Py_ssize_t wc = <Py_ssize_t>w * c, wp = w + 2 * pad, t, s
+    cdef int r
+    cdef const float* src
+    cdef float* dst
+    for r in range(h):
+        dst = xt + ((r + pad) * wp + pad) * c * <Py_ssize_t>npad
+        for s in range(n):
+            src = x + (s * <Py_ssize_t>h + r) * wc
+            for t in range(wc):
+                dst[t * npad + s] = src[t]
 
 
 cdef void _to_batch_last(const float* dz, float* dzt, int n, int npad, Py_ssize_t ld) noexcept nogil:
@@ -174,10 +187,10 @@ cdef void _from_batch_last(const float* dxt, float* dx, int n, int npad, int h, 
                 dst[t] = src[t * npad + s]
 
 
-cdef void lc_backward_c(const float* x, const float* wt, const float* dz, float* dxt,
-                        float* dw, float* db, float* p, float* dzt, int n, int npad, int h,
-                        int w, int c, int k, int stride, int pad, int ho, int wo, int f,
-                        bint need_dx) noexcept nogil:
+cdef void lc_backward_c(const float* x, const float* xt, const float* wt, const float* dz,
+                        float* dxt, float* dw, float* db, float* p, float* dzt, int n,
+                        int npad, int h, int w, int c, int k, int stride, int pad, int ho,
+                        int wo, int f, bint need_dx) noexcept nogil:
     """dw[i,j] = patch^T @ dz[:,i,j,:]; db[i,j] = sum_s dz[s,i,j,:];
     dxt += dz[:,i,j,:]^T-scatter of wt[i,j] @ dz[:,i,j,:]^T, batch-last.
 
@@ -185,7 +198,8 @@ cdef void lc_backward_c(const float* x, const float* wt, const float* dz, float*
     zeroed by the caller, from dzt (ho*wo*f, npad) (dz transposed here; its padding columns
     zeroed by the caller): the k rows of a patch are then k runs of k*c contiguous rows of
     dxt, so each is one product wt-rows @ dzt with no transpose of the weights and no
-    scatter.  npad is n rounded up to the vector width.  p is an (n, k*k*c) buffer."""
+    scatter.  npad is n rounded up to the vector width.  p is an (n, k*k*c) buffer, or
+    (k*k*c, npad) with xt, which is as for lc_forward_c."""
     cdef int i, j, s, t, ky, kkc = k * k * c, ld = ho * wo * f, kc = k * c
     cdef Py_ssize_t loc, wp = w + 2 * pad
     cdef bint micro = f % DBMPI_VW == 0
@@ -202,16 +216,21 @@ cdef void lc_backward_c(const float* x, const float* wt, const float* dz, float*
             loc = i * wo + j
             pfd = kc * f if loc + 1 < ho * wo else 0
             wl = wt + loc * kkc * f
-            if micro and _inside(h, w, k, stride, pad, i, j):
-                xs = x + ((i * stride - pad) * <Py_ssize_t>w + j * stride - pad) * c
+            if micro and xt != NULL:
+                # patch^T, batch-last: k runs of k*c rows of xt, copied so the k segments
+                # make one product of k*k*c rows (the segments alone are too short)
+                for ky in range(k):
+                    memcpy(p + ky * kc * npad,
+                           xt + ((i * stride + ky) * wp + j * stride) * c * npad,
+                           kc * npad * sizeof(float))
+                dbmpi_mgemm(kkc, f, n, p, npad, 1, dz + loc * f, ld, 0.0, dw + loc * kkc * f,
+                            f, wl, pfw * k)
+            elif micro:
+                xs = x + ((i * stride) * <Py_ssize_t>w + j * stride) * c
                 for ky in range(k):     # dw rows of patch row ky: x segment ky, transposed
                     dbmpi_mgemm(kc, f, n, xs + ky * <Py_ssize_t>w * c, 1,
                                 <Py_ssize_t>h * w * c, dz + loc * f, ld, 0.0,
                                 dw + loc * kkc * f + ky * kc * f, f, wl + ky * kc * f, pfw)
-            elif micro:
-                _gather(x, n, h, w, c, k, stride, pad, i, j, p)
-                dbmpi_mgemm(kkc, f, n, p, 1, kkc, dz + loc * f, ld, 0.0, dw + loc * kkc * f, f,
-                            wl, pfw * k)
             else:
                 _gather(x, n, h, w, c, k, stride, pad, i, j, p)
                 _gemm(True, False, kkc, f, n, 1.0, p, kkc, dz + loc * f, ld, 0.0,
@@ -255,28 +274,24 @@ cdef void fc_backward_c(const float* x, const float* wt, const float* dz, float*
 
 cdef void max_pool_c(const float* x, float* y, int* arg, int n, int h, int w, int c, int size,
                      int stride, int ho, int wo) noexcept nogil:
-    """y[s,i,j,ch] = max over the window; arg = ky*size + kx of the (first) maximum."""
-    cdef int s, i, j, ky, kx, ch
+    """y[s,i,j,ch] = max over the window; arg = ky*size + kx of the (first) maximum.
+
+    Channels innermost and branch-free (selects, not jumps), so the compiler vectorizes."""
+    cdef int s, i, j, ky, kx
     cdef Py_ssize_t o, src
-    cdef float v
     for s in range(n):
         for i in range(ho):
             for j in range(wo):
                 o = ((s * ho + i) * <Py_ssize_t>wo + j) * c
                 src = ((s * h + i * stride) * <Py_ssize_t>w + j * stride) * c
-                for ch in range(c):
-                    y[o + ch] = x[src + ch]
-                    arg[o + ch] = 0
+                memcpy(y + o, x + src, c * sizeof(float))
+                memset(arg + o, 0, c * sizeof(int))
                 for ky in range(size):
                     for kx in range(size):
                         if ky == 0 and kx == 0:
                             continue
                         src = ((s * h + i * stride + ky) * <Py_ssize_t>w + j * stride + kx) * c
-                        for ch in range(c):
-                            v = x[src + ch]
-                            if v > y[o + ch]:
-                                y[o + ch] = v
-                                arg[o + ch] = ky * size + kx
+                        dbmpi_max_step(x + src, y + o, arg + o, c, ky * size + kx)
 
 
 cdef void max_pool_back_c(const float* dy, const int* arg, float* dx, int n, int h, int w,
@@ -335,23 +350,29 @@ cdef void l2_pool_back_c(const float* x, const float* y, const float* dy, float*
 
 # ---- layer 3: entry points (GIL released; the Python layer has checked everything) ---------
 
-def lc_forward(const float[::1] x, const float[::1] wt, const float[::1] b, float[::1] y,
-               float[::1] p, int n, int h, int w, int c, int k, int stride, int pad, int ho,
-               int wo, int f, int act):
+def lc_forward(const float[::1] x, float[::1] xt, const float[::1] wt, const float[::1] b,
+               float[::1] y, float[::1] p, int n, int npad, int h, int w, int c, int k,
+               int stride, int pad, int ho, int wo, int f, int act, bint batch_last):
+    """batch_last: xt is a zeroed (h + 2*pad)*(w + 2*pad)*c*npad buffer to use."""
     with nogil:
-        lc_forward_c(&x[0], &wt[0], &b[0], &y[0], &p[0], n, h, w, c, k, stride, pad, ho, wo,
-                     f, act)
+        if batch_last:
+            _batch_last_x(&x[0], &xt[0], n, npad, h, w, c, pad)
+        lc_forward_c(&x[0], &xt[0] if batch_last else NULL, &wt[0], &b[0], &y[0], &p[0], n,
+                     npad, h, w, c, k, stride, pad, ho, wo, f, act)
 
 
-def lc_backward(const float[::1] x, const float[::1] wt, const float[::1] y,
+def lc_backward(const float[::1] x, float[::1] xt, const float[::1] wt, const float[::1] y,
                 const float[::1] dy, float[::1] dz, float[::1] dxt, float[::1] dx,
                 float[::1] dw, float[::1] db, float[::1] p, float[::1] dzt, int n, int npad,
                 int h, int w, int c, int k, int stride, int pad, int ho, int wo, int f,
-                int act, bint need_dx):
+                int act, bint need_dx, bint batch_last):
     with nogil:
         _act_backward(&y[0], &dy[0], &dz[0], dz.shape[0], act)
-        lc_backward_c(&x[0], &wt[0], &dz[0], &dxt[0], &dw[0], &db[0], &p[0], &dzt[0], n, npad,
-                      h, w, c, k, stride, pad, ho, wo, f, need_dx)
+        if batch_last:
+            _batch_last_x(&x[0], &xt[0], n, npad, h, w, c, pad)
+        lc_backward_c(&x[0], &xt[0] if batch_last else NULL, &wt[0], &dz[0], &dxt[0], &dw[0],
+                      &db[0], &p[0], &dzt[0], n, npad, h, w, c, k, stride, pad, ho, wo, f,
+                      need_dx)
         if need_dx:
             _from_batch_last(&dxt[0], &dx[0], n, npad, h, w, c, pad)
 
@@ -392,6 +413,39 @@ def l2_pool_back(const float[::1] x, const float[::1] y, const float[::1] dy, fl
                  int n, int h, int w, int c, int size, int stride, int ho, int wo):
     with nogil:
         l2_pool_back_c(&x[0], &y[0], &dy[0], &dx[0], n, h, w, c, size, stride, ho, wo)
+
+
+cdef double softmax_xent_c(const float* z, const Py_ssize_t* y, float* dz, int n,
+                          int k) noexcept nogil:
+    """Mean over rows of log(sum exp z) - z[y]; dz = (softmax(z) - onehot(y)) / n."""
+    cdef int s, t
+    cdef float m, e
+    cdef double tot, loss = 0
+    cdef const float* zs
+    cdef float* ds
+    for s in range(n):
+        zs = z + s * <Py_ssize_t>k
+        ds = dz + s * <Py_ssize_t>k
+        m = zs[0]
+        for t in range(1, k):
+            m = zs[t] if zs[t] > m else m
+        tot = 0
+        for t in range(k):
+            e = expf(zs[t] - m)
+            ds[t] = e
+            tot += e
+        loss += log(tot) - (zs[y[s]] - m)
+        for t in range(k):
+            ds[t] = <float>(ds[t] / tot / n)
+        ds[y[s]] -= <float>(1.0 / n)
+    return loss / n
+
+
+def softmax_xent(const float[::1] z, const Py_ssize_t[::1] y, float[::1] dz, int n, int k):
+    cdef double loss
+    with nogil:
+        loss = softmax_xent_c(&z[0], &y[0], &dz[0], n, k)
+    return loss
 
 
 # ---- update rules (parameter-server shards apply these once per push) ----------------------
@@ -458,3 +512,4 @@ def adagrad_delta(float[::1] acc, const float[::1] g, float[::1] delta, float lr
 
 
 VECTOR_WIDTH = DBMPI_VW   # floats per vector in microgemm.h: batch-last buffers pad to it
+ROW_BLOCK = DBMPI_RB      # rows of the microkernel's full blocks

@@ -68,4 +68,16 @@ static inline void dbmpi_tanh(float *y, ptrdiff_t size)
         y[t] = tanhf(y[t]);
 }
 
+/* One window position of a max pool over c channels: where x > y, y = x and arg = a.
+ * Branch-free with restrict pointers, so it vectorizes (one compare, two blends). */
+static inline void dbmpi_max_step(const float *restrict x, float *restrict y,
+                                  int *restrict arg, int c, int a)
+{
+    for (int ch = 0; ch < c; ch++) {
+        int gt = x[ch] > y[ch];
+        y[ch] = gt ? x[ch] : y[ch];
+        arg[ch] = gt ? a : arg[ch];
+    }
+}
+
 #endif

@@ -21,6 +21,7 @@ LC_SHAPES = [
     (1, 9, 9, 3, 7, 2, 3, 7),
     (33, 12, 12, 3, 5, 1, 0, 16),  # batch past the vector padding, 2-vector blocks
     (9, 10, 10, 4, 3, 2, 1, 24),   # 2- and 1-vector blocks, padded edges
+    (7, 9, 11, 1, 3, 2, 0, 8),     # patch rows too short for row blocks, no padding
 ]
 
 

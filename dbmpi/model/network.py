@@ -116,9 +116,8 @@ class Network:
         """Mean cross-entropy (+ l2/2 ||theta||^2) and its gradient, in theta's dtype."""
         theta, xh, y = self._check(theta, x, y)
         ops = self._ops(theta.dtype)
-        from .reference import softmax_xent
         z, caches, params = self._forward(theta, xh, ops)
-        loss, dz = softmax_xent(z, y)
+        loss, dz = ops.softmax_xent(z, y)
         grad = np.empty_like(theta)
         d = dz.reshape(dz.shape[0], 1, 1, self.classes)
         for i in range(len(self.layers) - 1, -1, -1):

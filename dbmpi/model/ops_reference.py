@@ -8,7 +8,7 @@ the caller's ``dw``/``db`` views and return the input gradient (or None).
 from . import reference as R
 
 __all__ = ["lc_forward", "lc_backward", "fc_forward", "fc_backward", "pool_forward",
-           "pool_backward", "lcn_forward", "lcn_backward"]
+           "pool_backward", "lcn_forward", "lcn_backward", "softmax_xent"]
 
 
 def lc_forward(x, w, b, k, stride, pad, act):
@@ -39,3 +39,6 @@ pool_forward = R.pool_forward
 pool_backward = R.pool_backward
 lcn_forward = R.lcn_forward
 lcn_backward = R.lcn_backward
+
+
+softmax_xent = R.softmax_xent
