@@ -116,8 +116,8 @@ static inline dbmpi_block_fn dbmpi_block_for(int rows, int two)
     }
 }
 
-/* pf, pfn: pfn floats to prefetch into L2 while multiplying, a line per k step of the first
- * blocks (the next product's operand, which would otherwise arrive from memory on demand). */
+/* pf, pfn: pfn floats to prefetch into L2 while multiplying, a line per k step, shared out
+ * over the blocks (the next product's operand, which would otherwise arrive on demand). */
 static inline void dbmpi_mgemm_seg(int m, int n, int nseg, ptrdiff_t sstride, int k,
                                    const float *A, ptrdiff_t rsa, ptrdiff_t csa,
                                    const float *B, ptrdiff_t ldb, float beta, float *C,
@@ -125,7 +125,10 @@ static inline void dbmpi_mgemm_seg(int m, int n, int nseg, ptrdiff_t sstride, in
                                    const float *pf, ptrdiff_t pfn)
 {
     ptrdiff_t lines = pf ? (pfn + 15) / 16 : 0;
-    int steps = nseg * k;
+    /* spread over all blocks: a burst would overrun the outstanding-miss queues */
+    int blocks = ((n + 2 * DBMPI_VW - 1) / (2 * DBMPI_VW)) * ((m + DBMPI_RB - 1) / DBMPI_RB);
+    ptrdiff_t share = (lines + blocks - 1) / blocks;
+    int steps = share < nseg * k ? (int)share : nseg * k;
     for (int j = 0; j < n; ) {
         int two = n - j >= 2 * DBMPI_VW;
         int i = 0;
