@@ -16,6 +16,9 @@ from pathlib import Path
 import studylib as S
 
 NETS = {
+    # locally connected layers with L2 pooling, as in the DistBelief image models (Le et al.
+    # 2012), scaled down; the second pooling keeps the softmax's input (which every
+    # partition needs whole: it is split by output units) at 13x13x32
     "locally connected, 64x64 images": ("synth64", """
 [model]
 input_shape = [1, 64, 64]
@@ -24,12 +27,15 @@ type = "locally_connected"
 channels = 16
 kernel = 5
 [[model.layers]]
-type = "max_pool"
+type = "l2_pool"
 size = 2
 [[model.layers]]
 type = "locally_connected"
 channels = 32
-kernel = 3
+kernel = 5
+[[model.layers]]
+type = "l2_pool"
+size = 2
 [[model.layers]]
 type = "softmax"
 classes = 10

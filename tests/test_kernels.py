@@ -103,6 +103,13 @@ def test_network_kernels_match_reference():
     lr, gr = nr.loss_and_grad(theta, x, y)
     assert abs(lk - lr) < 1e-5 * max(1, abs(lr))
     np.testing.assert_allclose(gk, gr, atol=1e-5 * np.abs(gr).max(), rtol=1e-3)
+    # the training loops' form: the gradient written into one buffer, every element of it
+    buf = np.full_like(theta, np.nan)
+    lo, go = nk.loss_and_grad(theta, x, y, out=buf)
+    assert go is buf and lo == lk
+    np.testing.assert_array_equal(go, gk)
+    with pytest.raises(ValueError, match="out must be a contiguous float32 array"):
+        nk.loss_and_grad(theta, x, y, out=np.empty(3, np.float32))
 
 
 @pytest.mark.parametrize("n", [1, 7, 1000])

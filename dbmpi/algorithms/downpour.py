@@ -128,6 +128,7 @@ def _run_replica(topo, cfg, net, client, resume=None):
                       cfg["data"]["cache_mb"], position=position)
     theta = np.empty(size, dtype=np.float32)
     acc, acc_empty = np.zeros_like(theta), True
+    accbuf, gbuf = acc, np.empty_like(theta)    # one buffer each, every step
     scratch = np.empty_like(theta)
     lr = np.float32(o["learning_rate"])
     warm = o["warmstart_steps"] if step0 == 0 else 0   # a resumed run is warm already
@@ -157,9 +158,14 @@ def _run_replica(topo, cfg, net, client, resume=None):
             fetches += 1
         x, y = batches.next()
         t = time.perf_counter()
-        loss, g = model.loss_and_grad(theta, x, y)
+        loss, g = model.loss_and_grad(theta, x, y, out=gbuf)
         if acc_empty:
-            acc, acc_empty = g, False      # g is a fresh array: take it, no copy
+            if o["n_push"] == 1:           # pushed this step, before gbuf is written again
+                acc = g
+            else:
+                acc = accbuf
+                np.copyto(acc, g)
+            acc_empty = False
         else:
             acc += g
         step += 1

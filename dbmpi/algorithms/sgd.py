@@ -51,10 +51,11 @@ def train_sgd(cfg: dict, net, run, resume: dict | None = None, progress: bool = 
         return e
 
     stop = "max_steps"
+    gbuf = np.empty_like(theta)      # the gradient's buffer, every step
     while step < r["max_steps"]:
         x, y = batches.next()
         tc = time.perf_counter()
-        loss, g = net.loss_and_grad(theta, x, y)
+        loss, g = net.loss_and_grad(theta, x, y, out=gbuf)
         if not np.isfinite(loss):
             raise FloatingPointError(
                 f"training diverged at step {step} (loss {loss}); try a smaller "
@@ -145,9 +146,10 @@ def train_sgd_partitioned(topo, cfg, out, resume=None, quiet=False) -> dict | No
             save_checkpoint(run.checkpoint, params, state,
                             {"step": step, "epoch": batches.epoch, "offset": batches.offset}, cfg)
 
+    gbuf = np.empty_like(theta)      # the gradient's buffer, every step
     while step < r["max_steps"]:
         x, y = batches.next()
-        loss, g = pn.loss_and_grad(theta, x, y)
+        loss, g = pn.loss_and_grad(theta, x, y, out=gbuf)
         if not np.isfinite(loss):
             raise FloatingPointError(
                 f"training diverged at step {step} (loss {loss}); try a smaller "

@@ -65,9 +65,10 @@ def run_sync(topo, cfg, net, out, resume=None, quiet=False):
     last_eval = last_ckpt = t0
     step, stop, t_comm, ev = step0, "max_steps", 0.0, None
     flag = np.zeros(1, dtype=np.int32)           # bits: EVAL, STOP, CHECKPOINT (common.py)
+    gbuf = np.empty_like(theta)      # the gradient's buffer, every step
     while step < r["max_steps"]:
         x, y = batches.next()
-        loss, g = model.loss_and_grad(theta, x, y)
+        loss, g = model.loss_and_grad(theta, x, y, out=gbuf)
         t = time.perf_counter()
         wait([peers.Iallreduce(g, gsum, op=MPI.SUM)])
         t_comm += time.perf_counter() - t

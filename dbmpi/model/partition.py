@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..mpiwait import wait
-from .network import Network
+from .network import Network, _grad_buffer
 from .reference import softmax_xent
 
 __all__ = ["PartitionedNetwork", "split", "Layout"]
@@ -71,6 +71,16 @@ class _Exchange:
         """Assemble the needed region (n, need rows, w, c) from my block ``local``."""
         h, w, c = self.shape
         lo, hi = self.need
+        r0 = self.own[0][0]
+        if not self.recv and self.self_rows == self.need and self.own[1] == (0, c):
+            # all I need is mine (a pooling stripe, say): no copy; send what others need
+            reqs = []
+            for q, rows, chans in self.send:
+                b = np.ascontiguousarray(local[:, rows[0] - r0:rows[1] - r0])
+                reqs.append(self.comm.Isend(b, dest=q, tag=self.tag))
+                self.bytes_sent += b.nbytes
+            wait(reqs)
+            return local[:, lo - r0:hi - r0]
         # every element of the region is owned by exactly one partition (me or a sender),
         # so the copies below cover it all
         region = np.empty((n, hi - lo, w, c), dtype=dtype)
@@ -79,7 +89,6 @@ class _Exchange:
             b = np.empty(self._block(n, rows, chans), dtype=dtype)
             reqs.append(self.comm.Irecv(b, source=q, tag=self.tag))
             bufs.append((b, rows, chans))
-        r0 = self.own[0][0]
         for q, rows, chans in self.send:
             b = np.ascontiguousarray(local[:, rows[0] - r0:rows[1] - r0])
             reqs.append(self.comm.Isend(b, dest=q, tag=self.tag))
@@ -100,6 +109,15 @@ class _Exchange:
         n = dregion.shape[0]
         lo = self.need[0]
         (r0, r1), (c0, c1) = self.own
+        if not self.send and self.self_rows == (r0, r1) and (c0, c1) == (0, self.shape[2]):
+            # nobody used my rows: my gradient is my part of dregion; theirs go back
+            reqs = []
+            for q, rows, chans in self.recv:
+                b = np.ascontiguousarray(dregion[:, rows[0] - lo:rows[1] - lo, :, chans[0]:chans[1]])
+                reqs.append(self.comm.Isend(b, dest=q, tag=self.tag + 1))
+                self.bytes_sent += b.nbytes
+            wait(reqs)
+            return np.ascontiguousarray(dregion[:, r0 - lo:r1 - lo])
         dlocal = np.zeros((n, r1 - r0, self.shape[1], c1 - c0), dtype=dtype)
         reqs, bufs = [], []
         for q, rows, chans in self.send:          # my rows they used: gradients come back
@@ -295,9 +313,12 @@ class PartitionedNetwork:
             h, w, c = layer.in_shape
             lo_in = a * layer.stride - layer.pad
             hi_in = (z - 1) * layer.stride - layer.pad + layer.k
-            slab = np.zeros((n, hi_in - lo_in, w + 2 * layer.pad, c), dtype=region.dtype)
             top = max(lo_in, 0) - lo_in           # rows above the image are zero padding
-            slab[:, top:top + region.shape[1], layer.pad:layer.pad + w] = region
+            if layer.pad == 0 and region.shape[1] == hi_in - lo_in:
+                slab = np.ascontiguousarray(region)   # no padding to add: the region itself
+            else:
+                slab = np.zeros((n, hi_in - lo_in, w + 2 * layer.pad, c), dtype=region.dtype)
+                slab[:, top:top + region.shape[1], layer.pad:layer.pad + w] = region
             y = ops.lc_forward(slab, params[0], params[1], layer.k, layer.stride, 0, layer.act)
             return y, (slab, y, top, region.shape[1])
         if kind in ("max_pool", "l2_pool"):
@@ -371,9 +392,9 @@ class PartitionedNetwork:
         z, _, _, _ = self._forward(np.asarray(theta_local), x)
         return self._all_logits(z)
 
-    def loss_and_grad(self, theta_local, x, y):
+    def loss_and_grad(self, theta_local, x, y, out=None):
         """Mean cross-entropy + l2/2 ||theta||^2 (the whole network's, on every partition) and
-        the gradient of this partition's slice."""
+        the gradient of this partition's slice (into ``out`` if given, as for Network)."""
         theta_local = np.asarray(theta_local)
         y = np.asarray(y, dtype=np.intp)
         z, caches, params, ops = self._forward(theta_local, x)
@@ -381,7 +402,7 @@ class PartitionedNetwork:
         loss, dz_full = softmax_xent(full, y)
         n = full.shape[0]
         a, b = self.mine[-1].chans
-        grad = np.zeros_like(theta_local)
+        grad = _grad_buffer(out, theta_local)  # every layer's backward writes all its share
         gviews = self._params(grad)
         d = np.ascontiguousarray(dz_full[:, a:b]).reshape(n, 1, 1, b - a)
         for i in range(len(self.mine) - 1, -1, -1):
