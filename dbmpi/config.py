@@ -46,6 +46,7 @@ DEFAULTS: dict[str, dict[str, tuple]] = {
         "learning_rate": (0.05, (float, 0.0)),
         "adagrad": (False, bool),
         "adagrad_eps": (1e-8, (float, 0.0)),
+        "direct_push": (True, bool),
         "batch_size": (32, (int, 1)),
         "n_fetch": (1, (int, 1)),
         "n_push": (1, (int, 1)),

@@ -1,12 +1,14 @@
 #!/usr/bin/env python
-"""Usage: python jobs/bench_downpour.py [--params-model wide|small] [--steps N] [--out DIR]
+"""Usage: python jobs/bench_downpour.py [--steps N] [--optimizers sgd,adagrad]
 
 Downpour benchmark, all runs in one invocation: a replica's step time with and without the
 parameter server (n_fetch = n_push = 1, every parameter fetched and pushed every step), and
-the samples/s of 1 and 2 replicas.  The model is fully connected, 5.25M parameters
-(1024 -> 2560 -> 1024 -> 10), batch 128, on synthetic 32x32 digits.  The coordinator and the
-shard ranks share the cores with the replicas (on this 2-core machine: 3 and 4 ranks).
-Launcher: MPIEXEC (default: the mpiexec beside this Python).
+the samples/s of 1 and 2 replicas, for each update rule: plain SGD (replicas apply their
+pushes to the shards themselves with MPI Accumulate) and Adagrad (pushes go to the shard's
+inbox and the shard applies them with its accumulators).  The model is fully connected,
+5.25M parameters (1024 -> 2560 -> 1024 -> 10), batch 128, on synthetic 32x32 digits.  The
+coordinator and the shard ranks share the cores with the replicas (on this 2-core machine:
+3 and 4 ranks).  Launcher: MPIEXEC (default: the mpiexec beside this Python).
 """
 
 import argparse
@@ -37,10 +39,11 @@ classes = 10
 """
 
 
-def config(data, algo, replicas, shards, steps, batch):
+def config(data, algo, replicas, shards, steps, batch, adagrad):
     return (f'[data]\npath = "{data}"\n' + MODEL +
             f"[cluster]\nps_shards = {shards}\nreplicas = {replicas}\npartitions = 1\n"
-            f'[optimizer]\nalgorithm = "{algo}"\nlearning_rate = 0.01\nadagrad = true\n'
+            f'[optimizer]\nalgorithm = "{algo}"\nlearning_rate = 0.01\n'
+            f"adagrad = {str(adagrad).lower()}\n"
             f"batch_size = {batch}\nn_fetch = 1\nn_push = 1\n"
             f"[run]\nmax_steps = {steps}\nmax_time_s = 600\neval_every_s = 1000\n"
             f"checkpoint_every_s = 1000\nlog_every = 10\n")
@@ -62,22 +65,33 @@ def main():
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--data", default=str(ROOT / "data" / "synth32.h5"))
+    p.add_argument("--optimizers", default="sgd,adagrad")
     args = p.parse_args()
     if not Path(args.data).exists():
         subprocess.run([PY, "-m", "dbmpi", "data", "synthetic", "--size", "32", "--count",
                         "4000", "--out", args.data], check=True, cwd=ROOT, env=ENV)
-    with tempfile.TemporaryDirectory() as tmp:
-        alone = run(tmp, "alone", config(args.data, "sgd", 1, 1, args.steps, args.batch), 1)
-        one = run(tmp, "one", config(args.data, "downpour", 1, 1, args.steps, args.batch), 3)
-        two = run(tmp, "two", config(args.data, "downpour", 2, 1, args.steps, args.batch), 4)
+    print(f"batch {args.batch}, {args.steps} steps per replica, n_fetch = n_push = 1")
+    for opt in args.optimizers.split(","):
+        ada = opt == "adagrad"
+        with tempfile.TemporaryDirectory() as tmp:
+            runs = {name: run(tmp, name, config(args.data, algo, reps, 1, args.steps,
+                                                args.batch, ada), ranks)
+                    for name, algo, reps, ranks in [("alone", "sgd", 1, 1),
+                                                    ("one", "downpour", 1, 3),
+                                                    ("two", "downpour", 2, 4)]}
+        report(opt, runs, args.steps)
+
+
+def report(opt, runs, steps):
+    alone, one, two = runs["alone"], runs["one"], runs["two"]
     step_alone = alone["wall_time_s"] / alone["steps"]
     r1 = one["replicas"][0]
-    print(f"model: {alone['num_params'] / 1e6:.2f}M parameters, batch {args.batch}, "
-          f"{args.steps} steps per replica, n_fetch = n_push = 1")
+    print(f"\n{opt} ({two['config']['pushes']} pushes), model "
+          f"{alone['num_params'] / 1e6:.2f}M parameters")
     print(f"step without parameter server (sgd, 1 rank):     {step_alone * 1e3:8.1f} ms")
     print(f"step with parameter server (1 replica, 1 shard):  {r1['step_s'] * 1e3:8.1f} ms "
-          f"(fetch {r1['fetch_s'] / args.steps * 1e3:.1f} ms, push "
-          f"{r1['push_s'] / args.steps * 1e3:.1f} ms per step)")
+          f"(fetch {r1['fetch_s'] / steps * 1e3:.1f} ms, push "
+          f"{r1['push_s'] / steps * 1e3:.1f} ms per step)")
     print(f"  ratio with/without:                             {r1['step_s'] / step_alone:8.3f}x")
     print(f"samples/s, 1 replica (3 ranks):                   {one['samples_per_s']:8.1f}")
     print(f"samples/s, 2 replicas (4 ranks):                  {two['samples_per_s']:8.1f}")

@@ -2,10 +2,11 @@
 servers with random delays and check every fetch for torn shards; the coordinator drains
 the shards and prints JSON with the final parameters' exactness.
 
-Usage: mpiexec -n (1 + SHARDS + REPLICAS) python tests/mpi_ps_stress.py SHARDS REPLICAS PUSHES N [NAN_EVERY]
+Usage: mpiexec -n (1 + SHARDS + REPLICAS) python tests/mpi_ps_stress.py SHARDS REPLICAS PUSHES N [NAN_EVERY [MODE]]
 
 With NAN_EVERY > 0, replica 0 also pushes, on its own, a gradient holding a NaN every
-NAN_EVERY pushes: the shards must reject each whole and leave the parameters unchanged.
+NAN_EVERY pushes: each must be rejected whole and leave the parameters unchanged.  MODE is
+``direct`` (replicas Accumulate into the shards themselves) or ``inbox`` (the shards apply).
 """
 
 import json
@@ -15,7 +16,7 @@ import time
 import numpy as np
 from mpi4py import MPI
 
-from dbmpi.algorithms.downpour import TAGS, _poll_recv, make_shard, serve_shard
+from dbmpi.algorithms.downpour import TAGS, _poll_recv, direct_pushes, make_shard, serve_shard
 from dbmpi.config import parse
 from dbmpi.server import PSClient, create_windows
 from dbmpi.topology import Topology, shard_ranges
@@ -34,8 +35,10 @@ class ZeroNet:
 def main():
     S, R, pushes, n = map(int, sys.argv[1:5])
     nan_every = int(sys.argv[5]) if len(sys.argv) > 5 else 0
+    mode = sys.argv[6] if len(sys.argv) > 6 else "direct"
     cfg = parse({"model": {"input_shape": [1, 1, 1], "layers": [{"type": "softmax", "classes": 2}]},
-                 "optimizer": {"algorithm": "downpour", "learning_rate": 1.0},
+                 "optimizer": {"algorithm": "downpour", "learning_rate": 1.0,
+                               "direct_push": mode == "direct"},
                  "cluster": {"ps_shards": S, "replicas": R}})
     world = MPI.COMM_WORLD
     topo = Topology.split(world, cfg)
@@ -47,7 +50,8 @@ def main():
         topo.rma.Barrier()
         serve_shard(topo, server)
     else:
-        client = PSClient(pw, iw, ranges, topo.shard_ranks, topo.index)
+        client = PSClient(pw, iw, ranges, topo.shard_ranks, topo.index,
+                          direct_lr=1.0 if direct_pushes(cfg) and topo.role == "replica" else None)
         topo.rma.Barrier()
         client.warm_up()
         if topo.role == "replica":
@@ -79,7 +83,8 @@ def main():
                 empty = client.push(acc)
                 time.sleep(0.001)
             topo.ctrl.send({"replica": topo.index, "total": total, "torn": torn,
-                            "sent": client.pushes_sent, "nans": nans}, dest=0, tag=TAGS["DONE"])
+                            "sent": client.pushes_sent, "nans": nans,
+                            "rejected": client.rejected}, dest=0, tag=TAGS["DONE"])
             _poll_recv(topo.ctrl, 0, TAGS["FINISH"])
         else:
             done = [_poll_recv(topo.ctrl, MPI.ANY_SOURCE, TAGS["DONE"]) for _ in range(R)]
@@ -95,7 +100,8 @@ def main():
                 "torn": sum(d["torn"] for d in done),
                 "pushes_sent": sum(d["sent"] for d in done),
                 "pushes_applied": sum(m["applied"] for m in snaps),
-                "pushes_rejected": sum(m["rejected"] for m in snaps),
+                "pushes_rejected": (sum(m["rejected"] for m in snaps)
+                                    + sum(d["rejected"] for d in done)),
                 "nan_pushes": sum(d["nans"] for d in done) * S}))
     for w in pw + iw:
         w.free()

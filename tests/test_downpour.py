@@ -11,12 +11,14 @@ def _cfg(tmp_path, digits_path, name="digits_downpour.toml"):
     return job_config(tmp_path, digits_path, name)
 
 
-@pytest.mark.parametrize("shards,replicas,nan_every", [(2, 3, 0), (3, 2, 0), (3, 4, 25)])
-def test_no_update_lost_or_applied_twice_and_no_torn_fetch(shards, replicas, nan_every):
+@pytest.mark.parametrize("shards,replicas,nan_every,mode", [
+    (2, 3, 0, "direct"), (3, 2, 0, "inbox"), (3, 4, 25, "direct"), (2, 3, 25, "inbox")])
+def test_no_update_lost_or_applied_twice_and_no_torn_fetch(shards, replicas, nan_every, mode):
     """Stress: many replicas push known integers (n_push = 1, random delays) into several
-    shards; with nan_every, NaN pushes too, which must be rejected whole."""
+    shards, applied by the replicas (direct) or the shards (inbox); with nan_every, NaN
+    pushes too, which must be rejected whole."""
     r = run_mpi(1 + shards + replicas, ROOT / "tests" / "mpi_ps_stress.py", shards, replicas,
-                300, 10007, nan_every, module=False, timeout=150)
+                300, 10007, nan_every, mode, module=False, timeout=150)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["min"] == out["max"] == out["expected"], out   # exact integer sum

@@ -41,6 +41,12 @@ def _poll_recv(comm, source, tag, backoff=None):
 
 # -- shard ---------------------------------------------------------------------------------
 
+def direct_pushes(cfg) -> bool:
+    """Plain SGD: replicas apply their pushes to the shards themselves (server.py), unless
+    ``optimizer.direct_push`` is false."""
+    return not cfg["optimizer"]["adagrad"] and cfg["optimizer"]["direct_push"]
+
+
 def make_shard(topo, cfg, net, pw, iw, ranges, resume=None, layout=None):
     """Shard ``topo.index``'s server, its window memory initialised (call before the start
     barrier, so no client reads or writes it first)."""
@@ -50,7 +56,8 @@ def make_shard(topo, cfg, net, pw, iw, ranges, resume=None, layout=None):
     lo, hi = ranges[s]
     opt = make_optimizer(cfg["optimizer"], hi - lo)
     init = layout.to_partitioned(net.init_params(cfg["optimizer"]["seed"]))[lo:hi]
-    server = ShardServer(pw[s], iw[s], lo, hi, topo.replicas * topo.partitions, opt, init)
+    server = ShardServer(pw[s], iw[s], lo, hi, topo.replicas * topo.partitions, opt, init,
+                         direct=direct_pushes(cfg))
     server.rank = topo.shard_ranks[s]
     if resume is not None:
         server.restore(layout.to_partitioned(resume["params"])[lo:hi],
@@ -197,7 +204,8 @@ def _run_replica(topo, cfg, net, client, resume=None):
         client.push(acc)  # offer what is left once; what no shard had room for is dropped
     wall = time.perf_counter() - t0
     mine = {"pushes_sent": client.pushes_sent, "push_attempts": client.push_attempts,
-            "nonfinite_dropped": dropped}
+            "nonfinite_dropped": dropped, "pushes_rejected": client.rejected,
+            "staleness": client.staleness}
     if P > 1:
         allp = topo.model.gather(mine, root=0)
         if lead:
@@ -205,6 +213,7 @@ def _run_replica(topo, cfg, net, client, resume=None):
         bytes_sent = topo.model.gather(model.bytes_sent, root=0)
     else:
         bytes_sent = [0]
+    mine["staleness"] = mine["staleness"].tolist()
     if lead:
         ctrl.send({"replica": rep, "steps": step, "samples": (step - step0) * o["batch_size"],
                    "epoch": batches.epoch, "offset": batches.offset,
@@ -336,7 +345,8 @@ class _Coordinator:
 
     def summary(self, stop, wall, ev, snaps):
         reps = [self.done[i] for i in range(self.topo.replicas)]
-        stal = np.sum([m["staleness"] for m in snaps], axis=0)
+        # inbox pushes are timed by the shards, direct ones by the replicas
+        stal = np.sum([m["staleness"] for m in snaps] + [d["staleness"] for d in reps], axis=0)
         last = int(np.flatnonzero(stal)[-1]) + 1 if stal.any() else 0
         samples = sum(d["samples"] for d in reps)
         o = self.cfg["optimizer"]
@@ -347,7 +357,8 @@ class _Coordinator:
             "num_params": self.net.num_params,
             "pushes_sent": sum(d["pushes_sent"] for d in reps),
             "pushes_applied": sum(m["applied"] for m in snaps),
-            "pushes_rejected": sum(m["rejected"] for m in snaps),
+            "pushes_rejected": (sum(m["rejected"] for m in snaps)
+                                + sum(d["pushes_rejected"] for d in reps)),
             "push_attempts": sum(d["push_attempts"] for d in reps),
             "nonfinite_dropped": sum(d["nonfinite_dropped"] for d in reps),
             "updates": sum(m["version"] for m in snaps),
@@ -366,13 +377,14 @@ class _Coordinator:
                         "cpu_fraction": m["cpu_s"] / wall if wall else 0.0} for m in snaps],
             "config": {"replicas": self.topo.replicas, "ps_shards": self.topo.shards,
                        "n_fetch": o["n_fetch"], "n_push": o["n_push"],
-                       "adagrad": o["adagrad"], "batch_size": o["batch_size"]},
+                       "adagrad": o["adagrad"], "batch_size": o["batch_size"],
+                       "pushes": "direct" if direct_pushes(self.cfg) else "inbox"},
         }
 
 
 def run_downpour(topo, cfg, net, out, resume=None, quiet=False):
     """Every rank calls this; each plays its role.  Returns the summary on the coordinator."""
-    ps = PSSetup(topo, net)
+    ps = PSSetup(topo, net, cfg["optimizer"]["learning_rate"] if direct_pushes(cfg) else None)
     server = (make_shard(topo, cfg, net, ps.pw, ps.iw, ps.ranges, resume, ps.layout)
               if topo.role == "shard" else None)
     ps.start(topo)                 # every shard's memory is initialised before anyone uses it

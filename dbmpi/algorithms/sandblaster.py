@@ -125,9 +125,8 @@ class SandblasterShard(ShardServer):
             v[args[1]][:] = v[args[0]]
         elif cmd == "set_eval":                   # xe = x + t d, published to the replicas
             np.add(v["x"], args[0] * v["d"], out=v["xe"])
-            with self.pw.lock(self.rank, exclusive=True):
+            with self.seq.writing():
                 self.params[:] = v["xe"]
-                self.version[0] += 1
             self.acc[:] = 0
         elif cmd == "collect":                    # gt = (sum of pushed grads) / n + l2 xe
             n, l2 = args
@@ -152,7 +151,7 @@ class SandblasterShard(ShardServer):
             for k, a in args[0].items():
                 if k in v:
                     v[k][:] = a
-            with self.pw.lock(self.rank, exclusive=True):
+            with self.seq.writing():
                 self.params[:] = v["x"]
         else:
             raise ValueError(f"unknown shard command {cmd!r}")
