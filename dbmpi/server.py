@@ -327,14 +327,16 @@ class PSClient:
             self.fetched_version[s] = self._seq[s].read(
                 lambda: win.Get(out[mine:mine + n], rank, target=(HEADER + 4 * off, n, MPI.FLOAT)))
 
-    def push(self, acc: np.ndarray) -> bool:
+    def push(self, acc: np.ndarray, finite: bool = False, update: bool = False) -> bool:
         """Offer my accumulated gradient slice to every shard.
 
         Returns True when every shard took its part (the caller may then treat ``acc`` as
         empty without zeroing it); otherwise zeroes the parts that were taken, so the rest
-        goes with the next push, and returns False.  Direct pushes are always taken."""
+        goes with the next push, and returns False.  Direct pushes are always taken;
+        ``finite``: the caller has checked that acc holds no NaN/Inf (saves a pass);
+        ``update`` (direct pushes): acc is already ``-lr x gradient`` (saves another)."""
         if self.direct_lr is not None:
-            return self._push_direct(acc)
+            return self._push_direct(acc, finite, update)
         MPI = _mpi()
         taken = []
         for s, off, mine, n in self.parts:
@@ -359,21 +361,25 @@ class PSClient:
         return False
 
 
-    def _push_direct(self, acc: np.ndarray) -> bool:
+    def _push_direct(self, acc: np.ndarray, finite: bool = False,
+                     update: bool = False) -> bool:
         """Apply ``-lr * acc`` to every shard myself: one exclusive epoch per shard holding
         the version bump and the Accumulate.  A part with NaN/Inf is dropped whole."""
         MPI = _mpi()
-        if self._scaled is None:
+        if self._scaled is None and not update:
             self._scaled = np.empty(self.hi - self.lo, dtype=np.float32)
         for s, off, mine, n in self.parts:
             part = acc[mine:mine + n]
             self.push_attempts += 1
             self.pushes_sent += 1
-            if not all_finite(part):
+            if not (finite or all_finite(part)):
                 self.rejected += 1      # as a shard would: the whole part, nothing applied
                 continue
-            delta = self._scaled[mine:mine + n]
-            np.multiply(part, np.float32(-self.direct_lr), out=delta)
+            if update:
+                delta = part
+            else:
+                delta = self._scaled[mine:mine + n]
+                np.multiply(part, np.float32(-self.direct_lr), out=delta)
             rank, win = self.shard_ranks[s], self.pw[s].win
             with self._seq[s].writing() as before:
                 win.Accumulate(delta, rank, target=(HEADER + 4 * off, n, MPI.FLOAT),

@@ -110,6 +110,10 @@ def test_network_kernels_match_reference():
     np.testing.assert_array_equal(go, gk)
     with pytest.raises(ValueError, match="out must be a contiguous float32 array"):
         nk.loss_and_grad(theta, x, y, out=np.empty(3, np.float32))
+    # Downpour's direct pushes: the update -lr x gradient, scaled inside the backward pass
+    ls, gs = nk.loss_and_grad(theta, x, y, scale=-0.25)
+    assert ls == lk
+    np.testing.assert_allclose(gs, -0.25 * gk, rtol=1e-5, atol=1e-7 * np.abs(gk).max())
 
 
 @pytest.mark.parametrize("n", [1, 7, 1000])

@@ -138,6 +138,7 @@ def _run_replica(topo, cfg, net, client, resume=None):
     accbuf, gbuf = acc, np.empty_like(theta)    # one buffer each, every step
     scratch = np.empty_like(theta)
     lr = np.float32(o["learning_rate"])
+    direct = client.direct_lr is not None
     warm = o["warmstart_steps"] if step0 == 0 else 0   # a resumed run is warm already
     stopped = 0
     if warm and rep != 0:
@@ -165,7 +166,8 @@ def _run_replica(topo, cfg, net, client, resume=None):
             fetches += 1
         x, y = batches.next()
         t = time.perf_counter()
-        loss, g = model.loss_and_grad(theta, x, y, out=gbuf)
+        # direct pushes carry the update itself: -lr x gradient, scaled in the backward pass
+        loss, g = model.loss_and_grad(theta, x, y, out=gbuf, scale=-lr if direct else 1.0)
         if acc_empty:
             if o["n_push"] == 1:           # pushed this step, before gbuf is written again
                 acc = g
@@ -178,13 +180,16 @@ def _run_replica(topo, cfg, net, client, resume=None):
         step += 1
         if step % o["n_fetch"] and step < r["max_steps"]:
             # the replica's own update of its local copy (pointless when it fetches next)
-            np.multiply(g, lr, out=scratch)
-            theta -= scratch
+            if direct:
+                theta += g
+            else:
+                np.multiply(g, lr, out=scratch)
+                theta -= scratch
         t_compute += time.perf_counter() - t
         if step % o["n_push"] == 0:
             t = time.perf_counter()
             if all_finite(acc):
-                acc_empty, bad_run = client.push(acc), 0
+                acc_empty, bad_run = client.push(acc, finite=True, update=direct), 0
             else:   # never send a gradient with NaN/Inf: shards would apply its finite parts
                 acc_empty, dropped, bad_run = True, dropped + 1, bad_run + 1
                 if bad_run == DIVERGED_AFTER:
@@ -201,7 +206,8 @@ def _run_replica(topo, cfg, net, client, resume=None):
             stopped = 1
         stopped = agree(stopped)
     if not acc_empty and all_finite(acc) and np.any(acc):
-        client.push(acc)  # offer what is left once; what no shard had room for is dropped
+        # offer what is left once; what no shard had room for is dropped
+        client.push(acc, finite=True, update=direct)
     wall = time.perf_counter() - t0
     mine = {"pushes_sent": client.pushes_sent, "push_attempts": client.push_attempts,
             "nonfinite_dropped": dropped, "pushes_rejected": client.rejected,

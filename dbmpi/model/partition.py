@@ -392,7 +392,7 @@ class PartitionedNetwork:
         z, _, _, _ = self._forward(np.asarray(theta_local), x)
         return self._all_logits(z)
 
-    def loss_and_grad(self, theta_local, x, y, out=None):
+    def loss_and_grad(self, theta_local, x, y, out=None, scale=1.0):
         """Mean cross-entropy + l2/2 ||theta||^2 (the whole network's, on every partition) and
         the gradient of this partition's slice (into ``out`` if given, as for Network)."""
         theta_local = np.asarray(theta_local)
@@ -400,6 +400,8 @@ class PartitionedNetwork:
         z, caches, params, ops = self._forward(theta_local, x)
         full = self._all_logits(z)
         loss, dz_full = softmax_xent(full, y)
+        if scale != 1.0:                      # as Network.loss_and_grad
+            dz_full *= dz_full.dtype.type(scale)
         n = full.shape[0]
         a, b = self.mine[-1].chans
         grad = _grad_buffer(out, theta_local)  # every layer's backward writes all its share
@@ -413,7 +415,7 @@ class PartitionedNetwork:
                 d = self.exchanges[i].backward(dregion, theta_local.dtype)
         if self.l2:
             loss += 0.5 * self.l2 * self._sum_sq(theta_local)
-            grad += self.l2 * theta_local
+            grad += (scale * self.l2) * theta_local
         return loss, grad
 
     def evaluate(self, theta_local, x, y, batch: int = 1024) -> dict:
