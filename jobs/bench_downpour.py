@@ -12,8 +12,6 @@ coordinator and the shard ranks share the cores with the replicas (on this 2-cor
 """
 
 import argparse
-import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -21,8 +19,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
-MPIEXEC = os.environ.get("MPIEXEC", str(Path(PY).parent / "mpiexec"))
-ENV = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+sys.path.insert(0, str(ROOT / "jobs"))
+import studylib as S  # noqa: E402
+
+ENV = S.ENV
 
 MODEL = """
 [model]
@@ -40,24 +40,12 @@ classes = 10
 
 
 def config(data, algo, replicas, shards, steps, batch, adagrad):
-    return (f'[data]\npath = "{data}"\n' + MODEL +
-            f"[cluster]\nps_shards = {shards}\nreplicas = {replicas}\npartitions = 1\n"
-            f'[optimizer]\nalgorithm = "{algo}"\nlearning_rate = 0.01\n'
-            f"adagrad = {str(adagrad).lower()}\n"
-            f"batch_size = {batch}\nn_fetch = 1\nn_push = 1\n"
-            f"[run]\nmax_steps = {steps}\nmax_time_s = 600\neval_every_s = 1000\n"
-            f"checkpoint_every_s = 1000\nlog_every = 10\n")
-
-
-def run(tmp, name, text, ranks):
-    cfg = Path(tmp) / f"{name}.toml"
-    cfg.write_text(text)
-    out = Path(tmp) / name
-    cmd = [PY, "-m", "dbmpi", "train", str(cfg), "--out", str(out), "--quiet"]
-    if ranks > 1:
-        cmd = [MPIEXEC, "-n", str(ranks), PY, "-m", "mpi4py"] + cmd[1:]
-    subprocess.run(cmd, check=True, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL)
-    return json.loads((out / "summary.json").read_text())
+    return S.config(data, MODEL, cluster={"ps_shards": shards, "replicas": replicas,
+                                          "partitions": 1},
+                    optimizer={"algorithm": algo, "learning_rate": 0.01, "adagrad": adagrad,
+                               "batch_size": batch, "n_fetch": 1, "n_push": 1},
+                    run={"max_steps": steps, "max_time_s": 600, "eval_every_s": 1000,
+                         "checkpoint_every_s": 1000, "log_every": 10})
 
 
 def main():
@@ -74,11 +62,10 @@ def main():
     for opt in args.optimizers.split(","):
         ada = opt == "adagrad"
         with tempfile.TemporaryDirectory() as tmp:
-            runs = {name: run(tmp, name, config(args.data, algo, reps, 1, args.steps,
-                                                args.batch, ada), ranks)
-                    for name, algo, reps, ranks in [("alone", "sgd", 1, 1),
-                                                    ("one", "downpour", 1, 3),
-                                                    ("two", "downpour", 2, 4)]}
+            runs = {name: S.train(config(args.data, algo, reps, 1, args.steps, args.batch,
+                                         ada), Path(tmp), name)
+                    for name, algo, reps in [("alone", "sgd", 1), ("one", "downpour", 1),
+                                             ("two", "downpour", 2)]}
         report(opt, runs, args.steps)
 
 

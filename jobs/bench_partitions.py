@@ -13,7 +13,6 @@ Launcher: MPIEXEC (default: the mpiexec beside this Python).
 """
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -24,27 +23,22 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
-MPIEXEC = os.environ.get("MPIEXEC", str(Path(PY).parent / "mpiexec"))
-ENV = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
 
+import studylib as S  # noqa: E402
 from study_partitions import NETS as _STUDY   # the same two networks as the study
+
+ENV = S.ENV
 
 NETS = {"lc64": ("synth64.h5", 64, _STUDY["locally connected, 64x64 images"][1]),
         "speech": ("synth32.h5", 32, _STUDY["fully connected, speech-like"][1])}
 
 
 def run(tmp, data, model, P, steps, batch, rep=0):
-    cfg = Path(tmp) / f"c{P}.toml"
-    cfg.write_text(f'[data]\npath = "{data}"\n' + model +
-                   f"[cluster]\npartitions = {P}\n[optimizer]\nalgorithm = \"sgd\"\n"
-                   f"batch_size = {batch}\nlearning_rate = 0.01\n[run]\nmax_steps = {steps}\n"
-                   "eval_every_s = 10000\ncheckpoint_every_s = 10000\nlog_every = 1000\n")
-    out = Path(tmp) / f"r{P}-{rep}"
-    cmd = [PY, "-m", "dbmpi", "train", str(cfg), "--out", str(out), "--quiet"]
-    if P > 1:
-        cmd = [MPIEXEC, "-n", str(P), PY, "-m", "mpi4py"] + cmd[1:]
-    subprocess.run(cmd, check=True, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL)
-    return json.loads((out / "summary.json").read_text())
+    text = S.config(data, model, cluster={"partitions": P},
+                    optimizer={"algorithm": "sgd", "batch_size": batch, "learning_rate": 0.01},
+                    run={"max_steps": steps, "eval_every_s": 10000,
+                         "checkpoint_every_s": 10000, "log_every": 1000})
+    return S.train(text, Path(tmp), f"r{P}-{rep}")
 
 
 def main():

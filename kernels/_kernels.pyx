@@ -114,8 +114,8 @@ cdef void lc_forward_c(const float* x, const float* xt, const float* wt, const f
     Filter counts that are multiples of the vector width (8 floats with AVX2) use the
     register-blocked microgemm.h, others BLAS on gathered patches.  The microkernel reads
     patches in place (implicit GEMM: a patch's k rows are k contiguous segments), from x when
-    xt is NULL (then pad is 0), else from xt, x batch-last and zero-padded (see _batch_last_x),
-    where every location is interior."""
+    xt is NULL (then pad is 0), else from xt, x batch-last and zero-padded (see
+    _image_batch_last), where every location is interior."""
     cdef int i, j, s, kkc = k * k * c, ld = ho * wo * f
     cdef Py_ssize_t loc, wsize = <Py_ssize_t>kkc * f, wp = w + 2 * pad
     cdef Py_ssize_t pfn      # the next location's weights are fetched while this one runs
@@ -144,47 +144,42 @@ cdef void lc_forward_c(const float* x, const float* xt, const float* wt, const f
         _act_forward(y, <Py_ssize_t>n * ld, act)
 
 
-cdef void _batch_last_x(const float* x, float* xt, int n, int npad, int h, int w, int c,
-                        int pad) noexcept nogil:
-    """xt[((r + pad)*wp + col + pad)*c + ch, s] = x[s, r, col, ch], wp = w + 2*pad; the
-    caller zeroes xt (its padding rows and columns stay zero)."""
-    cdef Py_ssize_t wc = <Py_ssize_t>w * c, wp = w + 2 * pad, t, s
-    cdef int r
-    cdef const float* src
-    cdef float* dst
-    for r in range(h):
-        dst = xt + ((r + pad) * wp + pad) * c * <Py_ssize_t>npad
-        for s in range(n):
-            src = x + (s * <Py_ssize_t>h + r) * wc
-            for t in range(wc):
-                dst[t * npad + s] = src[t]
-
-
-cdef void _to_batch_last(const float* dz, float* dzt, int n, int npad, Py_ssize_t ld) noexcept nogil:
-    """dzt[t*npad + s] = dz[s*ld + t] for t < ld, s < n (padding columns untouched).
+cdef void _to_batch_last(const float* src, float* dst, int n, int npad, Py_ssize_t count,
+                         Py_ssize_t sstride) noexcept nogil:
+    """dst[t*npad + s] = src[s*sstride + t] for t < count, s < n (padding columns untouched).
 
     Blocked by 64 columns so the strided writes stay in L1."""
     cdef Py_ssize_t t0, t, t1, s
-    for t0 in range(0, ld, 64):
-        t1 = t0 + 64 if t0 + 64 < ld else ld
+    for t0 in range(0, count, 64):
+        t1 = t0 + 64 if t0 + 64 < count else count
         for s in range(n):
             for t in range(t0, t1):
-                dzt[t * npad + s] = dz[s * ld + t]
+                dst[t * npad + s] = src[s * sstride + t]
 
 
-cdef void _from_batch_last(const float* dxt, float* dx, int n, int npad, int h, int w, int c,
-                           int pad) noexcept nogil:
-    """dx[s, r, col, ch] = dxt[((r + pad)*wp + col + pad)*c + ch, s], wp = w + 2*pad."""
-    cdef Py_ssize_t wc = <Py_ssize_t>w * c, wp = w + 2 * pad, t, s
+cdef void _from_batch_last(const float* src, float* dst, int n, int npad, Py_ssize_t count,
+                           Py_ssize_t sstride) noexcept nogil:
+    """dst[s*sstride + t] = src[t*npad + s] for t < count, s < n: _to_batch_last undone."""
+    cdef Py_ssize_t t, s
+    for s in range(n):
+        for t in range(count):
+            dst[s * sstride + t] = src[t * npad + s]
+
+
+cdef void _image_batch_last(const float* x, float* xt, int n, int npad, int h, int w, int c,
+                            int pad, bint back) noexcept nogil:
+    """xt[((r + pad)*wp + col + pad)*c + ch, s] = x[s, r, col, ch], wp = w + 2*pad, row by
+    row (the caller zeroes xt: its padding rows and columns stay zero); ``back``: the other
+    way, x from xt (then x is the writable input gradient)."""
+    cdef Py_ssize_t wc = <Py_ssize_t>w * c, wp = w + 2 * pad
     cdef int r
-    cdef const float* src
-    cdef float* dst
+    cdef float* rowt
     for r in range(h):
-        src = dxt + ((r + pad) * wp + pad) * c * <Py_ssize_t>npad
-        for s in range(n):
-            dst = dx + (s * <Py_ssize_t>h + r) * wc
-            for t in range(wc):
-                dst[t] = src[t * npad + s]
+        rowt = xt + ((r + pad) * wp + pad) * c * <Py_ssize_t>npad
+        if back:
+            _from_batch_last(rowt, <float*>x + r * wc, n, npad, wc, h * wc)
+        else:
+            _to_batch_last(x + r * wc, rowt, n, npad, wc, h * wc)
 
 
 cdef void lc_backward_c(const float* x, const float* xt, const float* wt, const float* dz,
@@ -210,7 +205,7 @@ cdef void lc_backward_c(const float* x, const float* xt, const float* wt, const 
     cdef Py_ssize_t pfw = kc * f if need_dx else 0     # prefetch: these weights, for dx
     cdef Py_ssize_t pfd                                # and the next location's dw rows
     if need_dx:
-        _to_batch_last(dz, dzt, n, npad, ld)
+        _to_batch_last(dz, dzt, n, npad, ld, ld)
     for i in range(ho):
         for j in range(wo):
             loc = i * wo + j
@@ -356,7 +351,7 @@ def lc_forward(const float[::1] x, float[::1] xt, const float[::1] wt, const flo
     """batch_last: xt is a zeroed (h + 2*pad)*(w + 2*pad)*c*npad buffer to use."""
     with nogil:
         if batch_last:
-            _batch_last_x(&x[0], &xt[0], n, npad, h, w, c, pad)
+            _image_batch_last(&x[0], &xt[0], n, npad, h, w, c, pad, False)
         lc_forward_c(&x[0], &xt[0] if batch_last else NULL, &wt[0], &b[0], &y[0], &p[0], n,
                      npad, h, w, c, k, stride, pad, ho, wo, f, act)
 
@@ -369,12 +364,12 @@ def lc_backward(const float[::1] x, float[::1] xt, const float[::1] wt, const fl
     with nogil:
         _act_backward(&y[0], &dy[0], &dz[0], dz.shape[0], act)
         if batch_last:
-            _batch_last_x(&x[0], &xt[0], n, npad, h, w, c, pad)
+            _image_batch_last(&x[0], &xt[0], n, npad, h, w, c, pad, False)
         lc_backward_c(&x[0], &xt[0] if batch_last else NULL, &wt[0], &dz[0], &dxt[0], &dw[0],
                       &db[0], &p[0], &dzt[0], n, npad, h, w, c, k, stride, pad, ho, wo, f,
                       need_dx)
         if need_dx:
-            _from_batch_last(&dxt[0], &dx[0], n, npad, h, w, c, pad)
+            _image_batch_last(&dx[0], &dxt[0], n, npad, h, w, c, pad, True)
 
 
 def fc_forward(const float[::1] x, const float[::1] wt, const float[::1] b, float[::1] y,

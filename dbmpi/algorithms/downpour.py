@@ -136,9 +136,9 @@ def _run_replica(topo, cfg, net, client, resume=None):
     theta = np.empty(size, dtype=np.float32)
     acc, acc_empty = np.zeros_like(theta), True
     accbuf, gbuf = acc, np.empty_like(theta)    # one buffer each, every step
-    scratch = np.empty_like(theta)
     lr = np.float32(o["learning_rate"])
     direct = client.direct_lr is not None
+    scratch = None if direct else np.empty_like(theta)    # the local update's, inbox mode
     warm = o["warmstart_steps"] if step0 == 0 else 0   # a resumed run is warm already
     stopped = 0
     if warm and rep != 0:

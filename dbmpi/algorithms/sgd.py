@@ -14,6 +14,13 @@ from .common import (CHECKPOINT, EVAL, STOP, Batches, Evaluator, Progress,
 __all__ = ["train_sgd"]
 
 
+def _check_loss(loss, step, o) -> None:
+    if not np.isfinite(loss):
+        raise FloatingPointError(
+            f"training diverged at step {step} (loss {loss}); try a smaller "
+            f"optimizer.learning_rate than {o['learning_rate']}")
+
+
 def train_sgd(cfg: dict, net, run, resume: dict | None = None, progress: bool = True) -> dict:
     """Train ``net`` on ``cfg`` in this process, writing into the RunDir ``run``.
 
@@ -56,10 +63,7 @@ def train_sgd(cfg: dict, net, run, resume: dict | None = None, progress: bool = 
         x, y = batches.next()
         tc = time.perf_counter()
         loss, g = net.loss_and_grad(theta, x, y, out=gbuf)
-        if not np.isfinite(loss):
-            raise FloatingPointError(
-                f"training diverged at step {step} (loss {loss}); try a smaller "
-                f"optimizer.learning_rate than {o['learning_rate']}")
+        _check_loss(loss, step, o)
         opt.step(theta, g)
         compute_s += time.perf_counter() - tc
         step += 1
@@ -150,10 +154,7 @@ def train_sgd_partitioned(topo, cfg, out, resume=None, quiet=False) -> dict | No
     while step < r["max_steps"]:
         x, y = batches.next()
         loss, g = pn.loss_and_grad(theta, x, y, out=gbuf)
-        if not np.isfinite(loss):
-            raise FloatingPointError(
-                f"training diverged at step {step} (loss {loss}); try a smaller "
-                f"optimizer.learning_rate than {o['learning_rate']}")
+        _check_loss(loss, step, o)
         opt.step(theta, g)
         step += 1
         if lead:   # one broadcast a step carries partition 0's decisions
