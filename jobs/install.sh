@@ -21,6 +21,6 @@ echo "installing dbmpi into $VENV ..." >&2
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q "setuptools>=64" wheel "Cython>=3.0" "numpy>=1.26" "scipy>=1.11"
-"$VENV/bin/python" -m pip install -q --no-build-isolation -e ".[$extras]"
+PYTHONWARNINGS=ignore "$VENV/bin/python" -m pip install -q --no-build-isolation -e ".[$extras]"  # setuptools beta notices
 echo "$want" > "$stamp"
 echo "installed: $("$VENV/bin/python" -c 'import dbmpi, mpi4py; print("dbmpi", dbmpi.__version__, "mpi4py", mpi4py.__version__)')" >&2
