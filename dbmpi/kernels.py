@@ -83,7 +83,9 @@ def fc_forward(x, w, b, act):
     if w.shape[1] != d:
         raise ValueError(f"fully connected: weights {w.shape} do not fit input {x.shape}")
     y = np.empty((n, u), dtype=_F32)
-    K.fc_forward(_flat(x, "x"), _flat(w, "w"), _flat(b, "b"), y.reshape(-1), n, d, u, _ACT[act])
+    yt = np.empty(n * u, dtype=_F32)            # the transposed product (see the kernel)
+    K.fc_forward(_flat(x, "x"), _flat(w, "w"), _flat(b, "b"), y.reshape(-1), yt, n, d, u,
+                 _ACT[act])
     return y
 
 

@@ -154,12 +154,21 @@ def main():
     p.add_argument("--quick", action="store_true")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--fc-batch", type=int, default=128)
+    p.add_argument("--only", default="lc,fc,net",
+                   help="which tables, comma-separated: lc (locally connected), fc, net")
     args = p.parse_args()
-    ceiling = gemm_ceiling(args.quick)
-    bench_lc(args, ceiling)
-    bench_fc(args)
-    bench_network()
-    print(f"\nGEMM ceiling re-measured at the end: {gemm_ceiling(args.quick):.1f} GFLOP/s")
+    only = set(args.only.split(","))
+    if unknown := only - {"lc", "fc", "net"}:
+        p.error(f"--only: unknown table(s) {sorted(unknown)}; choose from lc, fc, net")
+    if "lc" in only:
+        ceiling = gemm_ceiling(args.quick)
+        bench_lc(args, ceiling)
+    if "fc" in only:
+        bench_fc(args)
+    if "net" in only:
+        bench_network()
+    if "lc" in only:
+        print(f"\nGEMM ceiling re-measured at the end: {gemm_ceiling(args.quick):.1f} GFLOP/s")
 
 
 if __name__ == "__main__":

@@ -144,17 +144,25 @@ cdef void lc_forward_c(const float* x, const float* xt, const float* wt, const f
         _act_forward(y, <Py_ssize_t>n * ld, act)
 
 
+cdef inline void _fill(float* y, float v, Py_ssize_t size) noexcept nogil:
+    cdef Py_ssize_t t
+    for t in range(size):
+        y[t] = v
+
+
 cdef void _to_batch_last(const float* src, float* dst, int n, int npad, Py_ssize_t count,
-                         Py_ssize_t sstride) noexcept nogil:
+                         Py_ssize_t sstride, int block=64) noexcept nogil:
     """dst[t*npad + s] = src[s*sstride + t] for t < count, s < n (padding columns untouched).
 
-    Blocked by 64 columns so the strided writes stay in L1."""
-    cdef Py_ssize_t t0, t, t1, s
-    for t0 in range(0, count, 64):
-        t1 = t0 + 64 if t0 + 64 < count else count
+    Blocked by ``block`` columns so the strided writes stay in L1; when npad is a multiple
+    of 1024 those writes all fall in one cache set, so a block of 8 (L1's ways) is needed."""
+    cdef Py_ssize_t t0 = 0, t, t1, s
+    while t0 < count:
+        t1 = t0 + block if t0 + block < count else count
         for s in range(n):
             for t in range(t0, t1):
                 dst[t * npad + s] = src[s * sstride + t]
+        t0 = t1
 
 
 cdef void _from_batch_last(const float* src, float* dst, int n, int npad, Py_ssize_t count,
@@ -244,13 +252,17 @@ cdef void lc_backward_c(const float* x, const float* xt, const float* wt, const 
                                 dw + (loc + 1) * kkc * f + ky * kc * f, pfd)
 
 
-cdef void fc_forward_c(const float* x, const float* wt, const float* b, float* y, int n,
-                       int d, int u, int act) noexcept nogil:
-    """y = act(x @ wt^T + b), x (n, d), wt (u, d)."""
-    cdef int s
-    for s in range(n):
-        memcpy(y + s * <Py_ssize_t>u, b, u * sizeof(float))
-    _gemm(False, True, n, u, d, 1.0, x, d, wt, d, 1.0, y, u)
+cdef void fc_forward_c(const float* x, const float* wt, const float* b, float* y, float* yt,
+                       int n, int d, int u, int act) noexcept nogil:
+    """y = act(x @ wt^T + b), x (n, d), wt (u, d); yt (u, n) is scratch.
+
+    The product is formed transposed, yt = wt @ x^T + b, then transposed into y: OpenBLAS
+    runs that orientation (the batch as the column-major M side) about 10% faster."""
+    cdef int t
+    for t in range(u):
+        _fill(yt + t * <Py_ssize_t>n, b[t], n)
+    _gemm(False, True, u, n, d, 1.0, wt, d, x, d, 1.0, yt, n)
+    _to_batch_last(yt, y, u, u, n, n, 8)
     _act_forward(y, <Py_ssize_t>n * u, act)
 
 
@@ -373,9 +385,9 @@ def lc_backward(const float[::1] x, float[::1] xt, const float[::1] wt, const fl
 
 
 def fc_forward(const float[::1] x, const float[::1] wt, const float[::1] b, float[::1] y,
-               int n, int d, int u, int act):
+               float[::1] yt, int n, int d, int u, int act):
     with nogil:
-        fc_forward_c(&x[0], &wt[0], &b[0], &y[0], n, d, u, act)
+        fc_forward_c(&x[0], &wt[0], &b[0], &y[0], &yt[0], n, d, u, act)
 
 
 def fc_backward(const float[::1] x, const float[::1] wt, const float[::1] y,
