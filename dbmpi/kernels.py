@@ -58,7 +58,7 @@ def lc_forward(x, w, b, k, stride, pad, act):
     return y
 
 
-def lc_backward(x, w, y, dy, k, stride, pad, act, dw, db, need_dx):
+def lc_backward(x, w, y, dy, k, stride, pad, act, dw, db, need_dx, beta=0.0):
     n, h, wd, c, ho, wo, f = _lc_dims(x, w, k, stride, pad)
     if dy.shape != y.shape:
         raise ValueError(f"locally connected: gradient {dy.shape} does not match output {y.shape}")
@@ -73,7 +73,7 @@ def lc_backward(x, w, y, dy, k, stride, pad, act, dw, db, need_dx):
     dwf, dbf = dw.reshape(-1), db.reshape(-1)  # views into the flat gradient
     K.lc_backward(_flat(x, "x"), xt, _flat(w, "w"), _flat(y, "y"), _flat(dy, "dy"), dz, dxt,
                   dx.reshape(-1), dwf, dbf, p, dzt, n, npad, h, wd, c, k, stride, pad, ho, wo,
-                  f, _ACT[act], need_dx, batch_last)
+                  f, _ACT[act], need_dx, batch_last, beta)
     return dx if need_dx else None
 
 
@@ -89,13 +89,14 @@ def fc_forward(x, w, b, act):
     return y
 
 
-def fc_backward(x, w, y, dy, act, dw, db, need_dx):
+def fc_backward(x, w, y, dy, act, dw, db, need_dx, beta=0.0):
     n, d = x.shape
     u = w.shape[0]
     dz = np.empty(n * u, dtype=_F32)
     dx = np.empty((n, d) if need_dx else 1, dtype=_F32)
     K.fc_backward(_flat(x, "x"), _flat(w, "w"), _flat(y, "y"), _flat(dy, "dy"), dz,
-                  dx.reshape(-1), dw.reshape(-1), db.reshape(-1), n, d, u, _ACT[act], need_dx)
+                  dx.reshape(-1), dw.reshape(-1), db.reshape(-1), n, d, u, _ACT[act], need_dx,
+                  beta)
     return dx if need_dx else None
 
 

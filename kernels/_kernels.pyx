@@ -150,6 +150,16 @@ cdef inline void _fill(float* y, float v, Py_ssize_t size) noexcept nogil:
         y[t] = v
 
 
+cdef inline void _scale(float* y, float beta, Py_ssize_t size) noexcept nogil:
+    """y *= beta, where beta = 0 overwrites (whatever y held, NaN included)."""
+    cdef Py_ssize_t t
+    if beta == 0:
+        memset(y, 0, size * sizeof(float))
+    elif beta != 1:
+        for t in range(size):
+            y[t] *= beta
+
+
 cdef void _to_batch_last(const float* src, float* dst, int n, int npad, Py_ssize_t count,
                          Py_ssize_t sstride, int block=64) noexcept nogil:
     """dst[t*npad + s] = src[s*sstride + t] for t < count, s < n (padding columns untouched).
@@ -193,9 +203,13 @@ cdef void _image_batch_last(const float* x, float* xt, int n, int npad, int h, i
 cdef void lc_backward_c(const float* x, const float* xt, const float* wt, const float* dz,
                         float* dxt, float* dw, float* db, float* p, float* dzt, int n,
                         int npad, int h, int w, int c, int k, int stride, int pad, int ho,
-                        int wo, int f, bint need_dx) noexcept nogil:
-    """dw[i,j] = patch^T @ dz[:,i,j,:]; db[i,j] = sum_s dz[s,i,j,:];
+                        int wo, int f, bint need_dx, float beta) noexcept nogil:
+    """dw[i,j] = beta*dw[i,j] + patch^T @ dz[:,i,j,:]; db[i,j] = beta*db[i,j] + sum_s dz[s,i,j,:];
     dxt += dz[:,i,j,:]^T-scatter of wt[i,j] @ dz[:,i,j,:]^T, batch-last.
+
+    Each location's input gradient is taken before its dw, so dw may be wt itself: with
+    dz scaled by -learning_rate and beta = 1 (or 1 - learning_rate*l2), one SGD step lands
+    in the weights with no gradient array and no extra pass over the parameters.
 
     The input gradient is accumulated batch-last, dxt ((h + 2*pad), (w + 2*pad), c, npad)
     zeroed by the caller, from dzt (ho*wo*f, npad) (dz transposed here; its padding columns
@@ -204,21 +218,30 @@ cdef void lc_backward_c(const float* x, const float* xt, const float* wt, const 
     scatter.  npad is n rounded up to the vector width.  p is an (n, k*k*c) buffer, or
     (k*k*c, npad) with xt, which is as for lc_forward_c."""
     cdef int i, j, s, t, ky, kkc = k * k * c, ld = ho * wo * f, kc = k * c
-    cdef Py_ssize_t loc, wp = w + 2 * pad
+    cdef Py_ssize_t loc, wp = w + 2 * pad, nloc = ho * wo
     cdef bint micro = f % DBMPI_VW == 0
     cdef const float* xs
     cdef float* dbl
+    cdef float* dwl
     cdef const float* dzl
     cdef const float* wl
-    cdef Py_ssize_t pfw = kc * f if need_dx else 0     # prefetch: these weights, for dx
-    cdef Py_ssize_t pfd                                # and the next location's dw rows
+    cdef const float* nxt          # prefetched during dw: what the next location reads first
+    cdef Py_ssize_t pfn
     if need_dx:
         _to_batch_last(dz, dzt, n, npad, ld, ld)
     for i in range(ho):
         for j in range(wo):
             loc = i * wo + j
-            pfd = kc * f if loc + 1 < ho * wo else 0
             wl = wt + loc * kkc * f
+            dwl = dw + loc * kkc * f
+            nxt = (wt if need_dx else <const float*>dw) + (loc + 1) * kkc * f
+            pfn = kkc * f if loc + 1 < nloc else 0
+            if need_dx:
+                for ky in range(k):     # patch row ky: rows ky*kc.. of wt[i,j] into dxt
+                    dbmpi_mgemm(kc, npad, f, wl + ky * kc * f, f, 1, dzt + loc * f * npad,
+                                npad, 1.0,
+                                dxt + ((i * stride + ky) * wp + j * stride) * c * npad, npad,
+                                dwl + ky * kc * f, kc * f)
             if micro and xt != NULL:
                 # patch^T, batch-last: k runs of k*c rows of xt, copied so the k segments
                 # make one product of k*k*c rows (the segments alone are too short)
@@ -226,30 +249,22 @@ cdef void lc_backward_c(const float* x, const float* xt, const float* wt, const 
                     memcpy(p + ky * kc * npad,
                            xt + ((i * stride + ky) * wp + j * stride) * c * npad,
                            kc * npad * sizeof(float))
-                dbmpi_mgemm(kkc, f, n, p, npad, 1, dz + loc * f, ld, 0.0, dw + loc * kkc * f,
-                            f, wl, pfw * k)
+                dbmpi_mgemm(kkc, f, n, p, npad, 1, dz + loc * f, ld, beta, dwl, f, nxt, pfn)
             elif micro:
                 xs = x + ((i * stride) * <Py_ssize_t>w + j * stride) * c
                 for ky in range(k):     # dw rows of patch row ky: x segment ky, transposed
                     dbmpi_mgemm(kc, f, n, xs + ky * <Py_ssize_t>w * c, 1,
-                                <Py_ssize_t>h * w * c, dz + loc * f, ld, 0.0,
-                                dw + loc * kkc * f + ky * kc * f, f, wl + ky * kc * f, pfw)
+                                <Py_ssize_t>h * w * c, dz + loc * f, ld, beta,
+                                dwl + ky * kc * f, f, nxt + ky * kc * f, pfn // k)
             else:
                 _gather(x, n, h, w, c, k, stride, pad, i, j, p)
-                _gemm(True, False, kkc, f, n, 1.0, p, kkc, dz + loc * f, ld, 0.0,
-                      dw + loc * kkc * f, f)
+                _gemm(True, False, kkc, f, n, 1.0, p, kkc, dz + loc * f, ld, beta, dwl, f)
             dbl = db + loc * f
-            memset(dbl, 0, f * sizeof(float))
+            _scale(dbl, beta, f)
             for s in range(n):
                 dzl = dz + s * <Py_ssize_t>ld + loc * f
                 for t in range(f):
                     dbl[t] += dzl[t]
-            if need_dx:
-                for ky in range(k):     # patch row ky: rows ky*kc.. of wt[i,j] into dxt
-                    dbmpi_mgemm(kc, npad, f, wl + ky * kc * f, f, 1, dzt + loc * f * npad,
-                                npad, 1.0,
-                                dxt + ((i * stride + ky) * wp + j * stride) * c * npad, npad,
-                                dw + (loc + 1) * kkc * f + ky * kc * f, pfd)
 
 
 cdef void fc_forward_c(const float* x, const float* wt, const float* b, float* y, float* yt,
@@ -267,16 +282,19 @@ cdef void fc_forward_c(const float* x, const float* wt, const float* b, float* y
 
 
 cdef void fc_backward_c(const float* x, const float* wt, const float* dz, float* dx,
-                        float* dw, float* db, int n, int d, int u, bint need_dx) noexcept nogil:
-    """dw = dz^T @ x; db = sum_s dz[s]; dx = dz @ wt."""
+                        float* dw, float* db, int n, int d, int u, bint need_dx,
+                        float beta) noexcept nogil:
+    """dx = dz @ wt; dw = beta*dw + dz^T @ x; db = beta*db + sum_s dz[s].
+
+    dx comes first, so dw may be wt itself (see lc_backward_c)."""
     cdef int s, t
-    _gemm(True, False, u, d, n, 1.0, dz, u, x, d, 0.0, dw, d)
-    memset(db, 0, u * sizeof(float))
+    if need_dx:
+        _gemm(False, False, n, d, u, 1.0, dz, u, wt, d, 0.0, dx, d)
+    _gemm(True, False, u, d, n, 1.0, dz, u, x, d, beta, dw, d)
+    _scale(db, beta, u)
     for s in range(n):
         for t in range(u):
             db[t] += dz[s * <Py_ssize_t>u + t]
-    if need_dx:
-        _gemm(False, False, n, d, u, 1.0, dz, u, wt, d, 0.0, dx, d)
 
 
 cdef void max_pool_c(const float* x, float* y, int* arg, int n, int h, int w, int c, int size,
@@ -372,14 +390,14 @@ def lc_backward(const float[::1] x, float[::1] xt, const float[::1] wt, const fl
                 const float[::1] dy, float[::1] dz, float[::1] dxt, float[::1] dx,
                 float[::1] dw, float[::1] db, float[::1] p, float[::1] dzt, int n, int npad,
                 int h, int w, int c, int k, int stride, int pad, int ho, int wo, int f,
-                int act, bint need_dx, bint batch_last):
+                int act, bint need_dx, bint batch_last, float beta):
     with nogil:
         _act_backward(&y[0], &dy[0], &dz[0], dz.shape[0], act)
         if batch_last:
             _image_batch_last(&x[0], &xt[0], n, npad, h, w, c, pad, False)
         lc_backward_c(&x[0], &xt[0] if batch_last else NULL, &wt[0], &dz[0], &dxt[0], &dw[0],
                       &db[0], &p[0], &dzt[0], n, npad, h, w, c, k, stride, pad, ho, wo, f,
-                      need_dx)
+                      need_dx, beta)
         if need_dx:
             _image_batch_last(&dx[0], &dxt[0], n, npad, h, w, c, pad, True)
 
@@ -392,10 +410,10 @@ def fc_forward(const float[::1] x, const float[::1] wt, const float[::1] b, floa
 
 def fc_backward(const float[::1] x, const float[::1] wt, const float[::1] y,
                 const float[::1] dy, float[::1] dz, float[::1] dx, float[::1] dw,
-                float[::1] db, int n, int d, int u, int act, bint need_dx):
+                float[::1] db, int n, int d, int u, int act, bint need_dx, float beta):
     with nogil:
         _act_backward(&y[0], &dy[0], &dz[0], dz.shape[0], act)
-        fc_backward_c(&x[0], &wt[0], &dz[0], &dx[0], &dw[0], &db[0], n, d, u, need_dx)
+        fc_backward_c(&x[0], &wt[0], &dz[0], &dx[0], &dw[0], &db[0], n, d, u, need_dx, beta)
 
 
 def max_pool(const float[::1] x, float[::1] y, int[::1] arg, int n, int h, int w, int c,

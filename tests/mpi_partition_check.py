@@ -1,5 +1,6 @@
 """Launched by tests under mpiexec -n P: loss and gradient of the partitioned network equal
-the whole network's (computed serially on every rank), for the networks given by name.
+the whole network's (computed serially on every rank), for the networks given by name, and
+so does an SGD step fused into the backward pass (``out=theta, accumulate=True``).
 Prints one JSON line from rank 0.  Usage: python tests/mpi_partition_check.py NAME..."""
 
 import json
@@ -53,13 +54,20 @@ def main():
         b0 = pn.bytes_sent
         lp, gp = pn.loss_and_grad(pn.local(theta), x, y)
         sent = pn.bytes_sent - b0
+        lr = 0.5
+        stepped = pn.local(theta).copy()
+        ls, _ = pn.loss_and_grad(stepped, x, y, out=stepped, scale=-lr, accumulate=True)
         parts = comm.gather(gp, root=0)
+        steps = comm.gather(stepped, root=0)
         sends = comm.gather(sent, root=0)
         if comm.Get_rank() == 0:
             g = pn.to_canonical(np.concatenate(parts))
             out[name] = {"loss_diff": abs(lp - l1) / max(1.0, abs(l1)),
                          "grad_diff": float(np.abs(g - g1).max() / max(1e-12, np.abs(g1).max())),
-                         "bytes_sent": sends}
+                         "bytes_sent": sends,
+                         "step_diff": float(np.abs(pn.to_canonical(np.concatenate(steps))
+                                                   - (theta - lr * g1)).max()),
+                         "step_loss_diff": abs(ls - lp)}
     if comm.Get_rank() == 0:
         print(json.dumps(out))
 

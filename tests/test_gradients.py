@@ -128,3 +128,37 @@ def test_api_shapes_and_dtypes():
     assert isinstance(loss, float) and grad.dtype == np.float32 and grad.shape == theta.shape
     labels = net.predict(theta, x)
     assert labels.shape == (5,) and labels.dtype.kind == "i"
+
+
+FUSED = {"input_shape": [2, 9, 8], "layers": [
+    {"type": "locally_connected", "channels": 2, "kernel": 1, "activation": "linear"},
+    {"type": "locally_connected", "channels": 8, "kernel": 3, "padding": 1},   # microkernel
+    {"type": "max_pool", "size": 2},
+    {"type": "locally_connected", "channels": 3, "kernel": 2, "activation": "tanh"},  # BLAS
+    {"type": "fully_connected", "units": 6, "activation": "sigmoid"},
+    {"type": "softmax", "classes": 4}]}
+
+
+@pytest.mark.parametrize("backend", ["kernels", "reference"])
+@pytest.mark.parametrize("l2", [0.0, 0.05])
+def test_sgd_step_fused_into_backward(backend, l2):
+    """out=theta, scale=-lr, accumulate=True is exactly loss_and_grad then theta -= lr*g:
+    every layer takes its input gradient before its weights change (l2 as a decay)."""
+    net = build(dict(FUSED, l2=l2), backend=backend)
+    rng = np.random.default_rng(3)
+    theta = net.init_params(2) + (rng.standard_normal(net.num_params) * 0.1).astype(np.float32)
+    x = rng.standard_normal((6, 2, 9, 8)).astype(np.float32)
+    y = rng.integers(0, 4, 6)
+    loss, g = net.loss_and_grad(theta, x, y)
+    lr = 0.7
+    stepped = theta.copy()
+    loss_f, out = net.loss_and_grad(stepped, x, y, out=stepped, scale=-lr, accumulate=True)
+    assert out is stepped and loss_f == loss
+    np.testing.assert_allclose(stepped, theta - lr * g, rtol=1e-5, atol=1e-6)
+    acc = np.ones_like(theta)                    # accumulate into a separate array
+    net.loss_and_grad(theta, x, y, out=acc, scale=2.0, accumulate=True)
+    np.testing.assert_allclose(acc, 1 + 2 * g, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="overlaps theta"):
+        big = np.concatenate([theta, theta])
+        net.loss_and_grad(big[:net.num_params], x, y, out=big[1:net.num_params + 1],
+                          accumulate=True)

@@ -75,6 +75,7 @@ def test_partitioned_loss_grad_and_traffic(P):
     res = _check(P)
     for name, r in res.items():
         assert r["loss_diff"] < 1e-6 and r["grad_diff"] < 2e-6, (name, r)
+        assert r["step_diff"] < 2e-6 and r["step_loss_diff"] == 0, (name, r)
         assert r["bytes_sent"] == cut_edge_bytes(NETS[name], P, 5), name
 
 

@@ -84,10 +84,10 @@ class LocallyConnected(Layer):
         y = ops.lc_forward(x, w, b, self.k, self.stride, self.pad, self.act)
         return y, (x, y)
 
-    def backward(self, dy, cache, params, grads, ops, need_dx):
+    def backward(self, dy, cache, params, grads, ops, need_dx, beta=0.0):
         x, y = cache
         return ops.lc_backward(x, params[0], y, dy, self.k, self.stride, self.pad, self.act,
-                               grads[0], grads[1], need_dx)
+                               grads[0], grads[1], need_dx, beta)
 
 
 class FullyConnected(Layer):
@@ -111,10 +111,10 @@ class FullyConnected(Layer):
         y = ops.fc_forward(x2, params[0], params[1], self.act)
         return y.reshape(x.shape[0], 1, 1, self.units), (x2, y)
 
-    def backward(self, dy, cache, params, grads, ops, need_dx):
+    def backward(self, dy, cache, params, grads, ops, need_dx, beta=0.0):
         x2, y = cache
         dx = ops.fc_backward(x2, params[0], y, dy.reshape(y.shape), self.act,
-                             grads[0], grads[1], need_dx)
+                             grads[0], grads[1], need_dx, beta)
         return None if dx is None else dx.reshape((x2.shape[0],) + self.in_shape)
 
 
@@ -143,7 +143,7 @@ class Pool(Layer):
         y, aux = ops.pool_forward(x, self.size, self.stride, self.mode)
         return y, (x, aux)
 
-    def backward(self, dy, cache, params, grads, ops, need_dx):
+    def backward(self, dy, cache, params, grads, ops, need_dx, beta=0.0):
         if not need_dx:
             return None
         x, aux = cache
@@ -162,7 +162,7 @@ class LCN(Layer):
         y, aux = ops.lcn_forward(x, self.size, self.eps)
         return y, aux
 
-    def backward(self, dy, cache, params, grads, ops, need_dx):
+    def backward(self, dy, cache, params, grads, ops, need_dx, beta=0.0):
         return ops.lcn_backward(dy, cache, self.size) if need_dx else None
 
 

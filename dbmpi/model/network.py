@@ -112,7 +112,7 @@ class Network:
         theta, xh, _ = self._check(theta, x)
         return self._forward(theta, xh, self._ops(theta.dtype))[0]
 
-    def loss_and_grad(self, theta, x, y, out=None, scale=1.0):
+    def loss_and_grad(self, theta, x, y, out=None, scale=1.0, accumulate=False):
         """Mean cross-entropy (+ l2/2 ||theta||^2) and its gradient times ``scale``, in
         theta's dtype.
 
@@ -120,7 +120,10 @@ class Network:
         loops pass one buffer for every step: a fresh array of more than 32 MB costs its
         page faults again each step (3.6 ms for 40 MB here).  ``scale`` multiplies the
         top gradient before the backward pass, so ``-learning_rate`` gives the update itself
-        with no extra pass over the parameters."""
+        with no extra pass over the parameters.  ``accumulate``: add to ``out`` instead of
+        overwriting it; ``out`` may then be theta itself, and ``out=theta,
+        scale=-learning_rate, accumulate=True`` is one SGD step fused into the backward
+        pass (see :func:`_accumulate_beta`).  The loss is always theta's before any step."""
         theta, xh, y = self._check(theta, x, y)
         ops = self._ops(theta.dtype)
         z, caches, params = self._forward(theta, xh, ops)
@@ -128,13 +131,15 @@ class Network:
         if scale != 1.0:
             dz *= dz.dtype.type(scale)
         grad = _grad_buffer(out, theta)
+        if self.l2:
+            loss += 0.5 * self.l2 * float(np.dot(theta, theta))
+        beta, inplace = _accumulate_beta(grad, theta, accumulate, scale, self.l2)
         d = dz.reshape(dz.shape[0], 1, 1, self.classes)
         for i in range(len(self.layers) - 1, -1, -1):
             layer = self.layers[i]
             g = layer.views(grad[self.layer_slice(i)])
-            d = layer.backward(d, caches[i], params[i], g, ops, need_dx=i > 0)
-        if self.l2:
-            loss += 0.5 * self.l2 * float(np.dot(theta, theta))
+            d = layer.backward(d, caches[i], params[i], g, ops, need_dx=i > 0, beta=beta)
+        if self.l2 and not inplace:
             grad += (scale * self.l2) * theta
         return loss, grad
 
@@ -172,3 +177,20 @@ def _grad_buffer(out, theta):
         raise ValueError(f"out must be a contiguous {theta.dtype} array of shape {theta.shape}; "
                          f"got {out.dtype} {out.shape}")
     return out
+
+
+def _accumulate_beta(grad, theta, accumulate, scale, l2):
+    """The layers' ``beta`` (their parameter gradients become ``beta*grad + gradient``) and
+    whether the gradient lands in theta itself.
+
+    In place (grad is theta), each layer takes its input gradient before its weights change,
+    and the l2 term's gradient, ``scale*l2*theta``, becomes beta = 1 + scale*l2: a decay of
+    the weights in the same pass."""
+    if not accumulate:
+        return 0.0, False
+    if not np.shares_memory(grad, theta):
+        return 1.0, False
+    if grad.ctypes.data != theta.ctypes.data:
+        raise ValueError("out overlaps theta without being theta; pass theta itself or a "
+                         "separate array")
+    return 1.0 + scale * l2, True

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..mpiwait import wait
-from .network import Network, _grad_buffer
+from .network import Network, _accumulate_beta, _grad_buffer
 from .reference import softmax_xent
 
 __all__ = ["PartitionedNetwork", "split", "Layout"]
@@ -335,7 +335,7 @@ class PartitionedNetwork:
     def _need_lo(self, part):
         return part.need[self.p][0]
 
-    def _local_backward(self, part, dy, cache, params, grads, ops, need_dx, n, dtype):
+    def _local_backward(self, part, dy, cache, params, grads, ops, need_dx, n, dtype, beta):
         layer, kind = part.layer, part.layer.spec["type"]
         lo, hi = part.need[self.p]
         h, w, c = layer.in_shape
@@ -344,7 +344,8 @@ class PartitionedNetwork:
         if kind == "locally_connected":
             slab, y, top, rows = cache
             dslab = ops.lc_backward(slab, params[0], y, np.ascontiguousarray(dy), layer.k,
-                                    layer.stride, 0, layer.act, grads[0], grads[1], need_dx)
+                                    layer.stride, 0, layer.act, grads[0], grads[1], need_dx,
+                                    beta)
             if not need_dx:
                 return None
             return np.ascontiguousarray(dslab[:, top:top + rows, layer.pad:layer.pad + w])
@@ -360,7 +361,7 @@ class PartitionedNetwork:
         x2, y, shape = cache
         dx = ops.fc_backward(x2, params[0], y, np.ascontiguousarray(dy.reshape(y.shape)),
                              "linear" if kind == "softmax" else layer.act, grads[0], grads[1],
-                             need_dx)
+                             need_dx, beta)
         return None if dx is None else dx.reshape(shape)
 
     def _all_logits(self, z_local):
@@ -392,9 +393,10 @@ class PartitionedNetwork:
         z, _, _, _ = self._forward(np.asarray(theta_local), x)
         return self._all_logits(z)
 
-    def loss_and_grad(self, theta_local, x, y, out=None, scale=1.0):
+    def loss_and_grad(self, theta_local, x, y, out=None, scale=1.0, accumulate=False):
         """Mean cross-entropy + l2/2 ||theta||^2 (the whole network's, on every partition) and
-        the gradient of this partition's slice (into ``out`` if given, as for Network)."""
+        the gradient of this partition's slice (into ``out`` if given; ``scale`` and
+        ``accumulate`` as for Network, so ``out=theta_local`` fuses an SGD step)."""
         theta_local = np.asarray(theta_local)
         y = np.asarray(y, dtype=np.intp)
         z, caches, params, ops = self._forward(theta_local, x)
@@ -405,16 +407,18 @@ class PartitionedNetwork:
         n = full.shape[0]
         a, b = self.mine[-1].chans
         grad = _grad_buffer(out, theta_local)  # every layer's backward writes all its share
+        if self.l2:
+            loss += 0.5 * self.l2 * self._sum_sq(theta_local)
+        beta, inplace = _accumulate_beta(grad, theta_local, accumulate, scale, self.l2)
         gviews = self._params(grad)
         d = np.ascontiguousarray(dz_full[:, a:b]).reshape(n, 1, 1, b - a)
         for i in range(len(self.mine) - 1, -1, -1):
             part = self.mine[i]
             dregion = self._local_backward(part, d, caches[i], params[i], gviews[i], ops,
-                                           i > 0, n, theta_local.dtype)
+                                           i > 0, n, theta_local.dtype, beta)
             if i > 0:
                 d = self.exchanges[i].backward(dregion, theta_local.dtype)
-        if self.l2:
-            loss += 0.5 * self.l2 * self._sum_sq(theta_local)
+        if self.l2 and not inplace:
             grad += (scale * self.l2) * theta_local
         return loss, grad
 
