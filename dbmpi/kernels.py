@@ -17,6 +17,32 @@ __all__ = ["lc_forward", "lc_backward", "fc_forward", "fc_backward", "pool_forwa
 
 _ACT = {"linear": 0, "relu": 1, "sigmoid": 2, "tanh": 3}
 _F32 = np.float32
+
+
+def _keep_freed_memory() -> bool:
+    """Keep freed blocks of up to 32 MB in the process (glibc), so the buffers every step
+    allocates afresh (activations, patches, input gradients) do not page-fault afresh.
+
+    glibc maps blocks above M_MMAP_THRESHOLD straight from the kernel and unmaps them on
+    free; the threshold starts at 128 KB and rises only as such blocks are freed, so a
+    process that has not yet freed a large block pays the faults every step: a 10M-parameter
+    locally connected network took 56 ms a step with 5,700 faults, 40 ms with none.
+    Fixing the thresholds also stops the heap's top being trimmed back to the kernel.
+    Set DBMPI_MALLOC_TUNING=0 to leave malloc alone."""
+    import ctypes
+    import os
+    if os.environ.get("DBMPI_MALLOC_TUNING", "1") == "0":
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):   # not glibc
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 256 << 20))
+
+
+MALLOC_TUNED = _keep_freed_memory()
 _VW = K.VECTOR_WIDTH
 _RB = K.ROW_BLOCK
 
