@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Usage: python jobs/bench_kernels.py [--quick]
+"""Usage: python jobs/bench_kernels.py [--quick] [--only lc,fc,net]
 
 Layer-kernel benchmark, one process, one BLAS thread.  Prints, per shape, GFLOP/s of our
 forward, backward and forward+backward, the float32 GEMM ceiling measured in the same run
