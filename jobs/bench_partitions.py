@@ -44,7 +44,7 @@ def run(tmp, data, model, P, steps, batch, rep=0):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--partitions", default="1,2,4")
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--steps", type=int, default=100)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--nets", default="lc64,speech")

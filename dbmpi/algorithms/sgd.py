@@ -156,6 +156,9 @@ def train_sgd_partitioned(topo, cfg, out, resume=None, quiet=False) -> dict | No
     run = RunDir(out, cfg, append=resume is not None) if lead else None
     say = Progress(enabled=lead and not quiet)
     flag = np.zeros(1, dtype=np.int32)          # bits: EVAL, STOP, CHECKPOINT (common.py)
+    # the clock starts when every partition is ready: setup times differ by rank, and the
+    # first exchange would count the slowest one's setup as training time
+    wait([comm.Ibarrier()])
     t_start = time.time()
     last_eval = last_ckpt = t_start
     step, stop, loss = step0, "max_steps", float("nan")
