@@ -36,12 +36,14 @@ def _overlap(a, b):
 
 
 class _Exchange:
-    """The plan of one layer's input exchange.
+    """The plan of one layer's input exchange, and its buffers and persistent requests.
 
     ``owned[q]`` = (rows, channels) block of the input that partition q holds; ``need[q]`` =
     the row range (all channels) partition q's computation reads.  Forward: I receive
     need[me] & owned[q] from each q and send need[q] & owned[me] to each q.  Backward: the
     gradients of exactly those blocks travel the other way and are added by the owners.
+    The messages are planned when the partition is built; their buffers and persistent
+    requests (``Send_init``/``Recv_init``) once per batch size, on the first step of it.
     """
 
     def __init__(self, comm, tag, shape, owned, need):
@@ -62,79 +64,102 @@ class _Exchange:
                 self.send.append((q, rs, owned[me][1]))
         self.own = owned[me]
         self.self_rows = _overlap(need[me], owned[me][0]) if owned[me][1][0] < owned[me][1][1] else None
+        c = shape[2]
+        # all I need is mine (a pooling stripe, say): forward returns a view, no region
+        self.mine_only = not self.recv and self.self_rows == self.need and self.own[1] == (0, c)
+        # nobody used my rows: backward returns my part of the region's gradient
+        self.unshared = (not self.send and self.self_rows == self.own[0]
+                         and self.own[1] == (0, c))
         self.bytes_sent = 0
+        self._key = None
 
     def _block(self, n, rows, chans):
         return (n, rows[1] - rows[0], self.shape[1], chans[1] - chans[0])
 
-    def forward(self, n, local, dtype):
-        """Assemble the needed region (n, need rows, w, c) from my block ``local``."""
+    def _buffers(self, n, dtype):
+        """This batch size's buffers and persistent requests, made on its first step."""
+        key = (n, np.dtype(dtype))
+        if key == self._key:
+            return
+        for r in getattr(self, "_reqs", ()):
+            r.Free()
+        comm, tag = self.comm, self.tag
+
+        def blocks(plan):
+            return [np.empty(self._block(n, rows, chans), dtype=dtype) for _, rows, chans in plan]
+        self._fsend, self._frecv = blocks(self.send), blocks(self.recv)
+        self._bsend, self._brecv = blocks(self.recv), blocks(self.send)
+        self._freqs = ([comm.Recv_init(b, source=q, tag=tag)
+                        for b, (q, _, _) in zip(self._frecv, self.recv)]
+                       + [comm.Send_init(b, dest=q, tag=tag)
+                          for b, (q, _, _) in zip(self._fsend, self.send)])
+        self._breqs = ([comm.Recv_init(b, source=q, tag=tag + 1)
+                        for b, (q, _, _) in zip(self._brecv, self.send)]
+                       + [comm.Send_init(b, dest=q, tag=tag + 1)
+                          for b, (q, _, _) in zip(self._bsend, self.recv)])
+        self._reqs = self._freqs + self._breqs
         h, w, c = self.shape
         lo, hi = self.need
+        (r0, r1), (c0, c1) = self.own
+        self._region = None if self.mine_only else np.empty((n, hi - lo, w, c), dtype=dtype)
+        self._dlocal = None if self.unshared else np.empty((n, r1 - r0, w, c1 - c0), dtype=dtype)
+        self._key = key
+
+    def forward(self, n, local, dtype):
+        """Assemble the needed region (n, need rows, w, c) from my block ``local``."""
+        self._buffers(n, dtype)
+        lo, hi = self.need
         r0 = self.own[0][0]
-        if not self.recv and self.self_rows == self.need and self.own[1] == (0, c):
-            # all I need is mine (a pooling stripe, say): no copy; send what others need
-            reqs = []
-            for q, rows, chans in self.send:
-                b = np.ascontiguousarray(local[:, rows[0] - r0:rows[1] - r0])
-                reqs.append(self.comm.Isend(b, dest=q, tag=self.tag))
-                self.bytes_sent += b.nbytes
-            wait(reqs)
+        for (q, rows, chans), b in zip(self.send, self._fsend):
+            np.copyto(b, local[:, rows[0] - r0:rows[1] - r0])
+            self.bytes_sent += b.nbytes
+        _startall(self._freqs)
+        if self.mine_only:
+            wait(self._freqs)
             return local[:, lo - r0:hi - r0]
         # every element of the region is owned by exactly one partition (me or a sender),
         # so the copies below cover it all
-        region = np.empty((n, hi - lo, w, c), dtype=dtype)
-        reqs, bufs = [], []
-        for q, rows, chans in self.recv:
-            b = np.empty(self._block(n, rows, chans), dtype=dtype)
-            reqs.append(self.comm.Irecv(b, source=q, tag=self.tag))
-            bufs.append((b, rows, chans))
-        for q, rows, chans in self.send:
-            b = np.ascontiguousarray(local[:, rows[0] - r0:rows[1] - r0])
-            reqs.append(self.comm.Isend(b, dest=q, tag=self.tag))
-            self.bytes_sent += b.nbytes
-            bufs.append((b, None, None))
+        region = self._region
         if self.self_rows is not None:
             a, z = self.self_rows
             c0, c1 = self.own[1]
             region[:, a - lo:z - lo, :, c0:c1] = local[:, a - r0:z - r0]
-        wait(reqs)
-        for b, rows, chans in bufs:
-            if rows is not None:
-                region[:, rows[0] - lo:rows[1] - lo, :, chans[0]:chans[1]] = b
+        wait(self._freqs)
+        for (q, rows, chans), b in zip(self.recv, self._frecv):
+            region[:, rows[0] - lo:rows[1] - lo, :, chans[0]:chans[1]] = b
         return region
 
     def backward(self, dregion, dtype):
         """Send the gradients of received blocks back; return the gradient of my block."""
         n = dregion.shape[0]
+        self._buffers(n, dtype)
         lo = self.need[0]
         (r0, r1), (c0, c1) = self.own
-        if not self.send and self.self_rows == (r0, r1) and (c0, c1) == (0, self.shape[2]):
-            # nobody used my rows: my gradient is my part of dregion; theirs go back
-            reqs = []
-            for q, rows, chans in self.recv:
-                b = np.ascontiguousarray(dregion[:, rows[0] - lo:rows[1] - lo, :, chans[0]:chans[1]])
-                reqs.append(self.comm.Isend(b, dest=q, tag=self.tag + 1))
-                self.bytes_sent += b.nbytes
-            wait(reqs)
-            return np.ascontiguousarray(dregion[:, r0 - lo:r1 - lo])
-        dlocal = np.zeros((n, r1 - r0, self.shape[1], c1 - c0), dtype=dtype)
-        reqs, bufs = [], []
-        for q, rows, chans in self.send:          # my rows they used: gradients come back
-            b = np.empty(self._block(n, rows, chans), dtype=dtype)
-            reqs.append(self.comm.Irecv(b, source=q, tag=self.tag + 1))
-            bufs.append((b, rows))
-        for q, rows, chans in self.recv:          # their rows I used: gradients go back
-            b = np.ascontiguousarray(dregion[:, rows[0] - lo:rows[1] - lo, :, chans[0]:chans[1]])
-            reqs.append(self.comm.Isend(b, dest=q, tag=self.tag + 1))
+        for (q, rows, chans), b in zip(self.recv, self._bsend):   # their rows I used
+            np.copyto(b, dregion[:, rows[0] - lo:rows[1] - lo, :, chans[0]:chans[1]])
             self.bytes_sent += b.nbytes
-        if self.self_rows is not None:
+        _startall(self._breqs)
+        if self.unshared:
+            wait(self._breqs)
+            return np.ascontiguousarray(dregion[:, r0 - lo:r1 - lo])
+        dlocal = self._dlocal
+        if self.self_rows is not None:            # my rows I used: copied, not added
             a, z = self.self_rows
-            dlocal[:, a - r0:z - r0] += dregion[:, a - lo:z - lo, :, c0:c1]
-        wait(reqs)
-        for b, rows in bufs:
+            if (a, z) != (r0, r1):
+                dlocal[...] = 0
+            dlocal[:, a - r0:z - r0] = dregion[:, a - lo:z - lo, :, c0:c1]
+        else:
+            dlocal[...] = 0
+        wait(self._breqs)
+        for (q, rows, chans), b in zip(self.send, self._brecv):   # my rows they used
             dlocal[:, rows[0] - r0:rows[1] - r0] += b
         return dlocal
+
+
+def _startall(reqs):
+    if reqs:
+        from mpi4py import MPI
+        MPI.Prequest.Startall(reqs)
 
 
 class _Part:
