@@ -19,26 +19,17 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 
 import studylib as S  # noqa: E402
-from study_partitions import NETS as _STUDY   # the same two networks as the study
+from study_partitions import NETS as _STUDY, sgd_run   # the study's networks and runs
 
 ENV = S.ENV
 
 NETS = {"lc64": ("synth64.h5", 64, _STUDY["locally connected, 64x64 images"][1]),
         "speech": ("synth32.h5", 32, _STUDY["fully connected, speech-like"][1])}
-
-
-def run(tmp, data, model, P, steps, batch, rep=0):
-    text = S.config(data, model, cluster={"partitions": P},
-                    optimizer={"algorithm": "sgd", "batch_size": batch, "learning_rate": 0.01},
-                    run={"max_steps": steps, "eval_every_s": 10000,
-                         "checkpoint_every_s": 10000, "log_every": 1000})
-    return S.train(text, Path(tmp), f"r{P}-{rep}")
 
 
 def main():
@@ -59,13 +50,11 @@ def main():
             subprocess.run([PY, "-m", "dbmpi", "data", "synthetic", "--size", str(size),
                             "--count", "3000", "--out", str(data)], check=True, cwd=ROOT,
                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        res = {P: [] for P in parts}
         with tempfile.TemporaryDirectory() as tmp:
-            for rep in range(args.repeats):
-                for P in parts:
-                    res[P].append(run(tmp, data, model, P, args.steps, args.batch, rep))
-        best = {P: max(r["samples_per_s"] for r in res[P]) for P in parts}
-        med = {P: float(np.median([r["samples_per_s"] for r in res[P]])) for P in parts}
+            res, best, med = S.interleaved(
+                lambda P, rep: sgd_run(data, model, P, args.steps, args.batch, tmp,
+                                       f"r{P}-{rep}"),
+                parts, args.repeats)
         b0, m0 = best[parts[0]], med[parts[0]]
         print(f"\n{name} ({res[parts[0]][0]['num_params'] / 1e6:.2f}M parameters)")
         print(f"{'P':>3}{'best/s':>10}{'speed-up':>10}{'median/s':>10}{'speed-up':>10}"

@@ -1,13 +1,15 @@
 #!/usr/bin/env python
-"""Usage: python jobs/study_partitions.py --out DIR [--quick] [--partitions 1,2,4,8]
+"""Usage: python jobs/study_partitions.py --out DIR [--quick] [--partitions 1,2,4,8] [--repeats R]
 
 The DistBelief paper's Figure 3: training speed-up against the number of partitions of one
 model replica, for a locally connected image network (64x64 inputs) and a fully connected,
 speech-like network (4 sigmoid layers of 2560 units and a softmax).  Algorithm sgd with P
 partitions; speed-up = samples/s over the same network's P = 1 in the same run.  Writes
-partitions.csv, partitions.png and summary.txt into DIR.  --quick: P = 1, 2, 4 and few steps
-(about 2 minutes on 2 cores); on a cluster give --partitions up to the cores of the
-allocation and set MPIEXEC.
+partitions.csv, partitions.png and summary.txt into DIR.  Each P runs --repeats times, the P
+values interleaved; the figure uses the best samples/s of each (a disturbance on a shared
+machine stalls all partitions at once), the summary adds the median.  --quick: P = 1, 2, 4
+and few steps (about 5 minutes on 2 cores); on a cluster give --partitions up to the cores
+of the allocation and set MPIEXEC.
 """
 
 import argparse
@@ -49,6 +51,15 @@ input_shape = [1, 32, 32]
 }
 
 
+def sgd_run(data, model, P, steps, batch, workdir, name) -> dict:
+    """One timed run: algorithm sgd, P partitions, no evaluation or checkpoint on the way."""
+    text = S.config(data, model, cluster={"partitions": P},
+                    optimizer={"algorithm": "sgd", "batch_size": batch, "learning_rate": 0.01},
+                    run={"max_steps": steps, "eval_every_s": 1e6, "checkpoint_every_s": 1e6,
+                         "log_every": 1000})
+    return S.train(text, Path(workdir), name)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
@@ -56,29 +67,32 @@ def main():
     p.add_argument("--smoke", action="store_true", help="seconds, for tests")
     p.add_argument("--partitions", default=None)
     p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=None,
+                   help="runs of each P, interleaved; the best and the median are reported "
+                        "(default 3; 1 with --smoke)")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     parts = [int(x) for x in (args.partitions or ("1,2" if args.smoke else "1,2,4" if args.quick
                                                   else "1,2,4,8,16")).split(",")]
     steps = args.steps or (3 if args.smoke else 30 if args.quick else 100)
+    repeats = args.repeats or (1 if args.smoke else 3)
     rows = []
     for net, (data, model) in NETS.items():
         if args.smoke:   # a small stand-in of the same shape of network
             model = model.replace("units = 2560", "units = 64").replace("channels = 32", "channels = 8")
         path = S.ensure_data(data)
-        base = None
+        runs, best, med = S.interleaved(
+            lambda P, rep: sgd_run(path, model, P, steps, 32, out / "runs", f"{data}-p{P}-{rep}"),
+            parts, repeats)
         for P in parts:
-            text = S.config(path, model, cluster={"partitions": P},
-                            optimizer={"algorithm": "sgd", "batch_size": 32, "learning_rate": 0.01},
-                            run={"max_steps": steps, "eval_every_s": 1e6,
-                                 "checkpoint_every_s": 1e6, "log_every": 1000})
-            s = S.train(text, out / "runs", f"{data}-p{P}")
-            base = base or s["samples_per_s"]
-            bps = s.get("partition_bytes_per_step", [0])
-            rows.append({"network": net, "partitions": P, "num_params": s["num_params"],
-                         "samples_per_s": round(s["samples_per_s"], 2),
-                         "speedup": round(s["samples_per_s"] / base, 3),
+            bps = runs[P][0].get("partition_bytes_per_step", [0])
+            rows.append({"network": net, "partitions": P, "num_params": runs[P][0]["num_params"],
+                         "samples_per_s": round(best[P], 2),
+                         "speedup": round(best[P] / best[parts[0]], 3),
+                         "median_samples_per_s": round(med[P], 2),
+                         "median_speedup": round(med[P] / med[parts[0]], 3),
+                         "repeats": repeats,
                          "bytes_per_step_per_partition": round(sum(bps) / len(bps))})
             print(rows[-1], flush=True)
     S.write_csv(out / "partitions.csv", rows)
@@ -97,10 +111,12 @@ def main():
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "partitions.png", dpi=110)
-    lines = [S.header("study_partitions: speed-up against partitions (sgd, batch 32)")]
+    lines = [S.header(f"study_partitions: speed-up against partitions (sgd, batch 32, {steps} "
+                      f"steps; best and median of {repeats} runs)")]
     for x in rows:
-        lines.append(f"{x['network']:<34} P={x['partitions']:<3} {x['samples_per_s']:>9.1f} "
-                     f"samples/s  {x['speedup']:.2f}x  {x['bytes_per_step_per_partition']} B/step")
+        lines.append(f"{x['network']:<34} P={x['partitions']:<3} {x['samples_per_s']:>8.1f} "
+                     f"samples/s {x['speedup']:.2f}x  median {x['median_samples_per_s']:>8.1f} "
+                     f"{x['median_speedup']:.2f}x  {x['bytes_per_step_per_partition']} B/step")
     (out / "summary.txt").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

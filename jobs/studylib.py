@@ -94,6 +94,20 @@ def train(text: str, workdir: Path, name: str, timeout: float = 900) -> dict:
     return s
 
 
+def interleaved(run, values, repeats: int):
+    """``run(v, rep)`` for every value, the values interleaved, ``repeats`` times (so drifting
+    load on a shared machine hits them alike).  Returns {v: [summaries]}, and the best and the
+    median samples/s of each value."""
+    import numpy as np
+    runs = {v: [] for v in values}
+    for rep in range(repeats):
+        for v in values:
+            runs[v].append(run(v, rep))
+    best = {v: max(s["samples_per_s"] for s in runs[v]) for v in values}
+    median = {v: float(np.median([s["samples_per_s"] for s in runs[v]])) for v in values}
+    return runs, best, median
+
+
 def write_csv(path: Path, rows: list[dict]) -> None:
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
