@@ -142,13 +142,18 @@ def pool_forward(x, size, stride, kind):
 def pool_backward(x, dy, aux, size, stride, kind):
     n, h, w, c = x.shape
     ho, wo = dy.shape[1:3]
-    dx = np.zeros_like(x)
     if kind == "max":
+        dx = np.zeros_like(x)
         K.max_pool_back(_flat(dy, "dy"), aux.reshape(-1), dx.reshape(-1), n, h, w, c, size,
                         stride, ho, wo)
-    else:
-        K.l2_pool_back(_flat(x, "x"), _flat(aux, "y"), _flat(dy, "dy"), dx.reshape(-1), n, h,
-                       w, c, size, stride, ho, wo)
+        return dx
+    tiled = stride == size        # every covered element written once: no zeroing first
+    dx = np.empty_like(x) if tiled else np.zeros_like(x)
+    if tiled:
+        dx[:, ho * size:] = 0     # the rows and columns no window covers
+        dx[:, :ho * size, wo * size:] = 0
+    K.l2_pool_back(_flat(x, "x"), _flat(aux, "y"), _flat(dy, "dy"), dx.reshape(-1),
+                   np.empty(c, dtype=_F32), n, h, w, c, size, stride, ho, wo, tiled)
     return dx
 
 

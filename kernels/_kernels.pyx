@@ -356,21 +356,30 @@ cdef void l2_pool_c(const float* x, float* y, int n, int h, int w, int c, int si
                     y[o + ch] = sqrtf(y[o + ch])
 
 
-cdef void l2_pool_back_c(const float* x, const float* y, const float* dy, float* dx, int n,
-                         int h, int w, int c, int size, int stride, int ho,
-                         int wo) noexcept nogil:
-    """dx[window] += dy * x / y; dx must be zeroed by the caller."""
+cdef void l2_pool_back_c(const float* x, const float* y, const float* dy, float* dx, float* r,
+                         int n, int h, int w, int c, int size, int stride, int ho, int wo,
+                         bint tiled) noexcept nogil:
+    """dx[window] += dy * x / y (r: c floats of scratch for dy / y, one division a window).
+
+    tiled (stride == size: the windows do not overlap) writes dx instead of adding to it,
+    so the caller zeroes only what no window covers; otherwise dx must be zeroed."""
     cdef int s, i, j, ky, kx, ch
     cdef Py_ssize_t o, src
     for s in range(n):
         for i in range(ho):
             for j in range(wo):
                 o = ((s * ho + i) * <Py_ssize_t>wo + j) * c
+                for ch in range(c):
+                    r[ch] = dy[o + ch] / y[o + ch]
                 for ky in range(size):
                     for kx in range(size):
                         src = ((s * h + i * stride + ky) * <Py_ssize_t>w + j * stride + kx) * c
-                        for ch in range(c):
-                            dx[src + ch] += dy[o + ch] * x[src + ch] / y[o + ch]
+                        if tiled:
+                            for ch in range(c):
+                                dx[src + ch] = r[ch] * x[src + ch]
+                        else:
+                            for ch in range(c):
+                                dx[src + ch] += r[ch] * x[src + ch]
 
 
 # ---- layer 3: entry points (GIL released; the Python layer has checked everything) ---------
@@ -435,9 +444,11 @@ def l2_pool(const float[::1] x, float[::1] y, int n, int h, int w, int c, int si
 
 
 def l2_pool_back(const float[::1] x, const float[::1] y, const float[::1] dy, float[::1] dx,
-                 int n, int h, int w, int c, int size, int stride, int ho, int wo):
+                 float[::1] r, int n, int h, int w, int c, int size, int stride, int ho, int wo,
+                 bint tiled):
     with nogil:
-        l2_pool_back_c(&x[0], &y[0], &dy[0], &dx[0], n, h, w, c, size, stride, ho, wo)
+        l2_pool_back_c(&x[0], &y[0], &dy[0], &dx[0], &r[0], n, h, w, c, size, stride, ho, wo,
+                       tiled)
 
 
 cdef double softmax_xent_c(const float* z, const Py_ssize_t* y, float* dz, int n,

@@ -73,7 +73,7 @@ def test_fully_connected(n, d, u, act):
 @pytest.mark.parametrize("kind", ["max", "l2"])
 @pytest.mark.parametrize("n,h,w,c,size,stride", [(1, 4, 4, 1, 2, 2), (3, 7, 9, 5, 3, 2),
                                                   (2, 6, 5, 2, 2, 1), (2, 5, 5, 3, 5, 1),
-                                                  (1, 10, 10, 4, 3, 3)])
+                                                  (1, 10, 10, 4, 3, 3), (2, 7, 9, 16, 2, 2)])
 def test_pooling(kind, n, h, w, c, size, stride):
     rng = np.random.default_rng(h * w + c)
     x = rng.standard_normal((n, h, w, c)).astype(np.float32)
