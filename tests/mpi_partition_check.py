@@ -38,6 +38,9 @@ for name in ("digits_sgd", "digits_downpour", "digits_sandblaster"):
     NETS[name] = load(ROOT / "jobs" / f"{name}.toml")["model"]
 
 
+KEEP = []    # partitions alive until exit, as in a user's script: their requests must be freed
+
+
 def main():
     comm = MPI.COMM_WORLD
     out = {}
@@ -45,6 +48,7 @@ def main():
         spec = NETS[name]
         full = build(spec)
         pn = PartitionedNetwork(spec, comm)
+        KEEP.append(pn)
         rng = np.random.default_rng(0)
         theta = full.init_params(1)
         theta += (rng.standard_normal(theta.shape) * 0.05).astype(np.float32)

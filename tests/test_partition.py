@@ -17,6 +17,7 @@ CHECK = ["lc", "lc_stride", "pools", "lcn", "fc", "softmax", "digits_sgd",
 def _check(P):
     r = run_mpi(P, ROOT / "tests" / "mpi_partition_check.py", *CHECK, module=False, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "persistent request" not in r.stderr, r.stderr[-3000:]   # all freed before exit
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 

@@ -17,6 +17,8 @@ Python API use, so runs with different P are interchangeable.
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 
 from ..mpiwait import wait
@@ -72,6 +74,8 @@ class _Exchange:
                          and self.own[1] == (0, c))
         self.bytes_sent = 0
         self._key = None
+        self._reqs = []     # every persistent request, freed with the exchange or at exit
+        weakref.finalize(self, _free_requests, self._reqs)
 
     def _block(self, n, rows, chans):
         return (n, rows[1] - rows[0], self.shape[1], chans[1] - chans[0])
@@ -81,8 +85,7 @@ class _Exchange:
         key = (n, np.dtype(dtype))
         if key == self._key:
             return
-        for r in getattr(self, "_reqs", ()):
-            r.Free()
+        _free_requests(self._reqs)
         comm, tag = self.comm, self.tag
 
         def blocks(plan):
@@ -97,7 +100,7 @@ class _Exchange:
                         for b, (q, _, _) in zip(self._brecv, self.send)]
                        + [comm.Send_init(b, dest=q, tag=tag + 1)
                           for b, (q, _, _) in zip(self._bsend, self.recv)])
-        self._reqs = self._freqs + self._breqs
+        self._reqs[:] = self._freqs + self._breqs
         h, w, c = self.shape
         lo, hi = self.need
         (r0, r1), (c0, c1) = self.own
@@ -154,6 +157,16 @@ class _Exchange:
         for (q, rows, chans), b in zip(self.send, self._brecv):   # my rows they used
             dlocal[:, rows[0] - r0:rows[1] - r0] += b
         return dlocal
+
+
+def _free_requests(reqs):
+    """Free persistent requests (before MPI_Finalize, which otherwise warns about each)."""
+    from mpi4py import MPI
+    if not MPI.Is_finalized():
+        for r in reqs:
+            if r:
+                r.Free()
+    reqs.clear()
 
 
 def _startall(reqs):
