@@ -142,18 +142,17 @@ def pool_forward(x, size, stride, kind):
 def pool_backward(x, dy, aux, size, stride, kind):
     n, h, w, c = x.shape
     ho, wo = dy.shape[1:3]
-    if kind == "max":
-        dx = np.zeros_like(x)
-        K.max_pool_back(_flat(dy, "dy"), aux.reshape(-1), dx.reshape(-1), n, h, w, c, size,
-                        stride, ho, wo)
-        return dx
     tiled = stride == size        # every covered element written once: no zeroing first
     dx = np.empty_like(x) if tiled else np.zeros_like(x)
     if tiled:
         dx[:, ho * size:] = 0     # the rows and columns no window covers
         dx[:, :ho * size, wo * size:] = 0
-    K.l2_pool_back(_flat(x, "x"), _flat(aux, "y"), _flat(dy, "dy"), dx.reshape(-1),
-                   np.empty(c, dtype=_F32), n, h, w, c, size, stride, ho, wo, tiled)
+    if kind == "max":
+        K.max_pool_back(_flat(dy, "dy"), aux.reshape(-1), dx.reshape(-1), n, h, w, c, size,
+                        stride, ho, wo, tiled)
+    else:
+        K.l2_pool_back(_flat(x, "x"), _flat(aux, "y"), _flat(dy, "dy"), dx.reshape(-1),
+                       np.empty(c, dtype=_F32), n, h, w, c, size, stride, ho, wo, tiled)
     return dx
 
 
@@ -166,5 +165,20 @@ def softmax_xent(z, y):
     return loss, dz
 
 
-lcn_forward = R.lcn_forward
-lcn_backward = R.lcn_backward
+def lcn_forward(x, size, eps):
+    """As the reference: (y, (v, d)), v = x - local mean, d = local norm (n, h, w, 1)."""
+    n, h, w, c = x.shape
+    y, v = np.empty((n, h, w, c), dtype=_F32), np.empty((n, h, w, c), dtype=_F32)
+    d = np.empty((n, h, w, 1), dtype=_F32)
+    K.lcn_forward(_flat(x, "x"), y.reshape(-1), v.reshape(-1), d.reshape(-1),
+                  np.empty(3 * h * w, dtype=_F32), n, h, w, c, size, eps)
+    return y, (v, d)
+
+
+def lcn_backward(dy, aux, size):
+    v, d = aux
+    n, h, w, c = v.shape
+    dx = np.empty((n, h, w, c), dtype=_F32)
+    K.lcn_backward(_flat(dy, "dy"), _flat(v, "v"), _flat(d, "d"), dx.reshape(-1),
+                   np.empty(3 * h * w, dtype=_F32), n, h, w, c, size)
+    return dx

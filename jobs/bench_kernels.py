@@ -1,12 +1,12 @@
 #!/usr/bin/env python
-"""Usage: python jobs/bench_kernels.py [--quick] [--only lc,fc,net]
+"""Usage: python jobs/bench_kernels.py [--quick] [--only lc,fc,pool,net]
 
 Layer-kernel benchmark, one process, one BLAS thread.  Prints, per shape, GFLOP/s of our
 forward, backward and forward+backward, the float32 GEMM ceiling measured in the same run
 (numpy matmul), our fraction of it, our ratio to the numpy reference, and (when PyTorch is
 installed) our ratio to a PyTorch unfold+einsum locally connected layer.  Also the fully
-connected layer against numpy's three matmuls, and loss_and_grad of jobs/digits_sgd.toml
-against the numpy reference path.
+connected layer against numpy's three matmuls, pooling and LCN against the numpy reference,
+and loss_and_grad of jobs/digits_sgd.toml against the numpy reference path.
 """
 
 import os
@@ -135,6 +135,27 @@ def bench_fc(args):
                                                          flops / tn / 1e9, tn / to))
 
 
+def bench_pool_lcn(args):
+    """Pooling and local contrast normalization, forward+backward, against the reference."""
+    n, h, c = args.batch, 30, 16
+    print(f"\nPooling and LCN, forward+backward, batch {n}, {h}x{h}x{c}: ours against the "
+          "numpy reference")
+    print("{:<22}{:>10}{:>12}{:>9}".format("layer", "ours ms", "numpy ms", "ratio"))
+    x = np.random.default_rng(2).random((n, h, h, c), dtype=np.float32)
+
+    def pool(ops, kind):
+        y, aux = ops.pool_forward(x, 2, 2, kind)
+        ops.pool_backward(x, y, aux, 2, 2, kind)
+
+    def lcn(ops):
+        y, aux = ops.lcn_forward(x, 5, 1e-2)
+        ops.lcn_backward(y, aux, 5)
+    for name, fn in (("max_pool 2", lambda o: pool(o, "max")), ("l2_pool 2", lambda o: pool(o, "l2")),
+                     ("lcn 5", lcn)):
+        to, tr = best(lambda: fn(KO), 0.2), best(lambda: fn(RO), 0.2)
+        print("{:<22}{:>10.3f}{:>12.3f}{:>8.1f}x".format(name, to * 1e3, tr * 1e3, tr / to))
+
+
 def bench_network():
     root = Path(__file__).resolve().parents[1]
     cfg = load(root / "jobs" / "digits_sgd.toml")
@@ -154,17 +175,20 @@ def main():
     p.add_argument("--quick", action="store_true")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--fc-batch", type=int, default=128)
-    p.add_argument("--only", default="lc,fc,net",
-                   help="which tables, comma-separated: lc (locally connected), fc, net")
+    p.add_argument("--only", default="lc,fc,pool,net",
+                   help="which tables, comma-separated: lc (locally connected), fc, pool "
+                        "(pooling and LCN), net")
     args = p.parse_args()
     only = set(args.only.split(","))
-    if unknown := only - {"lc", "fc", "net"}:
-        p.error(f"--only: unknown table(s) {sorted(unknown)}; choose from lc, fc, net")
+    if unknown := only - {"lc", "fc", "pool", "net"}:
+        p.error(f"--only: unknown table(s) {sorted(unknown)}; choose from lc, fc, pool, net")
     if "lc" in only:
         ceiling = gemm_ceiling(args.quick)
         bench_lc(args, ceiling)
     if "fc" in only:
         bench_fc(args)
+    if "pool" in only:
+        bench_pool_lcn(args)
     if "net" in only:
         bench_network()
     if "lc" in only:

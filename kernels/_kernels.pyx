@@ -320,14 +320,27 @@ cdef void max_pool_c(const float* x, float* y, int* arg, int n, int h, int w, in
 
 
 cdef void max_pool_back_c(const float* dy, const int* arg, float* dx, int n, int h, int w,
-                          int c, int size, int stride, int ho, int wo) noexcept nogil:
-    """dx[window position arg] += dy; dx must be zeroed by the caller."""
-    cdef int s, i, j, ch, a
-    cdef Py_ssize_t o
+                          int c, int size, int stride, int ho, int wo, bint tiled) noexcept nogil:
+    """dx[window position arg] += dy; dx must be zeroed by the caller.
+
+    tiled (stride == size: the windows do not overlap) writes every element of each window
+    instead, dy where it was the maximum and 0 elsewhere (selects, so it vectorizes), and
+    the caller zeroes only what no window covers."""
+    cdef int s, i, j, ch, a, ky, kx
+    cdef Py_ssize_t o, src
     for s in range(n):
         for i in range(ho):
             for j in range(wo):
                 o = ((s * ho + i) * <Py_ssize_t>wo + j) * c
+                if tiled:
+                    for ky in range(size):
+                        for kx in range(size):
+                            src = ((s * h + i * stride + ky) * <Py_ssize_t>w + j * stride
+                                   + kx) * c
+                            a = ky * size + kx
+                            for ch in range(c):
+                                dx[src + ch] = dy[o + ch] if arg[o + ch] == a else 0
+                    continue
                 for ch in range(c):
                     a = arg[o + ch]
                     dx[((s * h + i * stride + a // size) * <Py_ssize_t>w + j * stride
@@ -382,6 +395,112 @@ cdef void l2_pool_back_c(const float* x, const float* y, const float* dy, float*
                                 dx[src + ch] += r[ch] * x[src + ch]
 
 
+cdef void _box_sum(const float* a, float* out, float* tmp, int h, int w,
+                   int size) noexcept nogil:
+    """out[i,j] = sum of a over rows i-r..i+r and columns j-r..j+r inside the (h, w) plane
+    (zero outside, r = size // 2); tmp is h*w floats.  Rows first, whole rows at a time."""
+    cdef int r = size // 2, i, j, t, lo, hi
+    cdef float acc
+    cdef float* row
+    for i in range(h):
+        row = tmp + i * <Py_ssize_t>w
+        memset(row, 0, w * sizeof(float))
+        lo = i - r if i - r > 0 else 0
+        hi = i + r + 1 if i + r + 1 < h else h
+        for t in range(lo, hi):
+            for j in range(w):
+                row[j] += a[t * <Py_ssize_t>w + j]
+    for i in range(h):
+        row = tmp + i * <Py_ssize_t>w
+        for j in range(w):
+            lo = j - r if j - r > 0 else 0
+            hi = j + r + 1 if j + r + 1 < w else w
+            acc = 0
+            for t in range(lo, hi):
+                acc += row[t]
+            out[i * <Py_ssize_t>w + j] = acc
+
+
+cdef void lcn_forward_c(const float* x, float* y, float* v, float* d, float* scratch, int n,
+                        int h, int w, int c, int size, float eps) noexcept nogil:
+    """v = x - box(sum_c x)/m; d = sqrt(box(sum_c v^2)/m + eps); y = v/d, with m = size^2*c
+    and the box over size x size pixels (zero padded); scratch is 3*h*w floats."""
+    cdef Py_ssize_t hw = <Py_ssize_t>h * w, p, o
+    cdef int s, ch
+    cdef float m = <float>size * size * c, acc, t, inv
+    cdef float* sums = scratch
+    cdef float* box = scratch + hw
+    cdef float* tmp = scratch + 2 * hw
+    cdef const float* xs
+    cdef float* vs
+    cdef float* ys
+    cdef float* ds
+    for s in range(n):
+        xs, vs, ys, ds = x + s * hw * c, v + s * hw * c, y + s * hw * c, d + s * hw
+        for p in range(hw):
+            acc = 0
+            for ch in range(c):
+                acc += xs[p * c + ch]
+            sums[p] = acc
+        _box_sum(sums, box, tmp, h, w, size)
+        for p in range(hw):
+            o = p * c
+            acc = 0
+            for ch in range(c):
+                t = xs[o + ch] - box[p] / m
+                vs[o + ch] = t
+                acc += t * t
+            sums[p] = acc
+        _box_sum(sums, box, tmp, h, w, size)
+        for p in range(hw):
+            ds[p] = sqrtf(box[p] / m + eps)
+            inv = 1 / ds[p]
+            o = p * c
+            for ch in range(c):
+                ys[o + ch] = vs[o + ch] * inv
+
+
+cdef void lcn_backward_c(const float* dy, const float* v, const float* d, float* dx,
+                         float* scratch, int n, int h, int w, int c, int size) noexcept nogil:
+    """dd = -sum_c(dy v)/d^2; dv = dy/d + v*box(dd/d)/m; dx = dv - box(sum_c dv)/m (the box
+    filter is symmetric, so it is its own transpose); scratch is 3*h*w floats."""
+    cdef Py_ssize_t hw = <Py_ssize_t>h * w, p, o
+    cdef int s, ch
+    cdef float m = <float>size * size * c, acc, t, inv, g
+    cdef float* sums = scratch
+    cdef float* box = scratch + hw
+    cdef float* tmp = scratch + 2 * hw
+    cdef const float* dys
+    cdef const float* vs
+    cdef const float* ds
+    cdef float* dxs
+    for s in range(n):
+        dys, vs, ds, dxs = dy + s * hw * c, v + s * hw * c, d + s * hw, dx + s * hw * c
+        for p in range(hw):
+            o = p * c
+            acc = 0
+            for ch in range(c):
+                acc += dys[o + ch] * vs[o + ch]
+            sums[p] = -acc / (ds[p] * ds[p] * ds[p])      # dd / d
+        _box_sum(sums, box, tmp, h, w, size)
+        for p in range(hw):
+            inv = 1 / ds[p]
+            g = box[p] / m
+            o = p * c
+            acc = 0
+            for ch in range(c):
+                t = dys[o + ch] * inv + vs[o + ch] * g
+                dxs[o + ch] = t
+                acc += t
+            sums[p] = acc
+        _box_sum(sums, box, tmp, h, w, size)
+        for p in range(hw):
+            g = box[p] / m
+            o = p * c
+            for ch in range(c):
+                dxs[o + ch] -= g
+
+
 # ---- layer 3: entry points (GIL released; the Python layer has checked everything) ---------
 
 def lc_forward(const float[::1] x, float[::1] xt, const float[::1] wt, const float[::1] b,
@@ -432,9 +551,9 @@ def max_pool(const float[::1] x, float[::1] y, int[::1] arg, int n, int h, int w
 
 
 def max_pool_back(const float[::1] dy, const int[::1] arg, float[::1] dx, int n, int h, int w,
-                  int c, int size, int stride, int ho, int wo):
+                  int c, int size, int stride, int ho, int wo, bint tiled):
     with nogil:
-        max_pool_back_c(&dy[0], &arg[0], &dx[0], n, h, w, c, size, stride, ho, wo)
+        max_pool_back_c(&dy[0], &arg[0], &dx[0], n, h, w, c, size, stride, ho, wo, tiled)
 
 
 def l2_pool(const float[::1] x, float[::1] y, int n, int h, int w, int c, int size, int stride,
@@ -549,3 +668,15 @@ def adagrad_delta(float[::1] acc, const float[::1] g, float[::1] delta, float lr
 
 VECTOR_WIDTH = DBMPI_VW   # floats per vector in microgemm.h: batch-last buffers pad to it
 ROW_BLOCK = DBMPI_RB      # rows of the microkernel's full blocks
+
+
+def lcn_forward(const float[::1] x, float[::1] y, float[::1] v, float[::1] d,
+                float[::1] scratch, int n, int h, int w, int c, int size, float eps):
+    with nogil:
+        lcn_forward_c(&x[0], &y[0], &v[0], &d[0], &scratch[0], n, h, w, c, size, eps)
+
+
+def lcn_backward(const float[::1] dy, const float[::1] v, const float[::1] d, float[::1] dx,
+                 float[::1] scratch, int n, int h, int w, int c, int size):
+    with nogil:
+        lcn_backward_c(&dy[0], &v[0], &d[0], &dx[0], &scratch[0], n, h, w, c, size)

@@ -85,10 +85,26 @@ def test_pooling(kind, n, h, w, c, size, stride):
                                RO.pool_backward(x, dy, a2, size, stride, kind), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("n,h,w,c,size", [(1, 1, 1, 1, 1), (2, 5, 7, 3, 3), (3, 8, 6, 16, 5),
+                                          (1, 4, 3, 2, 9), (2, 9, 9, 1, 7)])
+def test_lcn(n, h, w, c, size):
+    rng = np.random.default_rng(h * 100 + w * 10 + c)
+    x = (rng.standard_normal((n, h, w, c)) * 3 + 1).astype(np.float32)
+    y1, aux1 = KO.lcn_forward(x, size, 1e-2)
+    y2, aux2 = RO.lcn_forward(x, size, 1e-2)
+    np.testing.assert_allclose(y1, y2, atol=1e-5, rtol=1e-4)
+    for a, r in zip(aux1, aux2):
+        np.testing.assert_allclose(a, r, atol=1e-5, rtol=1e-4)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    np.testing.assert_allclose(KO.lcn_backward(dy, aux1, size), RO.lcn_backward(dy, aux2, size),
+                               atol=1e-5, rtol=1e-4)
+
+
 def test_network_kernels_match_reference():
     spec = {"input_shape": [2, 12, 11], "l2": 1e-3, "layers": [
         {"type": "lcn", "size": 3},
         {"type": "locally_connected", "channels": 6, "kernel": 3, "stride": 2, "padding": 1},
+        {"type": "lcn", "size": 5},
         {"type": "max_pool", "size": 2, "stride": 1},
         {"type": "locally_connected", "channels": 4, "kernel": 3, "activation": "tanh"},
         {"type": "l2_pool", "size": 2},
