@@ -88,7 +88,8 @@ def lc_backward(x, w, y, dy, k, stride, pad, act, dw, db, need_dx, beta=0.0):
     n, h, wd, c, ho, wo, f = _lc_dims(x, w, k, stride, pad)
     if dy.shape != y.shape:
         raise ValueError(f"locally connected: gradient {dy.shape} does not match output {y.shape}")
-    dz = np.empty(y.size, dtype=_F32)
+    dyf = _flat(dy, "dy")
+    dz = dyf if act == "linear" else np.empty(y.size, dtype=_F32)   # only read after this
     npad, batch_last, xt, p = _lc_plan(n, h, wd, c, k, pad, f)
     if need_dx:     # the input gradient is accumulated batch-last (see lc_backward_c)
         dx = np.empty((n, h, wd, c), dtype=_F32)
@@ -97,7 +98,7 @@ def lc_backward(x, w, y, dy, k, stride, pad, act, dw, db, need_dx, beta=0.0):
     else:
         dx = dxt = dzt = np.empty(1, dtype=_F32)
     dwf, dbf = dw.reshape(-1), db.reshape(-1)  # views into the flat gradient
-    K.lc_backward(_flat(x, "x"), xt, _flat(w, "w"), _flat(y, "y"), _flat(dy, "dy"), dz, dxt,
+    K.lc_backward(_flat(x, "x"), xt, _flat(w, "w"), _flat(y, "y"), dyf, dz, dxt,
                   dx.reshape(-1), dwf, dbf, p, dzt, n, npad, h, wd, c, k, stride, pad, ho, wo,
                   f, _ACT[act], need_dx, batch_last, beta)
     return dx if need_dx else None
@@ -118,9 +119,10 @@ def fc_forward(x, w, b, act):
 def fc_backward(x, w, y, dy, act, dw, db, need_dx, beta=0.0):
     n, d = x.shape
     u = w.shape[0]
-    dz = np.empty(n * u, dtype=_F32)
+    dyf = _flat(dy, "dy")
+    dz = dyf if act == "linear" else np.empty(n * u, dtype=_F32)    # only read after this
     dx = np.empty((n, d) if need_dx else 1, dtype=_F32)
-    K.fc_backward(_flat(x, "x"), _flat(w, "w"), _flat(y, "y"), _flat(dy, "dy"), dz,
+    K.fc_backward(_flat(x, "x"), _flat(w, "w"), _flat(y, "y"), dyf, dz,
                   dx.reshape(-1), dw.reshape(-1), db.reshape(-1), n, d, u, _ACT[act], need_dx,
                   beta)
     return dx if need_dx else None

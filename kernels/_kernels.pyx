@@ -71,7 +71,8 @@ cdef void _act_backward(const float* y, const float* dy, float* dz, Py_ssize_t s
     """dz = dy * act'(z), from the activation's output y."""
     cdef Py_ssize_t t
     if act == 0:
-        memcpy(dz, dy, size * sizeof(float))
+        if dz != dy:                # linear: the caller may pass dy itself as dz
+            memcpy(dz, dy, size * sizeof(float))
     elif act == 1:
         for t in range(size):
             dz[t] = dy[t] if y[t] > 0 else 0

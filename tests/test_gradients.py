@@ -162,3 +162,28 @@ def test_sgd_step_fused_into_backward(backend, l2):
         big = np.concatenate([theta, theta])
         net.loss_and_grad(big[:net.num_params], x, y, out=big[1:net.num_params + 1],
                           accumulate=True)
+
+
+@pytest.mark.parametrize("backend", ["kernels", "reference"])
+def test_relu_below_l2_pool_skips_its_mask_exactly(backend):
+    """A relu layer under an L2 pool skips relu's backward (the pool's gradient is already 0
+    where relu gave 0): the gradient equals the one with the mask applied, bit for bit."""
+    spec = {"input_shape": [2, 10, 10], "layers": [
+        {"type": "locally_connected", "channels": 8, "kernel": 3, "activation": "relu"},
+        {"type": "l2_pool", "size": 2},
+        {"type": "locally_connected", "channels": 3, "kernel": 2, "activation": "relu"},
+        {"type": "max_pool", "size": 2},
+        {"type": "softmax", "classes": 4}]}
+    net = build(spec, backend=backend)
+    assert [getattr(layer, "back_act", None) for layer in net.layers] == \
+        ["linear", None, "relu", None, "linear"]
+    rng = np.random.default_rng(5)
+    theta = net.init_params(1)
+    x = rng.standard_normal((5, 2, 10, 10)).astype(np.float32)
+    y = rng.integers(0, 4, 5)
+    loss, g = net.loss_and_grad(theta, x, y)
+    net.layers[0].back_act = "relu"
+    loss2, g2 = net.loss_and_grad(theta, x, y)
+    assert loss == loss2
+    np.testing.assert_array_equal(g, g2)
+    fd_check(spec, 3, seed=2)                       # and it is the true gradient

@@ -64,7 +64,7 @@ class LocallyConnected(Layer):
         super().__init__(index, spec, in_shape)
         h, w, c = self.in_shape
         self.k, self.stride, self.pad = spec["kernel"], spec["stride"], spec["padding"]
-        self.act = spec["activation"]
+        self.act = self.back_act = spec["activation"]   # back_act: see Network.__init__
         if self.k > h + 2 * self.pad or self.k > w + 2 * self.pad:
             raise self._misfit(f"kernel {self.k} with padding {self.pad} is larger than the "
                                "input; use a smaller kernel or more padding")
@@ -86,8 +86,8 @@ class LocallyConnected(Layer):
 
     def backward(self, dy, cache, params, grads, ops, need_dx, beta=0.0):
         x, y = cache
-        return ops.lc_backward(x, params[0], y, dy, self.k, self.stride, self.pad, self.act,
-                               grads[0], grads[1], need_dx, beta)
+        return ops.lc_backward(x, params[0], y, dy, self.k, self.stride, self.pad,
+                               self.back_act, grads[0], grads[1], need_dx, beta)
 
 
 class FullyConnected(Layer):
@@ -97,7 +97,7 @@ class FullyConnected(Layer):
         super().__init__(index, spec, in_shape)
         self.inputs = int(np.prod(self.in_shape))
         self.units = spec["units"] if "units" in spec else spec["classes"]
-        self.act = spec.get("activation", "linear")
+        self.act = self.back_act = spec.get("activation", "linear")
         self.out_shape = (1, 1, self.units)
         self.param_shapes = ((self.units, self.inputs), (self.units,))
 
@@ -113,7 +113,7 @@ class FullyConnected(Layer):
 
     def backward(self, dy, cache, params, grads, ops, need_dx, beta=0.0):
         x2, y = cache
-        dx = ops.fc_backward(x2, params[0], y, dy.reshape(y.shape), self.act,
+        dx = ops.fc_backward(x2, params[0], y, dy.reshape(y.shape), self.back_act,
                              grads[0], grads[1], need_dx, beta)
         return None if dx is None else dx.reshape((x2.shape[0],) + self.in_shape)
 

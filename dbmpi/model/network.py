@@ -43,6 +43,12 @@ class Network:
             self.layers.append(layer)
             self.offsets.append(self.offsets[-1] + layer.num_params)
             shape = layer.out_shape
+        for layer, above in zip(self.layers, self.layers[1:]):
+            if getattr(layer, "act", None) == "relu" and above.kind == "l2_pool":
+                # the L2 pool's input gradient, dy * x / y, is already 0 wherever relu output
+                # x is 0, so relu's backward would change nothing: skip its pass over the
+                # layer's output (the largest activation of a DistBelief-style stage)
+                layer.back_act = "linear"
         self.classes = self.layers[-1].units
         self.l2 = self.spec["l2"]
         if backend not in ("auto", "kernels", "reference"):

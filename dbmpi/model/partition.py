@@ -382,8 +382,8 @@ class PartitionedNetwork:
         if kind == "locally_connected":
             slab, y, top, rows = cache
             dslab = ops.lc_backward(slab, params[0], y, np.ascontiguousarray(dy), layer.k,
-                                    layer.stride, 0, layer.act, grads[0], grads[1], need_dx,
-                                    beta)
+                                    layer.stride, 0, layer.back_act, grads[0], grads[1],
+                                    need_dx, beta)
             if not need_dx:
                 return None
             return np.ascontiguousarray(dslab[:, top:top + rows, layer.pad:layer.pad + w])
@@ -398,8 +398,8 @@ class PartitionedNetwork:
             return ops.lcn_backward(dfull, aux, layer.size) if need_dx else None
         x2, y, shape = cache
         dx = ops.fc_backward(x2, params[0], y, np.ascontiguousarray(dy.reshape(y.shape)),
-                             "linear" if kind == "softmax" else layer.act, grads[0], grads[1],
-                             need_dx, beta)
+                             "linear" if kind == "softmax" else layer.back_act, grads[0],
+                             grads[1], need_dx, beta)
         return None if dx is None else dx.reshape(shape)
 
     def _all_logits(self, z_local):
