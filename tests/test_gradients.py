@@ -158,6 +158,8 @@ def test_sgd_step_fused_into_backward(backend, l2):
     acc = np.ones_like(theta)                    # accumulate into a separate array
     net.loss_and_grad(theta, x, y, out=acc, scale=2.0, accumulate=True)
     np.testing.assert_allclose(acc, 1 + 2 * g, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="accumulate=True adds to out"):
+        net.loss_and_grad(theta, x, y, accumulate=True)
     with pytest.raises(ValueError, match="overlaps theta"):
         big = np.concatenate([theta, theta])
         net.loss_and_grad(big[:net.num_params], x, y, out=big[1:net.num_params + 1],

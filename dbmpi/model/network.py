@@ -136,7 +136,7 @@ class Network:
         loss, dz = ops.softmax_xent(z, y)
         if scale != 1.0:
             dz *= dz.dtype.type(scale)
-        grad = _grad_buffer(out, theta)
+        grad = _grad_buffer(out, theta, accumulate)
         if self.l2:
             loss += 0.5 * self.l2 * float(np.dot(theta, theta))
         beta, inplace = _accumulate_beta(grad, theta, accumulate, scale, self.l2)
@@ -175,9 +175,12 @@ def build(spec: dict, backend: str = "auto") -> Network:
     return Network(spec, backend)
 
 
-def _grad_buffer(out, theta):
-    """``out`` checked to fit theta, or a new array."""
+def _grad_buffer(out, theta, accumulate=False):
+    """``out`` checked to fit theta, or a new array (not when accumulating: into what?)."""
     if out is None:
+        if accumulate:
+            raise ValueError("accumulate=True adds to out: pass out (theta itself for an "
+                             "SGD step, or a zeroed array)")
         return np.empty_like(theta)
     if out.shape != theta.shape or out.dtype != theta.dtype or not out.flags.c_contiguous:
         raise ValueError(f"out must be a contiguous {theta.dtype} array of shape {theta.shape}; "

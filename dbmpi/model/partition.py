@@ -444,7 +444,7 @@ class PartitionedNetwork:
             dz_full *= dz_full.dtype.type(scale)
         n = full.shape[0]
         a, b = self.mine[-1].chans
-        grad = _grad_buffer(out, theta_local)  # every layer's backward writes all its share
+        grad = _grad_buffer(out, theta_local, accumulate)  # each layer writes all its share
         if self.l2:
             loss += 0.5 * self.l2 * self._sum_sq(theta_local)
         beta, inplace = _accumulate_beta(grad, theta_local, accumulate, scale, self.l2)
