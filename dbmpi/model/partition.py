@@ -109,7 +109,8 @@ class _Exchange:
         self._key = key
 
     def forward(self, n, local, dtype):
-        """Assemble the needed region (n, need rows, w, c) from my block ``local``."""
+        """Assemble the needed region (n, need rows, w, c) from my block ``local``: this
+        exchange's own buffer (or a view of ``local``), valid until its next forward."""
         self._buffers(n, dtype)
         lo, hi = self.need
         r0 = self.own[0][0]
@@ -133,7 +134,8 @@ class _Exchange:
         return region
 
     def backward(self, dregion, dtype):
-        """Send the gradients of received blocks back; return the gradient of my block."""
+        """Send the gradients of received blocks back; return the gradient of my block (this
+        exchange's own buffer, valid until its next backward)."""
         n = dregion.shape[0]
         self._buffers(n, dtype)
         lo = self.need[0]
