@@ -176,7 +176,8 @@ def build(spec: dict, backend: str = "auto") -> Network:
 
 
 def _grad_buffer(out, theta, accumulate=False):
-    """``out`` checked to fit theta, or a new array (not when accumulating: into what?)."""
+    """``out`` checked to fit theta, or a new array (only when overwriting: accumulating
+    needs something to add to)."""
     if out is None:
         if accumulate:
             raise ValueError("accumulate=True adds to out: pass out (theta itself for an "

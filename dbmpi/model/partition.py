@@ -148,13 +148,11 @@ class _Exchange:
             wait(self._breqs)
             return np.ascontiguousarray(dregion[:, r0 - lo:r1 - lo])
         dlocal = self._dlocal
+        if self.self_rows != (r0, r1):            # some of my rows get only what comes back
+            dlocal[...] = 0
         if self.self_rows is not None:            # my rows I used: copied, not added
             a, z = self.self_rows
-            if (a, z) != (r0, r1):
-                dlocal[...] = 0
             dlocal[:, a - r0:z - r0] = dregion[:, a - lo:z - lo, :, c0:c1]
-        else:
-            dlocal[...] = 0
         wait(self._breqs)
         for (q, rows, chans), b in zip(self.send, self._brecv):   # my rows they used
             dlocal[:, rows[0] - r0:rows[1] - r0] += b
@@ -369,7 +367,7 @@ class PartitionedNetwork:
             off = a - self._need_lo(part)
             return np.ascontiguousarray(y[:, off:off + (z - a)]), (aux, off, z - a, region.shape)
         x2 = region.reshape(n, -1)
-        y = ops.fc_forward(x2, params[0], params[1], "linear" if kind == "softmax" else layer.act)
+        y = ops.fc_forward(x2, params[0], params[1], layer.act)   # a softmax layer's is linear
         return y.reshape(n, 1, 1, z - a), (x2, y, region.shape)
 
     def _need_lo(self, part):
@@ -400,8 +398,7 @@ class PartitionedNetwork:
             return ops.lcn_backward(dfull, aux, layer.size) if need_dx else None
         x2, y, shape = cache
         dx = ops.fc_backward(x2, params[0], y, np.ascontiguousarray(dy.reshape(y.shape)),
-                             "linear" if kind == "softmax" else layer.back_act, grads[0],
-                             grads[1], need_dx, beta)
+                             layer.back_act, grads[0], grads[1], need_dx, beta)
         return None if dx is None else dx.reshape(shape)
 
     def _all_logits(self, z_local):
