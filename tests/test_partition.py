@@ -113,6 +113,30 @@ def test_sgd_losses_match_single_partition_for_50_steps(tmp_path, digits_path):
     assert s["partitions"] == 3 and len(s["partition_bytes_per_step"]) == 3
 
 
+@pytest.mark.parametrize("sets,reason", [
+    (["run.max_time_s=3", "run.eval_every_s=0.5", "run.checkpoint_every_s=1"], "max_time_s"),
+    (["run.target_accuracy=0.9", "run.eval_every_s=0.2"], "target_accuracy")])
+def test_partitioned_sgd_stops_evaluates_and_checkpoints_on_partition_0s_word(
+        tmp_path, digits_path, sets, reason):
+    """Partition 0 decides (time, target) and every partition acts on the same step: a
+    partition acting alone would hang the others in their next exchange."""
+    cfg = _cfg(tmp_path, digits_path, "digits_sgd.toml")
+    out = tmp_path / "p2"
+    args = ["--set", "cluster.partitions=2", "--set", "run.max_steps=1000000"]
+    for kv in sets:
+        args += ["--set", kv]
+    r = run_mpi(2, "train", cfg, "--out", out, "--quiet", *args, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["stop_reason"] == reason and 0 < s["steps"] < 1000000, s
+    evals = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()
+             if '"eval"' in l]
+    assert len(evals) >= (3 if reason == "max_time_s" else 2)   # periodic ones and the last
+    if reason == "target_accuracy":
+        assert evals[-2]["test_accuracy"] >= 0.9 and s["final_test_accuracy"] >= 0.9
+    assert (out / "checkpoint.h5").exists()
+
+
 def test_eight_partitions_oversubscribed(tmp_path, digits_path):
     cfg = _cfg(tmp_path, digits_path, "digits_sgd.toml")
     out = tmp_path / "p8"
