@@ -65,6 +65,10 @@ class _Exchange:
             if rs is not None and owned[me][1][0] < owned[me][1][1]:
                 self.send.append((q, rs, owned[me][1]))
         self.own = owned[me]
+        # every peer gets all of my block (a fully connected consumer): sent from the block
+        # itself, no copy
+        self.send_whole = bool(self.send) and all(
+            rows == owned[me][0] and chans == owned[me][1] for _, rows, chans in self.send)
         self.self_rows = _overlap(need[me], owned[me][0]) if owned[me][1][0] < owned[me][1][1] else None
         c = shape[2]
         # all I need is mine (a pooling stripe, say): forward returns a view, no region
@@ -90,7 +94,8 @@ class _Exchange:
 
         def blocks(plan):
             return [np.empty(self._block(n, rows, chans), dtype=dtype) for _, rows, chans in plan]
-        self._fsend, self._frecv = blocks(self.send), blocks(self.recv)
+        self._fsend = [] if self.send_whole else blocks(self.send)
+        self._frecv = blocks(self.recv)
         self._bsend, self._brecv = blocks(self.recv), blocks(self.send)
         self._freqs = ([comm.Recv_init(b, source=q, tag=tag)
                         for b, (q, _, _) in zip(self._frecv, self.recv)]
@@ -118,8 +123,13 @@ class _Exchange:
             np.copyto(b, local[:, rows[0] - r0:rows[1] - r0])
             self.bytes_sent += b.nbytes
         _startall(self._freqs)
+        reqs = self._freqs
+        if self.send_whole:
+            local = np.ascontiguousarray(local)
+            reqs = reqs + [self.comm.Isend(local, dest=q, tag=self.tag) for q, _, _ in self.send]
+            self.bytes_sent += local.nbytes * len(self.send)
         if self.mine_only:
-            wait(self._freqs)
+            wait(reqs)
             return local[:, lo - r0:hi - r0]
         # every element of the region is owned by exactly one partition (me or a sender),
         # so the copies below cover it all
@@ -128,7 +138,7 @@ class _Exchange:
             a, z = self.self_rows
             c0, c1 = self.own[1]
             region[:, a - lo:z - lo, :, c0:c1] = local[:, a - r0:z - r0]
-        wait(self._freqs)
+        wait(reqs)
         for (q, rows, chans), b in zip(self.recv, self._frecv):
             region[:, rows[0] - lo:rows[1] - lo, :, chans[0]:chans[1]] = b
         return region
