@@ -55,6 +55,23 @@ def _flat(a, name):
     return a.reshape(-1)
 
 
+def _samples(a, name, out=False):
+    """(flat, stride): a 1-D view from ``a``'s first element and the elements between its
+    samples, for an array whose every sample is contiguous (rows of a larger batch: a
+    partition's share of a region, say).  Others are copied; ``out`` arrays cannot be."""
+    if a.dtype != _F32:
+        raise TypeError(f"{name} must be float32, not {a.dtype}")
+    n, per = a.shape[0], a[0].size if a.shape[0] else 0
+    if a.flags.c_contiguous:
+        return a.reshape(-1), per
+    if n > 1 and a[0].flags.c_contiguous and a.strides[0] > 0 and a.strides[0] % a.itemsize == 0:
+        st = a.strides[0] // a.itemsize
+        return np.lib.stride_tricks.as_strided(a, ((n - 1) * st + per,), (a.itemsize,)), st
+    if out:
+        raise ValueError(f"{name}: each sample must be contiguous, not strides {a.strides}")
+    return np.ascontiguousarray(a).reshape(-1), per
+
+
 def _lc_dims(x, w, k, stride, pad):
     n, h, wd, c = x.shape
     ho, wo, kkc, f = w.shape
@@ -75,11 +92,21 @@ def _lc_plan(n, h, wd, c, k, pad, f):
     return npad, batch_last, xt, p
 
 
-def lc_forward(x, w, b, k, stride, pad, act):
+def _out(out, shape):
+    """The output array: ``out`` (checked; samples may be strided) or a new one."""
+    if out is None:
+        return np.empty(shape, dtype=_F32)
+    if out.shape != shape:
+        raise ValueError(f"out has shape {out.shape}, the output is {shape}")
+    return out
+
+
+def lc_forward(x, w, b, k, stride, pad, act, out=None):
     n, h, wd, c, ho, wo, f = _lc_dims(x, w, k, stride, pad)
-    y = np.empty((n, ho, wo, f), dtype=_F32)
+    y = _out(out, (n, ho, wo, f))
+    yf, ys = _samples(y, "out", out=True)
     npad, batch_last, xt, p = _lc_plan(n, h, wd, c, k, pad, f)
-    K.lc_forward(_flat(x, "x"), xt, _flat(w, "w"), _flat(b, "b"), y.reshape(-1), p, n, npad,
+    K.lc_forward(_flat(x, "x"), xt, _flat(w, "w"), _flat(b, "b"), yf, ys, p, n, npad,
                  h, wd, c, k, stride, pad, ho, wo, f, _ACT[act], batch_last)
     return y
 
@@ -88,8 +115,11 @@ def lc_backward(x, w, y, dy, k, stride, pad, act, dw, db, need_dx, beta=0.0):
     n, h, wd, c, ho, wo, f = _lc_dims(x, w, k, stride, pad)
     if dy.shape != y.shape:
         raise ValueError(f"locally connected: gradient {dy.shape} does not match output {y.shape}")
-    dyf = _flat(dy, "dy")
-    dz = dyf if act == "linear" else np.empty(y.size, dtype=_F32)   # only read after this
+    dyf, dys = _samples(dy, "dy")
+    yf, ys = _samples(y, "y")
+    per = ho * wo * f
+    # the pass that applies the activation's derivative also gathers strided samples
+    dz = dyf if act == "linear" and dys == per else np.empty(y.size, dtype=_F32)
     npad, batch_last, xt, p = _lc_plan(n, h, wd, c, k, pad, f)
     if need_dx:     # the input gradient is accumulated batch-last (see lc_backward_c)
         dx = np.empty((n, h, wd, c), dtype=_F32)
@@ -98,7 +128,7 @@ def lc_backward(x, w, y, dy, k, stride, pad, act, dw, db, need_dx, beta=0.0):
     else:
         dx = dxt = dzt = np.empty(1, dtype=_F32)
     dwf, dbf = dw.reshape(-1), db.reshape(-1)  # views into the flat gradient
-    K.lc_backward(_flat(x, "x"), xt, _flat(w, "w"), _flat(y, "y"), dyf, dz, dxt,
+    K.lc_backward(_flat(x, "x"), xt, _flat(w, "w"), yf, ys, dyf, dys, dz, dxt,
                   dx.reshape(-1), dwf, dbf, p, dzt, n, npad, h, wd, c, k, stride, pad, ho, wo,
                   f, _ACT[act], need_dx, batch_last, beta)
     return dx if need_dx else None
@@ -128,16 +158,17 @@ def fc_backward(x, w, y, dy, act, dw, db, need_dx, beta=0.0):
     return dx if need_dx else None
 
 
-def pool_forward(x, size, stride, kind):
+def pool_forward(x, size, stride, kind, out=None):
     n, h, w, c = x.shape
     ho, wo = R.out_size(h, size, stride), R.out_size(w, size, stride)
-    y = np.empty((n, ho, wo, c), dtype=_F32)
-    xf = _flat(x, "x")
+    y = _out(out, (n, ho, wo, c))
+    xf, xs = _samples(x, "x")
+    yf, ys = _samples(y, "out", out=True)
     if kind == "max":
         arg = np.empty((n, ho, wo, c), dtype=np.intc)
-        K.max_pool(xf, y.reshape(-1), arg.reshape(-1), n, h, w, c, size, stride, ho, wo)
+        K.max_pool(xf, xs, yf, ys, arg.reshape(-1), n, h, w, c, size, stride, ho, wo)
         return y, arg
-    K.l2_pool(xf, y.reshape(-1), n, h, w, c, size, stride, ho, wo, R._L2_POOL_EPS)
+    K.l2_pool(xf, xs, yf, ys, n, h, w, c, size, stride, ho, wo, R._L2_POOL_EPS)
     return y, y
 
 
@@ -145,16 +176,18 @@ def pool_backward(x, dy, aux, size, stride, kind):
     n, h, w, c = x.shape
     ho, wo = dy.shape[1:3]
     tiled = stride == size        # every covered element written once: no zeroing first
-    dx = np.empty_like(x) if tiled else np.zeros_like(x)
+    dx = (np.empty if tiled else np.zeros)(x.shape, dtype=_F32)
     if tiled:
         dx[:, ho * size:] = 0     # the rows and columns no window covers
         dx[:, :ho * size, wo * size:] = 0
+    dyf, dys = _samples(dy, "dy")
     if kind == "max":
-        K.max_pool_back(_flat(dy, "dy"), aux.reshape(-1), dx.reshape(-1), n, h, w, c, size,
+        K.max_pool_back(dyf, dys, np.ascontiguousarray(aux).reshape(-1), dx.reshape(-1), n, h, w, c, size,
                         stride, ho, wo, tiled)
     else:
-        K.l2_pool_back(_flat(x, "x"), _flat(aux, "y"), _flat(dy, "dy"), dx.reshape(-1),
-                       np.empty(c, dtype=_F32), n, h, w, c, size, stride, ho, wo, tiled)
+        (xf, xs), (yf, ys) = _samples(x, "x"), _samples(aux, "y")
+        K.l2_pool_back(xf, xs, yf, ys, dyf, dys, dx.reshape(-1), np.empty(c, dtype=_F32), n,
+                       h, w, c, size, stride, ho, wo, tiled)
     return dx
 
 

@@ -84,6 +84,18 @@ cdef void _act_backward(const float* y, const float* dy, float* dz, Py_ssize_t s
             dz[t] = dy[t] * (1 - y[t] * y[t])
 
 
+cdef void _act_backward_rows(const float* y, Py_ssize_t ys, const float* dy, Py_ssize_t dys,
+                             float* dz, int n, Py_ssize_t size, int act) noexcept nogil:
+    """_act_backward per sample: y and dy may be row ranges of larger batches (sample
+    strides ys, dys); dz is contiguous."""
+    cdef int s
+    if ys == size and dys == size:
+        _act_backward(y, dy, dz, n * size, act)
+        return
+    for s in range(n):
+        _act_backward(y + s * ys, dy + s * dys, dz + s * size, size, act)
+
+
 cdef void _gather(const float* x, int n, int h, int w, int c, int k, int stride, int pad,
                   int i, int j, float* p) noexcept nogil:
     """p[s, (ky*k + kx)*c + ch] = x[s, i*stride - pad + ky, j*stride - pad + kx, ch], 0 outside."""
@@ -108,17 +120,19 @@ cdef void _gather(const float* x, int n, int h, int w, int c, int k, int stride,
 
 
 cdef void lc_forward_c(const float* x, const float* xt, const float* wt, const float* b,
-                       float* y, float* p, int n, int npad, int h, int w, int c, int k,
-                       int stride, int pad, int ho, int wo, int f, int act) noexcept nogil:
+                       float* y, Py_ssize_t ys, float* p, int n, int npad, int h, int w,
+                       int c, int k, int stride, int pad, int ho, int wo, int f,
+                       int act) noexcept nogil:
     """y[s,i,j,:] = act(patch(x)[s,i,j,:] @ wt[i,j] + b[i,j]); p is an (n, k*k*c) buffer.
+    Sample s of y starts at y + s*ys (ys >= ho*wo*f: y may be rows of a larger batch).
 
     Filter counts that are multiples of the vector width (8 floats with AVX2) use the
     register-blocked microgemm.h, others BLAS on gathered patches.  The microkernel reads
     patches in place (implicit GEMM: a patch's k rows are k contiguous segments), from x when
     xt is NULL (then pad is 0), else from xt, x batch-last and zero-padded (see
     _image_batch_last), where every location is interior."""
-    cdef int i, j, s, kkc = k * k * c, ld = ho * wo * f
-    cdef Py_ssize_t loc, wsize = <Py_ssize_t>kkc * f, wp = w + 2 * pad
+    cdef int i, j, s, kkc = k * k * c
+    cdef Py_ssize_t loc, wsize = <Py_ssize_t>kkc * f, wp = w + 2 * pad, ld = ys
     cdef Py_ssize_t pfn      # the next location's weights are fetched while this one runs
     for i in range(ho):
         for j in range(wo):
@@ -142,7 +156,11 @@ cdef void lc_forward_c(const float* x, const float* xt, const float* wt, const f
                 _gemm(False, False, n, f, kkc, 1.0, p, kkc, wt + loc * kkc * f, f, 1.0,
                       y + loc * f, ld)
     if f % DBMPI_VW != 0 or act != 1:      # relu is fused into the microkernel's epilogue
-        _act_forward(y, <Py_ssize_t>n * ld, act)
+        if ys == <Py_ssize_t>ho * wo * f:
+            _act_forward(y, n * ys, act)
+        else:
+            for s in range(n):
+                _act_forward(y + s * ys, <Py_ssize_t>ho * wo * f, act)
 
 
 cdef inline void _fill(float* y, float v, Py_ssize_t size) noexcept nogil:
@@ -298,41 +316,49 @@ cdef void fc_backward_c(const float* x, const float* wt, const float* dz, float*
             db[t] += dz[s * <Py_ssize_t>u + t]
 
 
-cdef void max_pool_c(const float* x, float* y, int* arg, int n, int h, int w, int c, int size,
-                     int stride, int ho, int wo) noexcept nogil:
+cdef void max_pool_c(const float* x, Py_ssize_t xs, float* y, Py_ssize_t ys, int* arg, int n,
+                     int h, int w, int c, int size, int stride, int ho, int wo) noexcept nogil:
     """y[s,i,j,ch] = max over the window; arg = ky*size + kx of the (first) maximum.
+    Samples of x and y start xs and ys apart (row ranges of larger batches); arg is contiguous.
 
     Channels innermost and branch-free (selects, not jumps), so the compiler vectorizes."""
     cdef int s, i, j, ky, kx
     cdef Py_ssize_t o, src
+    cdef const float* xq
+    cdef float* yq
+    cdef int* aq
     for s in range(n):
+        xq, yq, aq = x + s * xs, y + s * ys, arg + s * <Py_ssize_t>ho * wo * c
         for i in range(ho):
             for j in range(wo):
-                o = ((s * ho + i) * <Py_ssize_t>wo + j) * c
-                src = ((s * h + i * stride) * <Py_ssize_t>w + j * stride) * c
-                memcpy(y + o, x + src, c * sizeof(float))
-                memset(arg + o, 0, c * sizeof(int))
+                o = (i * <Py_ssize_t>wo + j) * c
+                src = ((i * stride) * <Py_ssize_t>w + j * stride) * c
+                memcpy(yq + o, xq + src, c * sizeof(float))
+                memset(aq + o, 0, c * sizeof(int))
                 for ky in range(size):
                     for kx in range(size):
                         if ky == 0 and kx == 0:
                             continue
-                        src = ((s * h + i * stride + ky) * <Py_ssize_t>w + j * stride + kx) * c
-                        dbmpi_max_step(x + src, y + o, arg + o, c, ky * size + kx)
+                        src = ((i * stride + ky) * <Py_ssize_t>w + j * stride + kx) * c
+                        dbmpi_max_step(xq + src, yq + o, aq + o, c, ky * size + kx)
 
 
-cdef void max_pool_back_c(const float* dy, const int* arg, float* dx, int n, int h, int w,
-                          int c, int size, int stride, int ho, int wo, bint tiled) noexcept nogil:
-    """dx[window position arg] += dy; dx must be zeroed by the caller.
+cdef void max_pool_back_c(const float* dy, Py_ssize_t dys, const int* arg, float* dx, int n,
+                          int h, int w, int c, int size, int stride, int ho, int wo,
+                          bint tiled) noexcept nogil:
+    """dx[window position arg] += dy; dx must be zeroed by the caller.  Samples of dy start
+    dys apart; arg and dx are contiguous.
 
     tiled (stride == size: the windows do not overlap) writes every element of each window
     instead, dy where it was the maximum and 0 elsewhere (selects, so it vectorizes), and
     the caller zeroes only what no window covers."""
     cdef int s, i, j, ch, a, ky, kx
-    cdef Py_ssize_t o, src
+    cdef Py_ssize_t o, src, od
     for s in range(n):
         for i in range(ho):
             for j in range(wo):
                 o = ((s * ho + i) * <Py_ssize_t>wo + j) * c
+                od = s * dys + (i * <Py_ssize_t>wo + j) * c
                 if tiled:
                     for ky in range(size):
                         for kx in range(size):
@@ -340,60 +366,71 @@ cdef void max_pool_back_c(const float* dy, const int* arg, float* dx, int n, int
                                    + kx) * c
                             a = ky * size + kx
                             for ch in range(c):
-                                dx[src + ch] = dy[o + ch] if arg[o + ch] == a else 0
+                                dx[src + ch] = dy[od + ch] if arg[o + ch] == a else 0
                     continue
                 for ch in range(c):
                     a = arg[o + ch]
                     dx[((s * h + i * stride + a // size) * <Py_ssize_t>w + j * stride
-                        + a % size) * c + ch] += dy[o + ch]
+                        + a % size) * c + ch] += dy[od + ch]
 
 
-cdef void l2_pool_c(const float* x, float* y, int n, int h, int w, int c, int size, int stride,
-                    int ho, int wo, float eps) noexcept nogil:
-    """y[s,i,j,ch] = sqrt(sum over the window of x^2 + eps)."""
+cdef void l2_pool_c(const float* x, Py_ssize_t xs, float* y, Py_ssize_t ys, int n, int h, int w,
+                    int c, int size, int stride, int ho, int wo, float eps) noexcept nogil:
+    """y[s,i,j,ch] = sqrt(sum over the window of x^2 + eps); samples xs and ys apart."""
     cdef int s, i, j, ky, kx, ch
     cdef Py_ssize_t o, src
     cdef float v
+    cdef const float* xq
+    cdef float* yq
     for s in range(n):
+        xq, yq = x + s * xs, y + s * ys
         for i in range(ho):
             for j in range(wo):
-                o = ((s * ho + i) * <Py_ssize_t>wo + j) * c
+                o = (i * <Py_ssize_t>wo + j) * c
                 for ch in range(c):
-                    y[o + ch] = eps
+                    yq[o + ch] = eps
                 for ky in range(size):
                     for kx in range(size):
-                        src = ((s * h + i * stride + ky) * <Py_ssize_t>w + j * stride + kx) * c
+                        src = ((i * stride + ky) * <Py_ssize_t>w + j * stride + kx) * c
                         for ch in range(c):
-                            v = x[src + ch]
-                            y[o + ch] += v * v
+                            v = xq[src + ch]
+                            yq[o + ch] += v * v
                 for ch in range(c):
-                    y[o + ch] = sqrtf(y[o + ch])
+                    yq[o + ch] = sqrtf(yq[o + ch])
 
 
-cdef void l2_pool_back_c(const float* x, const float* y, const float* dy, float* dx, float* r,
-                         int n, int h, int w, int c, int size, int stride, int ho, int wo,
+cdef void l2_pool_back_c(const float* x, Py_ssize_t xs, const float* y, Py_ssize_t ys,
+                         const float* dy, Py_ssize_t dys, float* dx, float* r, int n, int h,
+                         int w, int c, int size, int stride, int ho, int wo,
                          bint tiled) noexcept nogil:
     """dx[window] += dy * x / y (r: c floats of scratch for dy / y, one division a window).
+    Samples of x, y and dy start xs, ys and dys apart; dx is contiguous.
 
     tiled (stride == size: the windows do not overlap) writes dx instead of adding to it,
     so the caller zeroes only what no window covers; otherwise dx must be zeroed."""
     cdef int s, i, j, ky, kx, ch
     cdef Py_ssize_t o, src
+    cdef const float* xq
+    cdef const float* yq
+    cdef const float* dyq
+    cdef float* dxq
     for s in range(n):
+        xq, yq, dyq = x + s * xs, y + s * ys, dy + s * dys
+        dxq = dx + s * <Py_ssize_t>h * w * c
         for i in range(ho):
             for j in range(wo):
-                o = ((s * ho + i) * <Py_ssize_t>wo + j) * c
+                o = (i * <Py_ssize_t>wo + j) * c
                 for ch in range(c):
-                    r[ch] = dy[o + ch] / y[o + ch]
+                    r[ch] = dyq[o + ch] / yq[o + ch]
                 for ky in range(size):
                     for kx in range(size):
-                        src = ((s * h + i * stride + ky) * <Py_ssize_t>w + j * stride + kx) * c
+                        src = ((i * stride + ky) * <Py_ssize_t>w + j * stride + kx) * c
                         if tiled:
                             for ch in range(c):
-                                dx[src + ch] = r[ch] * x[src + ch]
+                                dxq[src + ch] = r[ch] * xq[src + ch]
                         else:
                             for ch in range(c):
-                                dx[src + ch] += r[ch] * x[src + ch]
+                                dxq[src + ch] += r[ch] * xq[src + ch]
 
 
 cdef void _box_sum(const float* a, float* out, float* tmp, int h, int w,
@@ -505,23 +542,25 @@ cdef void lcn_backward_c(const float* dy, const float* v, const float* d, float*
 # ---- layer 3: entry points (GIL released; the Python layer has checked everything) ---------
 
 def lc_forward(const float[::1] x, float[::1] xt, const float[::1] wt, const float[::1] b,
-               float[::1] y, float[::1] p, int n, int npad, int h, int w, int c, int k,
-               int stride, int pad, int ho, int wo, int f, int act, bint batch_last):
+               float[::1] y, Py_ssize_t ys, float[::1] p, int n, int npad, int h, int w, int c,
+               int k, int stride, int pad, int ho, int wo, int f, int act, bint batch_last):
     """batch_last: xt is a zeroed (h + 2*pad)*(w + 2*pad)*c*npad buffer to use."""
     with nogil:
         if batch_last:
             _image_batch_last(&x[0], &xt[0], n, npad, h, w, c, pad, False)
-        lc_forward_c(&x[0], &xt[0] if batch_last else NULL, &wt[0], &b[0], &y[0], &p[0], n,
-                     npad, h, w, c, k, stride, pad, ho, wo, f, act)
+        lc_forward_c(&x[0], &xt[0] if batch_last else NULL, &wt[0], &b[0], &y[0], ys, &p[0],
+                     n, npad, h, w, c, k, stride, pad, ho, wo, f, act)
 
 
 def lc_backward(const float[::1] x, float[::1] xt, const float[::1] wt, const float[::1] y,
-                const float[::1] dy, float[::1] dz, float[::1] dxt, float[::1] dx,
-                float[::1] dw, float[::1] db, float[::1] p, float[::1] dzt, int n, int npad,
-                int h, int w, int c, int k, int stride, int pad, int ho, int wo, int f,
-                int act, bint need_dx, bint batch_last, float beta):
+                Py_ssize_t ys, const float[::1] dy, Py_ssize_t dys, float[::1] dz,
+                float[::1] dxt, float[::1] dx, float[::1] dw, float[::1] db, float[::1] p,
+                float[::1] dzt, int n, int npad, int h, int w, int c, int k, int stride, int pad,
+                int ho, int wo, int f, int act, bint need_dx, bint batch_last, float beta):
+    """y and dy: samples ys and dys apart (dz, contiguous, may be dy itself when dys is
+    ho*wo*f and the activation linear)."""
     with nogil:
-        _act_backward(&y[0], &dy[0], &dz[0], dz.shape[0], act)
+        _act_backward_rows(&y[0], ys, &dy[0], dys, &dz[0], n, <Py_ssize_t>ho * wo * f, act)
         if batch_last:
             _image_batch_last(&x[0], &xt[0], n, npad, h, w, c, pad, False)
         lc_backward_c(&x[0], &xt[0] if batch_last else NULL, &wt[0], &dz[0], &dxt[0], &dw[0],
@@ -545,30 +584,31 @@ def fc_backward(const float[::1] x, const float[::1] wt, const float[::1] y,
         fc_backward_c(&x[0], &wt[0], &dz[0], &dx[0], &dw[0], &db[0], n, d, u, need_dx, beta)
 
 
-def max_pool(const float[::1] x, float[::1] y, int[::1] arg, int n, int h, int w, int c,
-             int size, int stride, int ho, int wo):
+# Pools: x, y and dy are samples xs, ys and dys apart (row ranges of larger batches).
+def max_pool(const float[::1] x, Py_ssize_t xs, float[::1] y, Py_ssize_t ys, int[::1] arg,
+             int n, int h, int w, int c, int size, int stride, int ho, int wo):
     with nogil:
-        max_pool_c(&x[0], &y[0], &arg[0], n, h, w, c, size, stride, ho, wo)
+        max_pool_c(&x[0], xs, &y[0], ys, &arg[0], n, h, w, c, size, stride, ho, wo)
 
 
-def max_pool_back(const float[::1] dy, const int[::1] arg, float[::1] dx, int n, int h, int w,
-                  int c, int size, int stride, int ho, int wo, bint tiled):
+def max_pool_back(const float[::1] dy, Py_ssize_t dys, const int[::1] arg, float[::1] dx,
+                  int n, int h, int w, int c, int size, int stride, int ho, int wo, bint tiled):
     with nogil:
-        max_pool_back_c(&dy[0], &arg[0], &dx[0], n, h, w, c, size, stride, ho, wo, tiled)
+        max_pool_back_c(&dy[0], dys, &arg[0], &dx[0], n, h, w, c, size, stride, ho, wo, tiled)
 
 
-def l2_pool(const float[::1] x, float[::1] y, int n, int h, int w, int c, int size, int stride,
-            int ho, int wo, float eps):
+def l2_pool(const float[::1] x, Py_ssize_t xs, float[::1] y, Py_ssize_t ys, int n, int h, int w,
+            int c, int size, int stride, int ho, int wo, float eps):
     with nogil:
-        l2_pool_c(&x[0], &y[0], n, h, w, c, size, stride, ho, wo, eps)
+        l2_pool_c(&x[0], xs, &y[0], ys, n, h, w, c, size, stride, ho, wo, eps)
 
 
-def l2_pool_back(const float[::1] x, const float[::1] y, const float[::1] dy, float[::1] dx,
-                 float[::1] r, int n, int h, int w, int c, int size, int stride, int ho, int wo,
-                 bint tiled):
+def l2_pool_back(const float[::1] x, Py_ssize_t xs, const float[::1] y, Py_ssize_t ys,
+                 const float[::1] dy, Py_ssize_t dys, float[::1] dx, float[::1] r, int n, int h,
+                 int w, int c, int size, int stride, int ho, int wo, bint tiled):
     with nogil:
-        l2_pool_back_c(&x[0], &y[0], &dy[0], &dx[0], &r[0], n, h, w, c, size, stride, ho, wo,
-                       tiled)
+        l2_pool_back_c(&x[0], xs, &y[0], ys, &dy[0], dys, &dx[0], &r[0], n, h, w, c, size,
+                       stride, ho, wo, tiled)
 
 
 cdef double softmax_xent_c(const float* z, const Py_ssize_t* y, float* dz, int n,

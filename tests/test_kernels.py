@@ -85,6 +85,50 @@ def test_pooling(kind, n, h, w, c, size, stride):
                                RO.pool_backward(x, dy, a2, size, stride, kind), atol=1e-5, rtol=1e-5)
 
 
+def _rows_of_larger(a, rng, above=2, below=1):
+    """``a``'s values in rows of a larger batch: a view whose samples are strided."""
+    n, h, w, c = a.shape
+    big = rng.standard_normal((n, above + h + below, w, c)).astype(np.float32)
+    v = big[:, above:above + h]
+    v[...] = a
+    return v
+
+
+@pytest.mark.parametrize("ops", [KO, RO], ids=["kernels", "reference"])
+@pytest.mark.parametrize("act", ["relu", "linear"])
+def test_strided_samples_in_and_out(ops, act):
+    """A partition's layer reads and writes row ranges of larger regions in place: outputs
+    via ``out``, and y, dy (and a pool's x) with strided samples, all equal to contiguous."""
+    rng = np.random.default_rng(7)
+    n, h, w, c, k, f = 5, 9, 8, 3, 3, 8
+    x = rng.standard_normal((n, h, w, c)).astype(np.float32)
+    wt = rng.standard_normal((h - 2, w - 2, k * k * c, f)).astype(np.float32)
+    b = rng.standard_normal((h - 2, w - 2, f)).astype(np.float32)
+    y = ops.lc_forward(x, wt, b, k, 1, 0, act)
+    out = _rows_of_larger(np.zeros_like(y), rng)
+    assert ops.lc_forward(x, wt, b, k, 1, 0, act, out=out) is out
+    np.testing.assert_allclose(out, y, rtol=1e-6, atol=1e-6)
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    grads = [(np.zeros_like(wt), np.zeros_like(b)) for _ in range(2)]
+    dx = ops.lc_backward(x, wt, y, dy, k, 1, 0, act, *grads[0], True)
+    dx2 = ops.lc_backward(x, wt, out, _rows_of_larger(dy, rng), k, 1, 0, act, *grads[1], True)
+    for a, b_ in zip((dx,) + grads[0], (dx2,) + grads[1]):
+        np.testing.assert_allclose(b_, a, rtol=1e-5, atol=1e-5)
+    for kind in ("max", "l2"):
+        py, aux = ops.pool_forward(x, 2, 2, kind)
+        xs = _rows_of_larger(x, rng)
+        pout = _rows_of_larger(np.zeros_like(py), rng, 1, 3)
+        py2, aux2 = ops.pool_forward(xs, 2, 2, kind, out=pout)
+        assert py2 is pout
+        np.testing.assert_allclose(py2, py, rtol=1e-6)
+        pdy = rng.standard_normal(py.shape).astype(np.float32)
+        np.testing.assert_allclose(
+            ops.pool_backward(xs, _rows_of_larger(pdy, rng), aux2, 2, 2, kind),
+            ops.pool_backward(x, pdy, aux, 2, 2, kind), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="out has shape"):
+        ops.lc_forward(x, wt, b, k, 1, 0, act, out=np.zeros((n, 1, 1, f), np.float32))
+
+
 @pytest.mark.parametrize("n,h,w,c,size", [(1, 1, 1, 1, 1), (2, 5, 7, 3, 3), (3, 8, 6, 16, 5),
                                           (1, 4, 3, 2, 9), (2, 9, 9, 1, 7)])
 def test_lcn(n, h, w, c, size):

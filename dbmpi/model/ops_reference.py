@@ -1,7 +1,9 @@
 """The layer-ops interface over the numpy reference (any float dtype).
 
 :mod:`dbmpi.kernels` implements the same functions with Cython kernels for float32; layers
-call whichever the network picked.  Backward functions write the parameter gradients into
+call whichever the network picked.  Forward functions of the spatial layers take ``out``, where to put the output (its samples
+may be rows of a larger batch, as a partition's share of a region is).  Backward functions
+take such strided samples too, write the parameter gradients into
 the caller's ``dw``/``db`` views (``dw = beta*dw + gradient``; beta 0 overwrites) and return
 the input gradient (or None), which is computed before ``dw`` is written, so ``dw`` may be the
 weights themselves (an SGD step fused into the backward pass).
@@ -13,8 +15,18 @@ __all__ = ["lc_forward", "lc_backward", "fc_forward", "fc_backward", "pool_forwa
            "pool_backward", "lcn_forward", "lcn_backward", "softmax_xent"]
 
 
-def lc_forward(x, w, b, k, stride, pad, act):
-    return R.act_forward(R.lc_forward(x, w, b, k, stride, pad), act)
+def _into(out, y):
+    """y, or y copied into ``out`` (the kernels write there directly)."""
+    if out is None:
+        return y
+    if out.shape != y.shape:
+        raise ValueError(f"out has shape {out.shape}, the output is {y.shape}")
+    out[...] = y
+    return out
+
+
+def lc_forward(x, w, b, k, stride, pad, act, out=None):
+    return _into(out, R.act_forward(R.lc_forward(x, w, b, k, stride, pad), act))
 
 
 def _store(out, value, beta):
@@ -45,7 +57,12 @@ def fc_backward(x, w, y, dy, act, dw, db, need_dx, beta=0.0):
     return dx
 
 
-pool_forward = R.pool_forward
+def pool_forward(x, size, stride, kind, out=None):
+    y, aux = R.pool_forward(x, size, stride, kind)
+    y = _into(out, y)
+    return y, (y if kind == "l2" else aux)
+
+
 pool_backward = R.pool_backward
 lcn_forward = R.lcn_forward
 lcn_backward = R.lcn_backward

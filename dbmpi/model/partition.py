@@ -73,9 +73,10 @@ class _Exchange:
         c = shape[2]
         # all I need is mine (a pooling stripe, say): forward returns a view, no region
         self.mine_only = not self.recv and self.self_rows == self.need and self.own[1] == (0, c)
-        # nobody used my rows: backward returns my part of the region's gradient
-        self.unshared = (not self.send and self.self_rows == self.own[0]
-                         and self.own[1] == (0, c))
+        # I use all of my rows, all channels: the layer before writes them straight into
+        # my rows of the region (own_view), and backward adds what comes back for them into
+        # my rows of the region's gradient, which it returns as a view
+        self.in_place = self.self_rows == self.own[0] and self.own[1] == (0, c)
         self.bytes_sent = 0
         self._key = None
         self._reqs = []     # every persistent request, freed with the exchange or at exit
@@ -92,6 +93,14 @@ class _Exchange:
         _free_requests(self._reqs)
         comm, tag = self.comm, self.tag
 
+        h, w, c = self.shape
+        lo, hi = self.need
+        (r0, r1), (c0, c1) = self.own
+        self._region = None if self.mine_only else np.empty((n, hi - lo, w, c), dtype=dtype)
+        self._dlocal = None if self.in_place else np.empty((n, r1 - r0, w, c1 - c0), dtype=dtype)
+        self._own_view = (self._region[:, r0 - lo:r1 - lo]
+                          if self._region is not None and self.in_place else None)
+
         def blocks(plan):
             return [np.empty(self._block(n, rows, chans), dtype=dtype) for _, rows, chans in plan]
         self._fsend = [] if self.send_whole else blocks(self.send)
@@ -101,17 +110,30 @@ class _Exchange:
                         for b, (q, _, _) in zip(self._frecv, self.recv)]
                        + [comm.Send_init(b, dest=q, tag=tag)
                           for b, (q, _, _) in zip(self._fsend, self.send)])
+        types, self._whole_bytes = [], 0
+        if self.send_whole and self._own_view is not None:
+            # my block, written by the layer before into my rows of the region, goes from
+            # there: one strided datatype (n runs of my rows) instead of a copy
+            from mpi4py.util.dtlib import from_numpy_dtype
+            per = (r1 - r0) * w * c
+            types.append(from_numpy_dtype(dtype).Create_vector(n, per, (hi - lo) * w * c)
+                         .Commit())
+            mine = self._region.reshape(-1)[(r0 - lo) * w * c:]
+            self._freqs += [comm.Send_init([mine, 1, types[0]], dest=q, tag=tag)
+                            for q, _, _ in self.send]
+            self._whole_bytes = n * per * self._region.itemsize * len(self.send)
         self._breqs = ([comm.Recv_init(b, source=q, tag=tag + 1)
                         for b, (q, _, _) in zip(self._brecv, self.send)]
                        + [comm.Send_init(b, dest=q, tag=tag + 1)
                           for b, (q, _, _) in zip(self._bsend, self.recv)])
-        self._reqs[:] = self._freqs + self._breqs
-        h, w, c = self.shape
-        lo, hi = self.need
-        (r0, r1), (c0, c1) = self.own
-        self._region = None if self.mine_only else np.empty((n, hi - lo, w, c), dtype=dtype)
-        self._dlocal = None if self.unshared else np.empty((n, r1 - r0, w, c1 - c0), dtype=dtype)
+        self._reqs[:] = self._freqs + self._breqs + types
         self._key = key
+
+    def own_view(self, n, dtype):
+        """Where the layer before may write my block: my rows of the region (samples
+        strided), so that forward copies none of it; None where that does not apply."""
+        self._buffers(n, dtype)
+        return self._own_view
 
     def forward(self, n, local, dtype):
         """Assemble the needed region (n, need rows, w, c) from my block ``local``: this
@@ -122,9 +144,13 @@ class _Exchange:
         for (q, rows, chans), b in zip(self.send, self._fsend):
             np.copyto(b, local[:, rows[0] - r0:rows[1] - r0])
             self.bytes_sent += b.nbytes
+        if self._own_view is not None and local is not self._own_view:
+            self._own_view[...] = local         # the layer before wrote elsewhere (LCN)
+            local = self._own_view
+        self.bytes_sent += self._whole_bytes
         _startall(self._freqs)
         reqs = self._freqs
-        if self.send_whole:
+        if self.send_whole and not self._whole_bytes:
             local = np.ascontiguousarray(local)
             reqs = reqs + [self.comm.Isend(local, dest=q, tag=self.tag) for q, _, _ in self.send]
             self.bytes_sent += local.nbytes * len(self.send)
@@ -134,7 +160,7 @@ class _Exchange:
         # every element of the region is owned by exactly one partition (me or a sender),
         # so the copies below cover it all
         region = self._region
-        if self.self_rows is not None:
+        if self.self_rows is not None and local is not self._own_view:
             a, z = self.self_rows
             c0, c1 = self.own[1]
             region[:, a - lo:z - lo, :, c0:c1] = local[:, a - r0:z - r0]
@@ -145,7 +171,8 @@ class _Exchange:
 
     def backward(self, dregion, dtype):
         """Send the gradients of received blocks back; return the gradient of my block (this
-        exchange's own buffer, valid until its next backward)."""
+        exchange's own buffer, valid until its next backward, or my rows of ``dregion``,
+        which the layer's backward allocated: then what comes back is added there)."""
         n = dregion.shape[0]
         self._buffers(n, dtype)
         lo = self.need[0]
@@ -154,9 +181,12 @@ class _Exchange:
             np.copyto(b, dregion[:, rows[0] - lo:rows[1] - lo, :, chans[0]:chans[1]])
             self.bytes_sent += b.nbytes
         _startall(self._breqs)
-        if self.unshared:
+        if self.in_place:
+            dlocal = dregion[:, r0 - lo:r1 - lo]
             wait(self._breqs)
-            return np.ascontiguousarray(dregion[:, r0 - lo:r1 - lo])
+            for (q, rows, chans), b in zip(self.send, self._brecv):   # my rows they used
+                dlocal[:, rows[0] - r0:rows[1] - r0] += b
+            return dlocal
         dlocal = self._dlocal
         if self.self_rows != (r0, r1):            # some of my rows get only what comes back
             dlocal[...] = 0
@@ -170,7 +200,8 @@ class _Exchange:
 
 
 def _free_requests(reqs):
-    """Free persistent requests (before MPI_Finalize, which otherwise warns about each)."""
+    """Free persistent requests and datatypes (before MPI_Finalize, which otherwise warns
+    about each)."""
     from mpi4py import MPI
     if not MPI.Is_finalized():
         for r in reqs:
@@ -343,15 +374,19 @@ class PartitionedNetwork:
         params = self._params(theta_local)
         a = xh                                 # layer 0: every partition has the whole input
         caches = []
+        last = len(self.mine) - 1
         for i, part in enumerate(self.mine):
             lo, hi = part.need[self.p]
             region = a[:, lo:hi] if i == 0 else self.exchanges[i].forward(n, a, a.dtype)
-            y, cache = self._local_forward(part, region, params[i], ops, n)
+            out = None if i == last else self.exchanges[i + 1].own_view(n, a.dtype)
+            y, cache = self._local_forward(part, region, params[i], ops, n, out)
             caches.append(cache)
             a = y
         return a, caches, params, ops
 
-    def _local_forward(self, part, region, params, ops, n):
+    def _local_forward(self, part, region, params, ops, n, out=None):
+        """This partition's share of a layer's output (written into ``out``, the next
+        exchange's region, where given and the layer is spatial) and what backward needs."""
         layer, kind = part.layer, part.layer.spec["type"]
         a, z = part.rows if part.spatial else part.chans
         if z <= a:                                 # this partition owns none of this layer
@@ -367,10 +402,11 @@ class PartitionedNetwork:
             else:
                 slab = np.zeros((n, hi_in - lo_in, w + 2 * layer.pad, c), dtype=region.dtype)
                 slab[:, top:top + region.shape[1], layer.pad:layer.pad + w] = region
-            y = ops.lc_forward(slab, params[0], params[1], layer.k, layer.stride, 0, layer.act)
+            y = ops.lc_forward(slab, params[0], params[1], layer.k, layer.stride, 0, layer.act,
+                               out=out)
             return y, (slab, y, top, region.shape[1])
         if kind in ("max_pool", "l2_pool"):
-            y, aux = ops.pool_forward(region, layer.size, layer.stride, layer.mode)
+            y, aux = ops.pool_forward(region, layer.size, layer.stride, layer.mode, out=out)
             return y, (region, aux)
         if kind == "lcn":
             y, aux = ops.lcn_forward(region, layer.size, layer.eps)
@@ -391,7 +427,7 @@ class PartitionedNetwork:
             return np.zeros((n, hi - lo, w, c), dtype=dtype) if need_dx else None
         if kind == "locally_connected":
             slab, y, top, rows = cache
-            dslab = ops.lc_backward(slab, params[0], y, np.ascontiguousarray(dy), layer.k,
+            dslab = ops.lc_backward(slab, params[0], y, dy, layer.k,
                                     layer.stride, 0, layer.back_act, grads[0], grads[1],
                                     need_dx, beta)
             if not need_dx:
@@ -399,7 +435,7 @@ class PartitionedNetwork:
             return np.ascontiguousarray(dslab[:, top:top + rows, layer.pad:layer.pad + w])
         if kind in ("max_pool", "l2_pool"):
             region, aux = cache
-            return ops.pool_backward(region, np.ascontiguousarray(dy), aux, layer.size,
+            return ops.pool_backward(region, dy, aux, layer.size,
                                      layer.stride, layer.mode) if need_dx else None
         if kind == "lcn":
             aux, off, rows, shape = cache
