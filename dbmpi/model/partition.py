@@ -263,11 +263,11 @@ class _Part:
         else:
             self.pshapes = ()
         self.num_params = sum(z - a for a, z in self.blocks)
+        self._sizes = [(int(np.prod(s)), s) for s in self.pshapes]   # views run every step
 
     def views(self, flat):
         out, o = [], 0
-        for s in self.pshapes:
-            n = int(np.prod(s))
+        for n, s in self._sizes:
             out.append(flat[o:o + n].reshape(s))
             o += n
         return out
@@ -485,7 +485,7 @@ class PartitionedNetwork:
         y = np.asarray(y, dtype=np.intp)
         z, caches, params, ops = self._forward(theta_local, x)
         full = self._all_logits(z)
-        loss, dz_full = softmax_xent(full, y)
+        loss, dz_full = ops.softmax_xent(full, y)
         if scale != 1.0:                      # as Network.loss_and_grad
             dz_full *= dz_full.dtype.type(scale)
         n = full.shape[0]
