@@ -46,10 +46,6 @@ class _Exchange:
     gradients of exactly those blocks travel the other way and are added by the owners.
     The messages are planned when the partition is built; their buffers and persistent
     requests (``Send_init``/``Recv_init``) once per batch size, on the first step of it.
-
-    Forward copies nothing where it can: blocks arrive straight in the region (a subarray
-    datatype each), and where the region holds my rows (``in_place``) the layer before
-    writes them there (:meth:`own_view`) and what peers need leaves from there too.
     """
 
     def __init__(self, comm, tag, shape, owned, need):
@@ -69,8 +65,8 @@ class _Exchange:
             if rs is not None and owned[me][1][0] < owned[me][1][1]:
                 self.send.append((q, rs, owned[me][1]))
         self.own = owned[me]
-        # every peer gets all of my block (a fully connected consumer): with no region of
-        # mine to send from, it goes from the block itself, no copy
+        # every peer gets all of my block (a fully connected consumer): sent from the block
+        # itself, no copy
         self.send_whole = bool(self.send) and all(
             rows == owned[me][0] and chans == owned[me][1] for _, rows, chans in self.send)
         self.self_rows = _overlap(need[me], owned[me][0]) if owned[me][1][0] < owned[me][1][1] else None
@@ -107,32 +103,30 @@ class _Exchange:
 
         def blocks(plan):
             return [np.empty(self._block(n, rows, chans), dtype=dtype) for _, rows, chans in plan]
-        types = []
-
-        def in_region(rows, chans):
-            """[region, 1, the block's subarray type]: a message straight from or into it."""
-            from mpi4py.util.dtlib import from_numpy_dtype
-            t = from_numpy_dtype(dtype).Create_subarray(
-                self._region.shape, self._block(n, rows, chans), (0, rows[0] - lo, 0, chans[0]))
-            types.append(t.Commit())
-            return [self._region, 1, t]
-        from_region = self._own_view is not None
-        self._fsend = [] if from_region or self.send_whole else blocks(self.send)
-        self._freqs = ([comm.Recv_init(in_region(rows, chans), source=q, tag=tag)
-                        for q, rows, chans in self.recv]
+        self._fsend = [] if self.send_whole else blocks(self.send)
+        self._frecv = blocks(self.recv)
+        self._bsend, self._brecv = blocks(self.recv), blocks(self.send)
+        self._freqs = ([comm.Recv_init(b, source=q, tag=tag)
+                        for b, (q, _, _) in zip(self._frecv, self.recv)]
                        + [comm.Send_init(b, dest=q, tag=tag)
                           for b, (q, _, _) in zip(self._fsend, self.send)])
-        if from_region:
-            self._freqs += [comm.Send_init(in_region(rows, chans), dest=q, tag=tag)
-                            for q, rows, chans in self.send]
-        self._fbytes = sum(int(np.prod(self._block(n, rows, chans))) for _, rows, chans in self.send
-                           ) * np.dtype(dtype).itemsize
-        self._bsend, self._brecv = blocks(self.recv), blocks(self.send)
+        types, self._whole_bytes = [], 0
+        if self.send_whole and self._own_view is not None:
+            # my block, written by the layer before into my rows of the region, goes from
+            # there: one strided datatype (n runs of my rows) instead of a copy
+            from mpi4py.util.dtlib import from_numpy_dtype
+            per = (r1 - r0) * w * c
+            types.append(from_numpy_dtype(dtype).Create_vector(n, per, (hi - lo) * w * c)
+                         .Commit())
+            mine = self._region.reshape(-1)[(r0 - lo) * w * c:]
+            self._freqs += [comm.Send_init([mine, 1, types[0]], dest=q, tag=tag)
+                            for q, _, _ in self.send]
+            self._whole_bytes = n * per * self._region.itemsize * len(self.send)
         self._breqs = ([comm.Recv_init(b, source=q, tag=tag + 1)
                         for b, (q, _, _) in zip(self._brecv, self.send)]
                        + [comm.Send_init(b, dest=q, tag=tag + 1)
                           for b, (q, _, _) in zip(self._bsend, self.recv)])
-        self._reqs[:] = self._freqs + self._breqs + types   # types freed after requests
+        self._reqs[:] = self._freqs + self._breqs + types
         self._key = key
 
     def own_view(self, n, dtype):
@@ -147,28 +141,33 @@ class _Exchange:
         self._buffers(n, dtype)
         lo, hi = self.need
         r0 = self.own[0][0]
+        for (q, rows, chans), b in zip(self.send, self._fsend):
+            np.copyto(b, local[:, rows[0] - r0:rows[1] - r0])
+            self.bytes_sent += b.nbytes
         if self._own_view is not None and local is not self._own_view:
             self._own_view[...] = local         # the layer before wrote elsewhere (LCN)
             local = self._own_view
-        for (q, rows, chans), b in zip(self.send, self._fsend):
-            np.copyto(b, local[:, rows[0] - r0:rows[1] - r0])
-        self.bytes_sent += self._fbytes
+        self.bytes_sent += self._whole_bytes
         _startall(self._freqs)
         reqs = self._freqs
-        if self.send_whole and local is not self._own_view:
+        if self.send_whole and not self._whole_bytes:
             local = np.ascontiguousarray(local)
             reqs = reqs + [self.comm.Isend(local, dest=q, tag=self.tag) for q, _, _ in self.send]
+            self.bytes_sent += local.nbytes * len(self.send)
         if self.mine_only:
             wait(reqs)
             return local[:, lo - r0:hi - r0]
-        # every element of the region is owned by exactly one partition (me or a sender,
-        # whose block arrives in place), so this covers it all
+        # every element of the region is owned by exactly one partition (me or a sender),
+        # so the copies below cover it all
+        region = self._region
         if self.self_rows is not None and local is not self._own_view:
             a, z = self.self_rows
             c0, c1 = self.own[1]
-            self._region[:, a - lo:z - lo, :, c0:c1] = local[:, a - r0:z - r0]
+            region[:, a - lo:z - lo, :, c0:c1] = local[:, a - r0:z - r0]
         wait(reqs)
-        return self._region
+        for (q, rows, chans), b in zip(self.recv, self._frecv):
+            region[:, rows[0] - lo:rows[1] - lo, :, chans[0]:chans[1]] = b
+        return region
 
     def backward(self, dregion, dtype):
         """Send the gradients of received blocks back; return the gradient of my block (this
