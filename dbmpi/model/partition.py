@@ -98,8 +98,13 @@ class _Exchange:
         (r0, r1), (c0, c1) = self.own
         self._region = None if self.mine_only else np.empty((n, hi - lo, w, c), dtype=dtype)
         self._dlocal = None if self.in_place else np.empty((n, r1 - r0, w, c1 - c0), dtype=dtype)
+        # (a whole block instead goes from the layer's own contiguous output: every message
+        # stays contiguous, which MPICH moves in one copy, read by the receiver itself;
+        # strided datatypes are pipelined through shared memory and stall whenever the
+        # sender is not scheduled, as when ranks outnumber cores)
         self._own_view = (self._region[:, r0 - lo:r1 - lo]
-                          if self._region is not None and self.in_place else None)
+                          if self._region is not None and self.in_place and not self.send_whole
+                          else None)
 
         def blocks(plan):
             return [np.empty(self._block(n, rows, chans), dtype=dtype) for _, rows, chans in plan]
@@ -110,23 +115,11 @@ class _Exchange:
                         for b, (q, _, _) in zip(self._frecv, self.recv)]
                        + [comm.Send_init(b, dest=q, tag=tag)
                           for b, (q, _, _) in zip(self._fsend, self.send)])
-        types, self._whole_bytes = [], 0
-        if self.send_whole and self._own_view is not None:
-            # my block, written by the layer before into my rows of the region, goes from
-            # there: one strided datatype (n runs of my rows) instead of a copy
-            from mpi4py.util.dtlib import from_numpy_dtype
-            per = (r1 - r0) * w * c
-            types.append(from_numpy_dtype(dtype).Create_vector(n, per, (hi - lo) * w * c)
-                         .Commit())
-            mine = self._region.reshape(-1)[(r0 - lo) * w * c:]
-            self._freqs += [comm.Send_init([mine, 1, types[0]], dest=q, tag=tag)
-                            for q, _, _ in self.send]
-            self._whole_bytes = n * per * self._region.itemsize * len(self.send)
         self._breqs = ([comm.Recv_init(b, source=q, tag=tag + 1)
                         for b, (q, _, _) in zip(self._brecv, self.send)]
                        + [comm.Send_init(b, dest=q, tag=tag + 1)
                           for b, (q, _, _) in zip(self._bsend, self.recv)])
-        self._reqs[:] = self._freqs + self._breqs + types
+        self._reqs[:] = self._freqs + self._breqs
         self._key = key
 
     def own_view(self, n, dtype):
@@ -144,13 +137,9 @@ class _Exchange:
         for (q, rows, chans), b in zip(self.send, self._fsend):
             np.copyto(b, local[:, rows[0] - r0:rows[1] - r0])
             self.bytes_sent += b.nbytes
-        if self._own_view is not None and local is not self._own_view:
-            self._own_view[...] = local         # the layer before wrote elsewhere (LCN)
-            local = self._own_view
-        self.bytes_sent += self._whole_bytes
         _startall(self._freqs)
         reqs = self._freqs
-        if self.send_whole and not self._whole_bytes:
+        if self.send_whole:       # from the layer's output itself (kept until backward)
             local = np.ascontiguousarray(local)
             reqs = reqs + [self.comm.Isend(local, dest=q, tag=self.tag) for q, _, _ in self.send]
             self.bytes_sent += local.nbytes * len(self.send)
@@ -160,7 +149,7 @@ class _Exchange:
         # every element of the region is owned by exactly one partition (me or a sender),
         # so the copies below cover it all
         region = self._region
-        if self.self_rows is not None and local is not self._own_view:
+        if self.self_rows is not None and local is not self._own_view:   # not written there
             a, z = self.self_rows
             c0, c1 = self.own[1]
             region[:, a - lo:z - lo, :, c0:c1] = local[:, a - r0:z - r0]
@@ -200,8 +189,7 @@ class _Exchange:
 
 
 def _free_requests(reqs):
-    """Free persistent requests and datatypes (before MPI_Finalize, which otherwise warns
-    about each)."""
+    """Free persistent requests (before MPI_Finalize, which otherwise warns about each)."""
     from mpi4py import MPI
     if not MPI.Is_finalized():
         for r in reqs:
