@@ -177,10 +177,12 @@ class _Exchange:
                 dlocal[:, rows[0] - r0:rows[1] - r0] += b
             return dlocal
         dlocal = self._dlocal
-        if self.self_rows != (r0, r1):            # some of my rows get only what comes back
+        if self.self_rows is None:                # my rows get only what comes back
             dlocal[...] = 0
-        if self.self_rows is not None:            # my rows I used: copied, not added
+        else:                                     # my rows I used: copied, not added
             a, z = self.self_rows
+            dlocal[:, :a - r0] = 0                # and the others zeroed (a stripe's edges)
+            dlocal[:, z - r0:] = 0
             dlocal[:, a - r0:z - r0] = dregion[:, a - lo:z - lo, :, c0:c1]
         wait(self._breqs)
         for (q, rows, chans), b in zip(self.send, self._brecv):   # my rows they used
