@@ -182,8 +182,8 @@ def pool_backward(x, dy, aux, size, stride, kind):
         dx[:, :ho * size, wo * size:] = 0
     dyf, dys = _samples(dy, "dy")
     if kind == "max":
-        K.max_pool_back(dyf, dys, np.ascontiguousarray(aux).reshape(-1), dx.reshape(-1), n, h, w, c, size,
-                        stride, ho, wo, tiled)
+        K.max_pool_back(dyf, dys, np.ascontiguousarray(aux).reshape(-1), dx.reshape(-1), n,
+                        h, w, c, size, stride, ho, wo, tiled)
     else:
         (xf, xs), (yf, ys) = _samples(x, "x"), _samples(aux, "y")
         K.l2_pool_back(xf, xs, yf, ys, dyf, dys, dx.reshape(-1), np.empty(c, dtype=_F32), n,

@@ -1,12 +1,13 @@
 """The layer-ops interface over the numpy reference (any float dtype).
 
 :mod:`dbmpi.kernels` implements the same functions with Cython kernels for float32; layers
-call whichever the network picked.  Forward functions of the spatial layers take ``out``, where to put the output (its samples
-may be rows of a larger batch, as a partition's share of a region is).  Backward functions
-take such strided samples too, write the parameter gradients into
-the caller's ``dw``/``db`` views (``dw = beta*dw + gradient``; beta 0 overwrites) and return
-the input gradient (or None), which is computed before ``dw`` is written, so ``dw`` may be the
-weights themselves (an SGD step fused into the backward pass).
+call whichever the network picked.  Forward functions of the spatial layers take ``out``,
+where to put the output (its samples may be rows of a larger batch, as a partition's share
+of a region is); backward functions take such strided samples too.  Backward functions
+write the parameter gradients into the caller's ``dw``/``db`` views (``dw = beta*dw +
+gradient``; beta 0 overwrites) and return the input gradient (or None), which is computed
+before ``dw`` is written, so ``dw`` may be the weights themselves (an SGD step fused into
+the backward pass).
 """
 
 from . import reference as R

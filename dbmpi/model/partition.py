@@ -172,14 +172,11 @@ class _Exchange:
         _startall(self._breqs)
         if self.in_place:
             dlocal = dregion[:, r0 - lo:r1 - lo]
-            wait(self._breqs)
-            for (q, rows, chans), b in zip(self.send, self._brecv):   # my rows they used
-                dlocal[:, rows[0] - r0:rows[1] - r0] += b
-            return dlocal
-        dlocal = self._dlocal
-        if self.self_rows is None:                # my rows get only what comes back
+        elif self.self_rows is None:              # my rows get only what comes back
+            dlocal = self._dlocal
             dlocal[...] = 0
         else:                                     # my rows I used: copied, not added
+            dlocal = self._dlocal
             a, z = self.self_rows
             dlocal[:, :a - r0] = 0                # and the others zeroed (a stripe's edges)
             dlocal[:, z - r0:] = 0
