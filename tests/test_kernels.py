@@ -22,6 +22,11 @@ LC_SHAPES = [
     (33, 12, 12, 3, 5, 1, 0, 16),  # batch past the vector padding, 2-vector blocks
     (9, 10, 10, 4, 3, 2, 1, 24),   # 2- and 1-vector blocks, padded edges
     (7, 9, 11, 1, 3, 2, 0, 8),     # patch rows too short for row blocks, no padding
+    # forward in passes of patch rows (bias and relu on the last): 2 + 2 + 1 rows in place,
+    # one row a pass in place, and one row a pass with padding (batch-last)
+    (2, 11, 11, 16, 5, 2, 0, 32),
+    (3, 9, 9, 40, 3, 2, 0, 16),
+    (2, 6, 7, 70, 3, 1, 1, 8),
 ]
 
 
