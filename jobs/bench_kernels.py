@@ -43,26 +43,37 @@ def best(fn, min_time=0.4, min_reps=3):
     return min(times)
 
 
-def best_pair(f, g, min_time=0.8, min_reps=5):
-    """Fastest call of each of f and g (seconds), the two alternated so that drifting load
-    on a shared machine hits both alike (for ratios closer than noise between moments)."""
-    f(), g()
-    tf, tg, t_end = [], [], time.perf_counter() + min_time
-    while len(tf) < min_reps or time.perf_counter() < t_end:
-        for fn, ts in ((f, tf), (g, tg)):
-            t = time.perf_counter()
+def best_of(*fns, min_time=0.8, min_reps=5, turn=0.03):
+    """Fastest call of each function (seconds), the functions taking turns so that drifting
+    load on a shared machine hits all of them alike: ratios between them hold in any
+    moment.  A turn calls its function once untimed, then times calls for ``turn`` seconds
+    (at least one): the other functions in between evict its data from the caches, and a
+    single warm call after a 1024^3 GEMM still ran 15% slower than a repeated one."""
+    times, t_end = [[] for _ in fns], time.perf_counter() + min_time
+    while len(times[0]) < min_reps or time.perf_counter() < t_end:
+        for fn, ts in zip(fns, times):
             fn()
-            ts.append(time.perf_counter() - t)
-    return min(tf), min(tg)
+            t_turn = time.perf_counter() + turn
+            while True:
+                t = time.perf_counter()
+                fn()
+                ts.append(time.perf_counter() - t)
+                if t + ts[-1] >= t_turn:
+                    break
+    return [min(ts) for ts in times]
+
+
+def _gemm_1024():
+    """The ceiling's product (numpy matmul 1024^3 float32) and its flop count."""
+    n = 1024
+    a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
+    b, c = a.copy(), np.empty_like(a)
+    return (lambda: np.matmul(a, b, out=c)), 2.0 * n**3
 
 
 def gemm_ceiling(quick):
-    n = 1024
-    a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
-    b = a.copy()
-    c = np.empty_like(a)
-    t = best(lambda: np.matmul(a, b, out=c), 0.3 if quick else 1.0)
-    return 2 * n**3 / t / 1e9
+    gemm, flops = _gemm_1024()
+    return flops / best(gemm, 0.3 if quick else 1.0) / 1e9
 
 
 def torch_lc(c, size, f, k, s, n):
@@ -85,12 +96,13 @@ def torch_lc(c, size, f, k, s, n):
     return best(step)
 
 
-def bench_lc(args, ceiling):
-    print(f"\nLocally connected, batch {args.batch}, relu, no padding "
-          f"(GEMM ceiling {ceiling:.1f} GFLOP/s, numpy matmul 1024^3, same run)")
-    hdr = ("shape (c, in -> f, k, s)", "fwd GF/s", "bwd GF/s", "f+b GF/s", "f+b/ceil",
+def bench_lc(args):
+    print(f"\nLocally connected, batch {args.batch}, relu, no padding.  ceil: the GEMM ceiling "
+          "(numpy matmul 1024^3), its calls alternated with the shape's forward and backward")
+    hdr = ("shape (c, in -> f, k, s)", "fwd GF/s", "bwd GF/s", "f+b GF/s", "ceil", "f+b/ceil",
            "fwd/ceil", "x numpy ref", "x torch")
-    print("{:<26}{:>9}{:>9}{:>9}{:>9}{:>9}{:>12}{:>9}".format(*hdr))
+    print("{:<26}{:>9}{:>9}{:>9}{:>7}{:>9}{:>9}{:>12}{:>9}".format(*hdr))
+    gemm, gemm_flops = _gemm_1024()
     rng = np.random.default_rng(0)
     rows = []
     for c, size, f, k, s in LC_SHAPES:
@@ -103,9 +115,10 @@ def bench_lc(args, ceiling):
         y = KO.lc_forward(x, w, b, k, s, 0, "relu")
         dy = rng.standard_normal(y.shape).astype(np.float32)
         flops = 2.0 * n * ho * ho * k * k * c * f
-        tf = best(lambda: KO.lc_forward(x, w, b, k, s, 0, "relu"))
-        tb = best(lambda: KO.lc_backward(x, w, y, dy, k, s, 0, "relu", dw, db, True))
-        tfb = tf + tb
+        tf, tb, tg = best_of(lambda: KO.lc_forward(x, w, b, k, s, 0, "relu"),
+                             lambda: KO.lc_backward(x, w, y, dy, k, s, 0, "relu", dw, db, True),
+                             gemm, min_time=0.5 if args.quick else 1.5)
+        tfb, ceiling = tf + tb, gemm_flops / tg / 1e9
 
         def ref():
             yr = RO.lc_forward(x, w, b, k, s, 0, "relu")
@@ -114,10 +127,10 @@ def bench_lc(args, ceiling):
         tt = torch_lc(c, size, f, k, s, n)
         fb = 3 * flops / tfb / 1e9
         row = (f"({c}, {size} -> {f}, {k}, {s})", flops / tf / 1e9, 2 * flops / tb / 1e9, fb,
-               fb / ceiling, flops / tf / 1e9 / ceiling, tr / tfb,
+               ceiling, fb / ceiling, flops / tf / 1e9 / ceiling, tr / tfb,
                f"{tt / tfb:.1f}x" if tt else "n/a")
         rows.append(row)
-        print("{:<26}{:>9.1f}{:>9.1f}{:>9.1f}{:>9.0%}{:>9.0%}{:>11.1f}x{:>9}".format(*row))
+        print("{:<26}{:>9.1f}{:>9.1f}{:>9.1f}{:>7.1f}{:>9.0%}{:>9.0%}{:>11.1f}x{:>9}".format(*row))
     return rows
 
 
@@ -143,7 +156,7 @@ def bench_fc(args):
             dy.T @ x
             dy @ w
         flops = 6.0 * n * d * u
-        to, tn = best_pair(ours, numpy3)
+        to, tn = best_of(ours, numpy3)
         print("{:<16}{:>12.1f}{:>14.1f}{:>9.2f}x".format(f"({d}, {u})", flops / to / 1e9,
                                                          flops / tn / 1e9, tn / to))
 
@@ -196,8 +209,8 @@ def main():
     if unknown := only - {"lc", "fc", "pool", "net"}:
         p.error(f"--only: unknown table(s) {sorted(unknown)}; choose from lc, fc, pool, net")
     if "lc" in only:
-        ceiling = gemm_ceiling(args.quick)
-        bench_lc(args, ceiling)
+        print(f"GEMM ceiling at the start: {gemm_ceiling(args.quick):.1f} GFLOP/s")
+        bench_lc(args)
     if "fc" in only:
         bench_fc(args)
     if "pool" in only:
