@@ -86,7 +86,7 @@ def _lc_plan(n, h, wd, c, k, pad, f, backward=False):
     with padding, or with patch rows too short for full row blocks; and in the backward
     pass, when the samples lie a multiple of 4 KB apart.  The weight gradient's product
     runs over the batch, reading one line of each sample per step, and at such strides all
-    the lines fall in one L1 set (8 ways) and evict each other: batch-last was 5-13% faster
+    the lines fall in one L1 set (8 ways) and evict each other: batch-last was 3-13% faster
     there for 16 channels (32x32 and 64x64 inputs), and equal elsewhere."""
     npad = -(-n // _VW) * _VW
     batch_last = f % _VW == 0 and (pad > 0 or k * c < 2 * _RB

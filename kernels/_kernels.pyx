@@ -20,7 +20,7 @@ from libc.string cimport memcpy, memset
 from scipy.linalg.cython_blas cimport sgemm
 
 
-# weight rows a forward pass streams per location (x 64 bytes: 12 KB, half of L1)
+# weight rows a forward pass streams per location (x 64 bytes: 12 KB of a 32 KB L1)
 cdef enum:
     _FWD_PANEL_ROWS = 192
 
