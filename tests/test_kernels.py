@@ -42,7 +42,9 @@ def test_locally_connected(shape, act):
     rng = np.random.default_rng(hash((shape, act)) % 2**32)
     ho, wo = out_size(h, k, s, p), out_size(w, k, s, p)
     x = rng.standard_normal((n, h, w, c)).astype(np.float32)
-    wt = rng.standard_normal((ho, wo, k * k * c, f)).astype(np.float32)
+    # weights scaled by the fan-in keep pre-activations O(1) (the reference's sigmoid
+    # overflows exp, harmlessly but loudly, for a 630-wide patch of unit weights)
+    wt = (rng.standard_normal((ho, wo, k * k * c, f)) / np.sqrt(k * k * c)).astype(np.float32)
     b = rng.standard_normal((ho, wo, f)).astype(np.float32)
     y1, y2 = KO.lc_forward(x, wt, b, k, s, p, act), RO.lc_forward(x, wt, b, k, s, p, act)
     # rounding scales with the pre-activations, not with a saturated output
