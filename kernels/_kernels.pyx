@@ -88,6 +88,17 @@ cdef void _act_backward(const float* y, const float* dy, float* dz, Py_ssize_t s
             dz[t] = dy[t] * (1 - y[t] * y[t])
 
 
+cdef void _act_forward_rows(float* y, Py_ssize_t ys, int n, Py_ssize_t size,
+                            int act) noexcept nogil:
+    """_act_forward per sample: y may be a row range of a larger batch (sample stride ys)."""
+    cdef int s
+    if ys == size:
+        _act_forward(y, n * size, act)
+        return
+    for s in range(n):
+        _act_forward(y + s * ys, size, act)
+
+
 cdef void _act_backward_rows(const float* y, Py_ssize_t ys, const float* dy, Py_ssize_t dys,
                              float* dz, int n, Py_ssize_t size, int act) noexcept nogil:
     """_act_backward per sample: y and dy may be row ranges of larger batches (sample
@@ -179,11 +190,7 @@ cdef void lc_forward_c(const float* x, const float* xt, const float* wt, const f
                 _gemm(False, False, n, f, kkc, 1.0, p, kkc, wt + loc * kkc * f, f, 1.0,
                       y + loc * f, ld)
     if f % DBMPI_VW != 0 or act != 1:      # relu is fused into the microkernel's epilogue
-        if ys == <Py_ssize_t>ho * wo * f:
-            _act_forward(y, n * ys, act)
-        else:
-            for s in range(n):
-                _act_forward(y + s * ys, <Py_ssize_t>ho * wo * f, act)
+        _act_forward_rows(y, ys, n, <Py_ssize_t>ho * wo * f, act)
 
 
 cdef inline void _fill(float* y, float v, Py_ssize_t size) noexcept nogil:
