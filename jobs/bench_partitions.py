@@ -6,7 +6,9 @@ P partitions for (a) a locally connected image network on 64x64 inputs and (b) a
 fully connected, speech-like network (4 sigmoid layers of 2560 units and a softmax) on
 32x32 frames.  Each P runs R times, the P values interleaved so that drifting load on a
 shared machine hits them alike; prints the best and the median samples/s, the speed-ups
-over P = 1 from each, and the bytes each partition sends per step.  P = 2 on 2 cores needs
+over P = 1 from each, and for the best run of each P its time per training step, the part
+of it each partition spent exchanging with the others (copies, transfers and waiting for
+peers: load imbalance and jitter included) and the bytes each partition sends per step.  P = 2 on 2 cores needs
 both; a disturbance on either stalls both partitions, which is why the best is shown
 beside the median.  Ranks beyond the cores are oversubscribed.
 Launcher: MPIEXEC (default: the mpiexec beside this Python).
@@ -58,11 +60,12 @@ def main():
         b0, m0 = best[parts[0]], med[parts[0]]
         print(f"\n{name} ({res[parts[0]][0]['num_params'] / 1e6:.2f}M parameters)")
         print(f"{'P':>3}{'best/s':>10}{'speed-up':>10}{'median/s':>10}{'speed-up':>10}"
-              "   bytes sent per step by each partition")
+              f"{'step ms':>9}   exchange ms per step, bytes per step: by partition")
         for P in parts:
-            s = res[P][0]
+            s = max(res[P], key=lambda r: r["samples_per_s"])   # the best run's breakdown
+            exch = ", ".join(f"{e:.2f}" for e in s.get("partition_exchange_ms_per_step", [0]))
             print(f"{P:>3}{best[P]:>10.1f}{best[P] / b0:>9.2f}x{med[P]:>10.1f}"
-                  f"{med[P] / m0:>9.2f}x   "
+                  f"{med[P] / m0:>9.2f}x{1e3 * s['compute_s'] / s['steps']:>9.2f}   [{exch}]  "
                   f"{[round(b) for b in s.get('partition_bytes_per_step', [0])]}")
 
 

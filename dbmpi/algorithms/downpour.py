@@ -217,8 +217,9 @@ def _run_replica(topo, cfg, net, client, resume=None):
         if lead:
             mine = {k: sum(d[k] for d in allp) for k in mine}
         bytes_sent = topo.model.gather(model.bytes_sent, root=0)
+        exch_s = topo.model.gather(model.exchange_seconds, root=0)
     else:
-        bytes_sent = [0]
+        bytes_sent, exch_s = [0], [0.0]
     mine["staleness"] = mine["staleness"].tolist()
     if lead:
         ctrl.send({"replica": rep, "steps": step, "samples": (step - step0) * o["batch_size"],
@@ -226,6 +227,8 @@ def _run_replica(topo, cfg, net, client, resume=None):
                    "wall_s": wall, "compute_s": t_compute, "fetch_s": t_fetch,
                    "push_s": t_push, "fetches": fetches, "stopped_early": bool(stopped),
                    "partition_bytes_per_step": [b / max(step - step0, 1) for b in bytes_sent],
+                   "partition_exchange_ms_per_step": [1e3 * e / max(step - step0, 1)
+                                                      for e in exch_s],
                    **mine}, dest=0, tag=TAGS["DONE"])
     if not (lead and stopped):  # the coordinator sends STOP to every rank; take it
         _poll_recv(ctrl, 0, TAGS["STOP"], Backoff(hi=0.02))
@@ -372,6 +375,7 @@ class _Coordinator:
             "staleness_mean": float((stal * np.arange(len(stal))).sum() / max(stal.sum(), 1)),
             "partitions": self.topo.partitions,
             "partition_bytes_per_step": reps[0]["partition_bytes_per_step"],
+            "partition_exchange_ms_per_step": reps[0]["partition_exchange_ms_per_step"],
             "replicas": [{"replica": d["replica"], "steps": d["steps"],
                           "samples_per_s": d["samples"] / d["wall_s"] if d["wall_s"] else 0.0,
                           "step_s": d["wall_s"] / max(d["steps"], 1),

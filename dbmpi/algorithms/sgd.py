@@ -175,9 +175,15 @@ def train_sgd_partitioned(topo, cfg, out, resume=None, quiet=False) -> dict | No
                             {"step": step, "epoch": batches.epoch, "offset": batches.offset}, cfg)
 
     train_step = _trainer(pn, opt, theta)
+    # the training steps' time, traffic and exchange time (evaluations' are not counted)
+    compute_s = sent = exch = 0.0
     while step < r["max_steps"]:
         x, y = batches.next()
+        b0, e0, tc = pn.bytes_sent, pn.exchange_seconds, time.perf_counter()
         loss = train_step(x, y)
+        compute_s += time.perf_counter() - tc
+        sent += pn.bytes_sent - b0
+        exch += pn.exchange_seconds - e0
         _check_loss(loss, step, o)   # every partition has the same loss, so all stop
         step += 1
         if lead:   # one broadcast a step carries partition 0's decisions
@@ -204,7 +210,7 @@ def train_sgd_partitioned(topo, cfg, out, resume=None, quiet=False) -> dict | No
     wall = time.time() - t_start
     ev = pn.evaluate(theta, tx, ty)
     checkpoint()
-    sent = comm.gather(pn.bytes_sent, root=0)
+    sent, exch = comm.gather(sent, root=0), comm.gather(exch, root=0)
     if not lead:
         return None
     run.log("eval", updates=step, test_loss=ev["loss"], test_accuracy=ev["accuracy"])
@@ -216,6 +222,8 @@ def train_sgd_partitioned(topo, cfg, out, resume=None, quiet=False) -> dict | No
         "final_train_loss": loss, "final_test_loss": ev["loss"],
         "final_test_accuracy": ev["accuracy"], "num_params": pn.num_params,
         "partition_bytes_per_step": [b / max(steps, 1) for b in sent],
+        "compute_s": compute_s,
+        "partition_exchange_ms_per_step": [1e3 * e / max(steps, 1) for e in exch],
         "pushes_sent": 0, "pushes_applied": 0,
     }
     run.write_summary(summary)

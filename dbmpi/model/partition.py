@@ -17,6 +17,7 @@ Python API use, so runs with different P are interchangeable.
 
 from __future__ import annotations
 
+import time
 import weakref
 
 import numpy as np
@@ -78,6 +79,7 @@ class _Exchange:
         # my rows of the region's gradient, which it returns as a view
         self.in_place = self.self_rows == self.own[0] and self.own[1] == (0, c)
         self.bytes_sent = 0
+        self.seconds = 0.0     # in forward and backward: copies, transfers, waiting for peers
         self._key = None
         self._reqs = []     # every persistent request, freed with the exchange or at exit
         weakref.finalize(self, _free_requests, self._reqs)
@@ -131,6 +133,21 @@ class _Exchange:
     def forward(self, n, local, dtype):
         """Assemble the needed region (n, need rows, w, c) from my block ``local``: this
         exchange's own buffer (or a view of ``local``), valid until its next forward."""
+        t = time.perf_counter()
+        region = self._forward(n, local, dtype)
+        self.seconds += time.perf_counter() - t
+        return region
+
+    def backward(self, dregion, dtype):
+        """Send the gradients of received blocks back; return the gradient of my block (this
+        exchange's own buffer, valid until its next backward, or my rows of ``dregion``,
+        which the layer's backward allocated: then what comes back is added there)."""
+        t = time.perf_counter()
+        dlocal = self._backward(dregion, dtype)
+        self.seconds += time.perf_counter() - t
+        return dlocal
+
+    def _forward(self, n, local, dtype):
         self._buffers(n, dtype)
         lo, hi = self.need
         r0 = self.own[0][0]
@@ -158,10 +175,7 @@ class _Exchange:
             region[:, rows[0] - lo:rows[1] - lo, :, chans[0]:chans[1]] = b
         return region
 
-    def backward(self, dregion, dtype):
-        """Send the gradients of received blocks back; return the gradient of my block (this
-        exchange's own buffer, valid until its next backward, or my rows of ``dregion``,
-        which the layer's backward allocated: then what comes back is added there)."""
+    def _backward(self, dregion, dtype):
         n = dregion.shape[0]
         self._buffers(n, dtype)
         lo = self.need[0]
@@ -326,6 +340,7 @@ class PartitionedNetwork:
             shape = self.full.layers[i].in_shape
             self.exchanges.append(_Exchange(comm, 100 + 4 * i, shape, prev, need))
         self.logit_bytes = 0
+        self._comm_s = 0.0      # the logits' exchange and the l2 term's allreduce
 
     # -- layouts -------------------------------------------------------------------------
     def to_partitioned(self, theta):
@@ -345,6 +360,12 @@ class PartitionedNetwork:
     @property
     def bytes_sent(self) -> int:
         return sum(e.bytes_sent for e in self.exchanges[1:]) + self.logit_bytes
+
+    @property
+    def exchange_seconds(self) -> float:
+        """Time spent exchanging with the other partitions: copies, transfers and waiting for
+        peers (load imbalance and jitter included); the rest of a step is computation."""
+        return sum(e.seconds for e in self.exchanges[1:]) + self._comm_s
 
     # -- compute ---------------------------------------------------------------------------
     def _params(self, theta_local):
@@ -436,6 +457,7 @@ class PartitionedNetwork:
 
     def _all_logits(self, z_local):
         """Every partition's slice of the logits, assembled on every partition."""
+        t = time.perf_counter()
         n = z_local.shape[0]
         chans = [pq[-1].chans for pq in self.parts]
         full = np.empty((n, self.classes), dtype=z_local.dtype)
@@ -457,6 +479,7 @@ class PartitionedNetwork:
         wait(reqs)
         for buf, c0, c1 in bufs:
             full[:, c0:c1] = buf
+        self._comm_s += time.perf_counter() - t
         return full
 
     def logits(self, theta_local, x):
@@ -508,5 +531,7 @@ class PartitionedNetwork:
         from mpi4py import MPI
         sq = np.array([float(np.asarray(theta_local, np.float64) @ theta_local)])
         tot = np.zeros(1)
+        t = time.perf_counter()
         wait([self.comm.Iallreduce(sq, tot, op=MPI.SUM)])
+        self._comm_s += time.perf_counter() - t
         return float(tot[0])
