@@ -87,13 +87,17 @@ def main():
             parts, repeats)
         for P in parts:
             bps = runs[P][0].get("partition_bytes_per_step", [0])
+            bst = max(runs[P], key=lambda r: r["samples_per_s"])
+            ems = bst.get("partition_exchange_ms_per_step", [0.0])
             rows.append({"network": net, "partitions": P, "num_params": runs[P][0]["num_params"],
                          "samples_per_s": round(best[P], 2),
                          "speedup": round(best[P] / best[parts[0]], 3),
                          "median_samples_per_s": round(med[P], 2),
                          "median_speedup": round(med[P] / med[parts[0]], 3),
                          "repeats": repeats,
-                         "bytes_per_step_per_partition": round(sum(bps) / len(bps))})
+                         "bytes_per_step_per_partition": round(sum(bps) / len(bps)),
+                         "step_ms": round(1e3 * bst["compute_s"] / max(bst["steps"], 1), 3),
+                         "exchange_ms_per_step": round(sum(ems) / len(ems), 3)})
             print(rows[-1], flush=True)
     S.write_csv(out / "partitions.csv", rows)
     plt = S.plt()
@@ -116,7 +120,8 @@ def main():
     for x in rows:
         lines.append(f"{x['network']:<34} P={x['partitions']:<3} {x['samples_per_s']:>8.1f} "
                      f"samples/s {x['speedup']:.2f}x  median {x['median_samples_per_s']:>8.1f} "
-                     f"{x['median_speedup']:.2f}x  {x['bytes_per_step_per_partition']} B/step")
+                     f"{x['median_speedup']:.2f}x  {x['bytes_per_step_per_partition']} B/step  "
+                     f"step {x['step_ms']:.2f} ms, exchanging {x['exchange_ms_per_step']:.2f} ms")
     (out / "summary.txt").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
