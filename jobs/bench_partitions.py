@@ -8,9 +8,11 @@ fully connected, speech-like network (4 sigmoid layers of 2560 units and a softm
 shared machine hits them alike; prints the best and the median samples/s, the speed-ups
 over P = 1 from each, and for the best run of each P its time per training step, the part
 of it each partition spent exchanging with the others (copies, transfers and waiting for
-peers: load imbalance and jitter included) and the bytes each partition sends per step.  P = 2 on 2 cores needs
-both; a disturbance on either stalls both partitions, which is why the best is shown
-beside the median.  Ranks beyond the cores are oversubscribed.
+peers: load imbalance and jitter included) and the bytes each partition sends per step.
+Each core's speed is measured at the start and at the end: partitions run at the pace of
+the slowest core, so unequal cores (a busy neighbour on a shared VM) cap the speed-up.
+P = 2 on 2 cores needs both; a disturbance on either stalls both partitions, which is why
+the best is shown beside the median.  Ranks beyond the cores are oversubscribed.
 Launcher: MPIEXEC (default: the mpiexec beside this Python).
 """
 
@@ -45,6 +47,8 @@ def main():
     parts = [int(x) for x in args.partitions.split(",")]
     print(f"sgd, batch {args.batch}, {args.steps} steps, best and median of {args.repeats} "
           f"runs each, {os.cpu_count()} cores here")
+    cores = range(max(parts))          # the cores P partitions run on, where they are free
+    print("at the start, " + S.core_speeds_line(S.core_speeds(cores)))
     for name in args.nets.split(","):
         fname, size, model = NETS[name]
         data = ROOT / "data" / fname
@@ -67,6 +71,7 @@ def main():
             print(f"{P:>3}{best[P]:>10.1f}{best[P] / b0:>9.2f}x{med[P]:>10.1f}"
                   f"{med[P] / m0:>9.2f}x{1e3 * s['compute_s'] / s['steps']:>9.2f}   [{exch}]  "
                   f"{[round(b) for b in s.get('partition_bytes_per_step', [0])]}")
+    print("\nat the end, " + S.core_speeds_line(S.core_speeds(cores)))
 
 
 if __name__ == "__main__":

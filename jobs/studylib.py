@@ -67,6 +67,46 @@ def config(data: Path, model: str, **tables) -> str:
     return "\n".join(out) + "\n"
 
 
+def core_speeds(cores=None, seconds: float = 0.25) -> dict[int, float]:
+    """GFLOP/s of a 64x64 float32 matmul (L1-resident: compute alone) on each core, this
+    process pinned to one core after another; {} where affinity cannot be set.
+
+    A P-partition step runs at the pace of its slowest partition, so cores of unequal speed
+    cap the speed-up: on a shared VM a core whose physical sibling is busy runs 20-40%
+    slower, and that changes from minute to minute."""
+    import time
+    import numpy as np
+    if not hasattr(os, "sched_setaffinity"):
+        return {}
+    mask = os.sched_getaffinity(0)
+    cores = sorted(mask if cores is None else set(cores) & mask)
+    a = np.random.default_rng(0).random((64, 64), dtype=np.float32)
+    c = a @ a
+    out = {}
+    try:
+        for core in cores:
+            os.sched_setaffinity(0, {core})
+            best, end = 0.0, time.perf_counter() + seconds
+            while time.perf_counter() < end:
+                t = time.perf_counter()
+                for _ in range(200):
+                    np.matmul(a, a, out=c)
+                best = max(best, 200 * 2 * 64 ** 3 / (time.perf_counter() - t) / 1e9)
+            out[core] = best
+    finally:
+        os.sched_setaffinity(0, mask)
+    return out
+
+
+def core_speeds_line(speeds: dict[int, float]) -> str:
+    if not speeds:
+        return "core speeds: not measured (no CPU affinity here)"
+    v = list(speeds.values())
+    return ("core speeds (64x64 sgemm, GFLOP/s): "
+            + ", ".join(f"cpu{c} {g:.1f}" for c, g in speeds.items())
+            + f"; slowest/fastest {min(v) / max(v):.2f}")
+
+
 def ranks_of(text: str, workdir: Path) -> int:
     cfg = workdir / "probe.toml"
     cfg.write_text(text)
