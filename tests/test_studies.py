@@ -10,7 +10,8 @@ from conftest import ROOT
 
 
 @pytest.mark.parametrize("name,csvname,cols", [
-    ("study_partitions", "partitions.csv", {"network", "partitions", "speedup"}),
+    ("study_partitions", "partitions.csv", {"network", "partitions", "speedup", "step_ms",
+                                            "exchange_ms_per_step"}),
     ("study_accuracy_time", "accuracy_time.csv", {"method", "time_s", "test_accuracy"}),
     ("study_time_to_accuracy", "time_to_accuracy.csv", {"method", "cores", "time_to_target_s"}),
 ])
@@ -25,3 +26,16 @@ def test_study_smoke(tmp_path, name, csvname, cols):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     summary = (tmp_path / "summary.txt").read_text()
     assert "cores" in summary and len(summary.splitlines()) >= len({r.get("method", r.get("network")) for r in rows})
+
+
+def test_core_speeds_measures_each_core_and_restores_affinity():
+    import os
+    sys.path.insert(0, str(ROOT / "jobs"))
+    import studylib
+    if not hasattr(os, "sched_getaffinity"):
+        pytest.skip("no CPU affinity on this platform")
+    mask = os.sched_getaffinity(0)
+    speeds = studylib.core_speeds(seconds=0.02)
+    assert set(speeds) == mask and all(g > 0.1 for g in speeds.values())
+    assert os.sched_getaffinity(0) == mask
+    assert "slowest/fastest" in studylib.core_speeds_line(speeds)
