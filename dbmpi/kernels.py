@@ -122,14 +122,12 @@ def lc_backward(x, w, y, dy, k, stride, pad, act, dw, db, need_dx, beta=0.0):
         raise ValueError(f"locally connected: gradient {dy.shape} does not match output {y.shape}")
     dyf, dys = _samples(dy, "dy")
     yf, ys = _samples(y, "y")
-    per = ho * wo * f
-    # the pass that applies the activation's derivative also gathers strided samples
-    dz = dyf if act == "linear" and dys == per else np.empty(y.size, dtype=_F32)
+    dz = np.empty(n * (wo * f + 16), dtype=_F32)   # an output row's dz (see lc_backward_c)
     npad, batch_last, xt, p = _lc_plan(n, h, wd, c, k, pad, f, backward=True)
     if need_dx:     # the input gradient is accumulated batch-last (see lc_backward_c)
         dx = np.empty((n, h, wd, c), dtype=_F32)
         dxt = np.zeros((h + 2 * pad) * (wd + 2 * pad) * c * npad, dtype=_F32)
-        dzt = (np.zeros if npad > n else np.empty)(ho * wo * f * npad, dtype=_F32)
+        dzt = np.zeros(f * npad, dtype=_F32)
     else:
         dx = dxt = dzt = np.empty(1, dtype=_F32)
     dwf, dbf = dw.reshape(-1), db.reshape(-1)  # views into the flat gradient

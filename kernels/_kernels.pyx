@@ -99,18 +99,6 @@ cdef void _act_forward_rows(float* y, Py_ssize_t ys, int n, Py_ssize_t size,
         _act_forward(y + s * ys, size, act)
 
 
-cdef void _act_backward_rows(const float* y, Py_ssize_t ys, const float* dy, Py_ssize_t dys,
-                             float* dz, int n, Py_ssize_t size, int act) noexcept nogil:
-    """_act_backward per sample: y and dy may be row ranges of larger batches (sample
-    strides ys, dys); dz is contiguous."""
-    cdef int s
-    if ys == size and dys == size:
-        _act_backward(y, dy, dz, n * size, act)
-        return
-    for s in range(n):
-        _act_backward(y + s * ys, dy + s * dys, dz + s * size, size, act)
-
-
 cdef void _gather(const float* x, int n, int h, int w, int c, int k, int stride, int pad,
                   int i, int j, float* p) noexcept nogil:
     """p[s, (ky*k + kx)*c + ch] = x[s, i*stride - pad + ky, j*stride - pad + kx, ch], 0 outside."""
@@ -249,46 +237,68 @@ cdef void _image_batch_last(const float* x, float* xt, int n, int npad, int h, i
             _to_batch_last(x + r * wc, rowt, n, npad, wc, h * wc)
 
 
-cdef void lc_backward_c(const float* x, const float* xt, const float* wt, const float* dz,
-                        float* dxt, float* dw, float* db, float* p, float* dzt, int n,
+cdef void _dz_rows(const float* y, Py_ssize_t ys, const float* dy, Py_ssize_t dys,
+                   float* dz, int n, Py_ssize_t size, Py_ssize_t dzs, int act) noexcept nogil:
+    """dz[s, :size] = dy[s, :size] * act'(z[s, :size]) from the output y: size values of each
+    of the n samples (samples of y, dy and dz ys, dys and dzs apart)."""
+    cdef int s
+    for s in range(n):
+        _act_backward(y + s * ys, dy + s * dys, dz + s * dzs, size, act)
+
+
+cdef void lc_backward_c(const float* x, const float* xt, const float* wt, const float* y,
+                        Py_ssize_t ys, const float* dy, Py_ssize_t dys, int act, float* dzr,
+                        float* dxt, float* dw, float* db, float* p, float* dztl, int n,
                         int npad, int h, int w, int c, int k, int stride, int pad, int ho,
                         int wo, int f, bint need_dx, float beta) noexcept nogil:
-    """dw[i,j] = beta*dw[i,j] + patch^T @ dz[:,i,j,:]; db[i,j] = beta*db[i,j] + sum_s dz[s,i,j,:];
-    dxt += dz[:,i,j,:]^T-scatter of wt[i,j] @ dz[:,i,j,:]^T, batch-last.
+    """With dz = dy * act'(z) (from the output y): dw[i,j] = beta*dw[i,j] + patch^T @
+    dz[:,i,j,:]; db[i,j] = beta*db[i,j] + sum_s dz[s,i,j,:]; dxt += dz[:,i,j,:]^T-scatter of
+    wt[i,j] @ dz[:,i,j,:]^T, batch-last.  y and dy: samples ys and dys apart.
+
+    dz is made one output row at a time, into dzr (n rows of wo*f, padded by 16 floats where
+    wo*f is a multiple of 512), which stays in L2, and for the input gradient one location
+    at a time, transposed, into dztl (f, npad; its padding columns zeroed by the caller):
+    y and dy are read once, a row of each sample at a time (runs the hardware prefetchers
+    follow), and no dz array is written and read back.
 
     Each location's input gradient is taken before its dw, so dw may be wt itself: with
-    dz scaled by -learning_rate and beta = 1 (or 1 - learning_rate*l2), one SGD step lands
+    dy scaled by -learning_rate and beta = 1 (or 1 - learning_rate*l2), one SGD step lands
     in the weights with no gradient array and no extra pass over the parameters.
 
     The input gradient is accumulated batch-last, dxt ((h + 2*pad), (w + 2*pad), c, npad)
-    zeroed by the caller, from dzt (ho*wo*f, npad) (dz transposed here; its padding columns
-    zeroed by the caller): the k rows of a patch are then k runs of k*c contiguous rows of
-    dxt, so each is one product wt-rows @ dzt with no transpose of the weights and no
+    zeroed by the caller: the k rows of a patch are then k runs of k*c contiguous rows of
+    dxt, so each is one product wt-rows @ dztl with no transpose of the weights and no
     scatter.  npad is n rounded up to the vector width.  p is an (n, k*k*c) buffer, or
     (k*k*c, npad) with xt, which is as for lc_forward_c."""
-    cdef int i, j, s, t, ky, kkc = k * k * c, ld = ho * wo * f, kc = k * c
+    cdef int i, j, s, t, ky, kkc = k * k * c, kc = k * c, ld = wo * f
+    # dzr's sample stride: a multiple of 2 KB would put the n lines a product step reads
+    # (one per sample) in too few of L1's sets
+    cdef int ldr = ld + 16 if ld % 512 == 0 else ld
     cdef Py_ssize_t loc, wp = w + 2 * pad, nloc = ho * wo
+    cdef const float* dzl
     cdef bint micro = f % DBMPI_VW == 0
     cdef const float* xs
     cdef float* dbl
     cdef float* dwl
-    cdef const float* dzl
     cdef const float* wl
     cdef const float* nxt          # prefetched during dw: what the next location reads first
     cdef Py_ssize_t pfn
-    if need_dx:
-        _to_batch_last(dz, dzt, n, npad, ld, ld)
     for i in range(ho):
+        _dz_rows(y + i * <Py_ssize_t>ld, ys, dy + i * <Py_ssize_t>ld, dys, dzr, n, ld, ldr,
+                 act)
         for j in range(wo):
             loc = i * wo + j
+            dzl = dzr + j * f          # this location's dz: n rows ldr apart
             wl = wt + loc * kkc * f
             dwl = dw + loc * kkc * f
             nxt = (wt if need_dx else <const float*>dw) + (loc + 1) * kkc * f
             pfn = kkc * f if loc + 1 < nloc else 0
             if need_dx:
+                for t in range(f):
+                    for s in range(n):
+                        dztl[t * npad + s] = dzl[s * ldr + t]
                 for ky in range(k):     # patch row ky: rows ky*kc.. of wt[i,j] into dxt
-                    dbmpi_mgemm(kc, npad, f, wl + ky * kc * f, f, 1, dzt + loc * f * npad,
-                                npad, 1.0,
+                    dbmpi_mgemm(kc, npad, f, wl + ky * kc * f, f, 1, dztl, npad, 1.0,
                                 dxt + ((i * stride + ky) * wp + j * stride) * c * npad, npad,
                                 dwl + ky * kc * f, kc * f)
             if micro and xt != NULL:
@@ -298,22 +308,21 @@ cdef void lc_backward_c(const float* x, const float* xt, const float* wt, const 
                     memcpy(p + ky * kc * npad,
                            xt + ((i * stride + ky) * wp + j * stride) * c * npad,
                            kc * npad * sizeof(float))
-                dbmpi_mgemm(kkc, f, n, p, npad, 1, dz + loc * f, ld, beta, dwl, f, nxt, pfn)
+                dbmpi_mgemm(kkc, f, n, p, npad, 1, dzl, ldr, beta, dwl, f, nxt, pfn)
             elif micro:
                 xs = x + ((i * stride) * <Py_ssize_t>w + j * stride) * c
                 for ky in range(k):     # dw rows of patch row ky: x segment ky, transposed
                     dbmpi_mgemm(kc, f, n, xs + ky * <Py_ssize_t>w * c, 1,
-                                <Py_ssize_t>h * w * c, dz + loc * f, ld, beta,
+                                <Py_ssize_t>h * w * c, dzl, ldr, beta,
                                 dwl + ky * kc * f, f, nxt + ky * kc * f, pfn // k)
             else:
                 _gather(x, n, h, w, c, k, stride, pad, i, j, p)
-                _gemm(True, False, kkc, f, n, 1.0, p, kkc, dz + loc * f, ld, beta, dwl, f)
+                _gemm(True, False, kkc, f, n, 1.0, p, kkc, dzl, ldr, beta, dwl, f)
             dbl = db + loc * f
             _scale(dbl, beta, f)
             for s in range(n):
-                dzl = dz + s * <Py_ssize_t>ld + loc * f
                 for t in range(f):
-                    dbl[t] += dzl[t]
+                    dbl[t] += dzl[s * ldr + t]
 
 
 cdef void fc_forward_c(const float* x, const float* wt, const float* b, float* y, float* yt,
@@ -587,15 +596,14 @@ def lc_backward(const float[::1] x, float[::1] xt, const float[::1] wt, const fl
                 float[::1] dxt, float[::1] dx, float[::1] dw, float[::1] db, float[::1] p,
                 float[::1] dzt, int n, int npad, int h, int w, int c, int k, int stride, int pad,
                 int ho, int wo, int f, int act, bint need_dx, bint batch_last, float beta):
-    """y and dy: samples ys and dys apart (dz, contiguous, may be dy itself when dys is
-    ho*wo*f and the activation linear)."""
+    """y and dy: samples ys and dys apart; dz: n*(wo*f + 16) floats of scratch; dzt: f*npad
+    floats, zeroed (only with need_dx)."""
     with nogil:
-        _act_backward_rows(&y[0], ys, &dy[0], dys, &dz[0], n, <Py_ssize_t>ho * wo * f, act)
         if batch_last:
             _image_batch_last(&x[0], &xt[0], n, npad, h, w, c, pad, False)
-        lc_backward_c(&x[0], &xt[0] if batch_last else NULL, &wt[0], &dz[0], &dxt[0], &dw[0],
-                      &db[0], &p[0], &dzt[0], n, npad, h, w, c, k, stride, pad, ho, wo, f,
-                      need_dx, beta)
+        lc_backward_c(&x[0], &xt[0] if batch_last else NULL, &wt[0], &y[0], ys, &dy[0], dys,
+                      act, &dz[0], &dxt[0], &dw[0], &db[0], &p[0], &dzt[0], n, npad, h, w, c,
+                      k, stride, pad, ho, wo, f, need_dx, beta)
         if need_dx:
             _image_batch_last(&dx[0], &dxt[0], n, npad, h, w, c, pad, True)
 

@@ -28,6 +28,7 @@ LC_SHAPES = [
     (3, 9, 9, 40, 3, 2, 0, 16),
     (2, 6, 7, 70, 3, 1, 1, 8),
     (3, 16, 16, 4, 3, 1, 0, 8),    # samples 4 KB apart: batch-last in backward only
+    (3, 12, 34, 2, 3, 1, 0, 16),   # an output row of 512 floats: the backward's dz rows padded
 ]
 
 
