@@ -66,7 +66,7 @@ def main():
         print(f"{'P':>3}{'best/s':>10}{'speed-up':>10}{'median/s':>10}{'speed-up':>10}"
               f"{'step ms':>9}   exchange ms per step, bytes per step: by partition")
         for P in parts:
-            s = max(res[P], key=lambda r: r["samples_per_s"])   # the best run's breakdown
+            s = S.best_run(res[P])       # the breakdown of the run the best figure is from
             exch = ", ".join(f"{e:.2f}" for e in s.get("partition_exchange_ms_per_step", [0]))
             print(f"{P:>3}{best[P]:>10.1f}{best[P] / b0:>9.2f}x{med[P]:>10.1f}"
                   f"{med[P] / m0:>9.2f}x{1e3 * s['compute_s'] / s['steps']:>9.2f}   [{exch}]  "

@@ -86,8 +86,8 @@ def main():
             lambda P, rep: sgd_run(path, model, P, steps, 32, out / "runs", f"{data}-p{P}-{rep}"),
             parts, repeats)
         for P in parts:
-            bps = runs[P][0].get("partition_bytes_per_step", [0])
-            bst = max(runs[P], key=lambda r: r["samples_per_s"])
+            bst = S.best_run(runs[P])
+            bps = bst.get("partition_bytes_per_step", [0])
             ems = bst.get("partition_exchange_ms_per_step", [0.0])
             rows.append({"network": net, "partitions": P, "num_params": runs[P][0]["num_params"],
                          "samples_per_s": round(best[P], 2),

@@ -99,6 +99,16 @@ cdef void _act_forward_rows(float* y, Py_ssize_t ys, int n, Py_ssize_t size,
         _act_forward(y + s * ys, size, act)
 
 
+cdef void _act_backward_rows(const float* y, Py_ssize_t ys, const float* dy,
+                             Py_ssize_t dys, float* dz, int n, Py_ssize_t size,
+                             Py_ssize_t dzs, int act) noexcept nogil:
+    """_act_backward per sample: size values of each of the n samples, whose starts in y,
+    dy and dz lie ys, dys and dzs apart (row ranges of larger arrays)."""
+    cdef int s
+    for s in range(n):
+        _act_backward(y + s * ys, dy + s * dys, dz + s * dzs, size, act)
+
+
 cdef void _gather(const float* x, int n, int h, int w, int c, int k, int stride, int pad,
                   int i, int j, float* p) noexcept nogil:
     """p[s, (ky*k + kx)*c + ch] = x[s, i*stride - pad + ky, j*stride - pad + kx, ch], 0 outside."""
@@ -237,15 +247,6 @@ cdef void _image_batch_last(const float* x, float* xt, int n, int npad, int h, i
             _to_batch_last(x + r * wc, rowt, n, npad, wc, h * wc)
 
 
-cdef void _dz_rows(const float* y, Py_ssize_t ys, const float* dy, Py_ssize_t dys,
-                   float* dz, int n, Py_ssize_t size, Py_ssize_t dzs, int act) noexcept nogil:
-    """dz[s, :size] = dy[s, :size] * act'(z[s, :size]) from the output y: size values of each
-    of the n samples (samples of y, dy and dz ys, dys and dzs apart)."""
-    cdef int s
-    for s in range(n):
-        _act_backward(y + s * ys, dy + s * dys, dz + s * dzs, size, act)
-
-
 cdef void lc_backward_c(const float* x, const float* xt, const float* wt, const float* y,
                         Py_ssize_t ys, const float* dy, Py_ssize_t dys, int act, float* dzr,
                         float* dxt, float* dw, float* db, float* p, float* dztl, int n,
@@ -284,8 +285,8 @@ cdef void lc_backward_c(const float* x, const float* xt, const float* wt, const 
     cdef const float* nxt          # prefetched during dw: what the next location reads first
     cdef Py_ssize_t pfn
     for i in range(ho):
-        _dz_rows(y + i * <Py_ssize_t>ld, ys, dy + i * <Py_ssize_t>ld, dys, dzr, n, ld, ldr,
-                 act)
+        _act_backward_rows(y + i * <Py_ssize_t>ld, ys, dy + i * <Py_ssize_t>ld, dys, dzr, n,
+                           ld, ldr, act)
         for j in range(wo):
             loc = i * wo + j
             dzl = dzr + j * f          # this location's dz: n rows ldr apart
