@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _kernels as K
+from . import aligned
 from .model import reference as R
 
 __all__ = ["lc_forward", "lc_backward", "fc_forward", "fc_backward", "pool_forward",
@@ -100,7 +101,7 @@ def _lc_plan(n, h, wd, c, k, pad, f, backward=False):
 def _out(out, shape):
     """The output array: ``out`` (checked; samples may be strided) or a new one."""
     if out is None:
-        return np.empty(shape, dtype=_F32)
+        return aligned.empty(shape, _F32)
     if out.shape != shape:
         raise ValueError(f"out has shape {out.shape}, the output is {shape}")
     return out

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from mpi4py import MPI
 
+from dbmpi import aligned
 from dbmpi.config import load
 from dbmpi.model import build
 from dbmpi.model.partition import PartitionedNetwork
@@ -64,11 +65,12 @@ def main():
         parts = comm.gather(gp, root=0)
         steps = comm.gather(stepped, root=0)
         sends = comm.gather(sent, root=0)
+        placed = comm.gather(aligned.is_aligned(pn.local(theta)), root=0)
         if comm.Get_rank() == 0:
             g = pn.to_canonical(np.concatenate(parts))
             out[name] = {"loss_diff": abs(lp - l1) / max(1.0, abs(l1)),
                          "grad_diff": float(np.abs(g - g1).max() / max(1e-12, np.abs(g1).max())),
-                         "bytes_sent": sends,
+                         "bytes_sent": sends, "local_aligned": placed,
                          "step_diff": float(np.abs(pn.to_canonical(np.concatenate(steps))
                                                    - (theta - lr * g1)).max()),
                          "step_loss_diff": abs(ls - lp)}

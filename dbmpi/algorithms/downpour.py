@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 
+from .. import aligned
 from ..mpiwait import wait
 from ..optim import all_finite, make_optimizer
 from ..rundir import RunDir, save_checkpoint
@@ -133,12 +134,12 @@ def _run_replica(topo, cfg, net, client, resume=None):
     position = (int(c.get(f"replica{rep}_epoch", 0)), int(c.get(f"replica{rep}_offset", 0)))
     batches = Batches(cfg["data"]["path"], o["batch_size"], o["seed"], rep, topo.replicas,
                       cfg["data"]["cache_mb"], position=position)
-    theta = np.empty(size, dtype=np.float32)
-    acc, acc_empty = np.zeros_like(theta), True
-    accbuf, gbuf = acc, np.empty_like(theta)    # one buffer each, every step
+    theta = aligned.empty(size)             # parameters and gradients on cache lines
+    acc, acc_empty = aligned.zeros(size), True
+    accbuf, gbuf = acc, aligned.empty(size)    # one buffer each, every step
     lr = np.float32(o["learning_rate"])
     direct = client.direct_lr is not None
-    scratch = None if direct else np.empty_like(theta)    # the local update's, inbox mode
+    scratch = None if direct else aligned.empty(size)    # the local update's, inbox mode
     warm = o["warmstart_steps"] if step0 == 0 else 0   # a resumed run is warm already
     stopped = 0
     if warm and rep != 0:
@@ -243,7 +244,7 @@ class _Coordinator:
         self.ranges, self.run = ranges, run
         self.evaluate = Evaluator(net, cfg["data"]["path"])
         self.say = Progress(enabled=not quiet)
-        self.theta = np.empty(net.num_params, dtype=np.float32)
+        self.theta = aligned.empty(net.num_params)
         self.done: dict[int, dict] = {}
         self.last_snaps = None
         c = resume["counters"] if resume else {}

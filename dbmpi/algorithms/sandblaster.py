@@ -22,6 +22,7 @@ import time
 
 import numpy as np
 
+from .. import aligned
 from ..config import check_model
 from ..model import build
 from ..rundir import RunDir, save_checkpoint
@@ -206,8 +207,8 @@ def _run_replica(topo, cfg, client):
     split = open_split(cfg["data"]["path"], "train", cache_mb=cfg["data"]["cache_mb"])
     ps = o["portion_size"]
     slow = cfg["faults"]["slow_factor"] if cfg["faults"]["slow_replica"] == topo.index else 1.0
-    theta = np.empty(size, dtype=np.float32)
-    acc = np.zeros(size, dtype=np.float32)
+    theta = aligned.empty(size)             # parameters and gradients on cache lines
+    acc = aligned.zeros(size)
     ctrl, rep = topo.ctrl, topo.index
     batch, accepted, pushed, pending = -1, 0, 0, None
     stats = {"portions": 0, "compute_s": 0.0, "fetch_s": 0.0, "push_s": 0.0}
@@ -397,7 +398,7 @@ class _Coordinator:
         self.batch_times: list[float] = []
         self.evals = 0
         self.copies = 0
-        self.theta = np.empty(net.num_params, dtype=np.float32)
+        self.theta = aligned.empty(net.num_params)
 
     def _portions(self):
         frac = self.cfg["optimizer"]["batch_fraction"]

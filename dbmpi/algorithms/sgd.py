@@ -6,6 +6,7 @@ import time
 
 import numpy as np
 
+from .. import aligned
 from ..optim import SGD, make_optimizer
 from ..rundir import save_checkpoint
 from .common import (CHECKPOINT, EVAL, STOP, Batches, Evaluator, Progress,
@@ -34,7 +35,7 @@ def _trainer(net, opt, theta):
         def fused(x, y):
             return net.loss_and_grad(theta, x, y, out=theta, scale=scale, accumulate=True)[0]
         return fused
-    gbuf = np.empty_like(theta)
+    gbuf = aligned.empty_like(theta)
 
     def step(x, y):
         loss, g = net.loss_and_grad(theta, x, y, out=gbuf)

@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 
+from .. import aligned
 from ..mpiwait import wait
 from ..optim import make_optimizer
 from ..rundir import RunDir, save_checkpoint
@@ -60,12 +61,12 @@ def run_sync(topo, cfg, net, out, resume=None, quiet=False):
         if lead:
             save_checkpoint(run.checkpoint, params, state, {"step": step}, cfg)
 
-    gsum = np.empty_like(theta)
+    gsum = aligned.empty_like(theta)
     t0 = time.time()
     last_eval = last_ckpt = t0
     step, stop, t_comm, ev = step0, "max_steps", 0.0, None
     flag = np.zeros(1, dtype=np.int32)           # bits: EVAL, STOP, CHECKPOINT (common.py)
-    gbuf = np.empty_like(theta)      # the gradient's buffer, every step
+    gbuf = aligned.empty_like(theta)  # the gradient's buffer, every step
     while step < r["max_steps"]:
         x, y = batches.next()
         loss, g = model.loss_and_grad(theta, x, y, out=gbuf)

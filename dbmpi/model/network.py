@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import aligned
 from ..config import check_model
 from . import ops_reference
 from .layers import make_layer
@@ -68,7 +69,7 @@ class Network:
 
     def init_params(self, seed: int = 0) -> np.ndarray:
         rng = np.random.default_rng(seed)
-        theta = np.zeros(self.num_params, dtype=np.float32)
+        theta = aligned.zeros(self.num_params)       # see dbmpi.aligned
         for i, layer in enumerate(self.layers):
             buf = np.zeros(layer.num_params, dtype=np.float64)
             layer.init(rng, buf)
@@ -182,7 +183,7 @@ def _grad_buffer(out, theta, accumulate=False):
         if accumulate:
             raise ValueError("accumulate=True adds to out: pass out (theta itself for an "
                              "SGD step, or a zeroed array)")
-        return np.empty_like(theta)
+        return aligned.empty_like(theta)
     if out.shape != theta.shape or out.dtype != theta.dtype or not out.flags.c_contiguous:
         raise ValueError(f"out must be a contiguous {theta.dtype} array of shape {theta.shape}; "
                          f"got {out.dtype} {out.shape}")

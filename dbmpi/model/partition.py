@@ -22,6 +22,7 @@ import weakref
 
 import numpy as np
 
+from .. import aligned
 from ..mpiwait import wait
 from .network import Network, _accumulate_beta, _grad_buffer
 from .reference import softmax_xent
@@ -352,7 +353,10 @@ class PartitionedNetwork:
     def local(self, theta_canonical):
         """My slice of a canonical vector."""
         a, z = self.local_range
-        return self.to_partitioned(theta_canonical)[a:z]
+        mine = self.to_partitioned(theta_canonical)[a:z]
+        out = aligned.empty_like(mine)          # on a cache line, as Network's (dbmpi.aligned)
+        out[...] = mine
+        return out
 
     def init_local(self, seed: int):
         return self.local(self.full.init_params(seed))
