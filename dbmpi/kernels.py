@@ -92,9 +92,9 @@ def _lc_plan(n, h, wd, c, k, pad, f, backward=False):
     npad = -(-n // _VW) * _VW
     batch_last = f % _VW == 0 and (pad > 0 or k * c < 2 * _RB
                                    or (backward and h * wd * c % 1024 == 0))
-    xt = (np.zeros((h + 2 * pad) * (wd + 2 * pad) * c * npad, dtype=_F32) if batch_last
+    xt = (aligned.zeros((h + 2 * pad) * (wd + 2 * pad) * c * npad) if batch_last
           else np.empty(1, dtype=_F32))
-    p = np.empty(k * k * c * (npad if batch_last else n), dtype=_F32)
+    p = aligned.empty(k * k * c * (npad if batch_last else n))
     return npad, batch_last, xt, p
 
 
@@ -123,12 +123,12 @@ def lc_backward(x, w, y, dy, k, stride, pad, act, dw, db, need_dx, beta=0.0):
         raise ValueError(f"locally connected: gradient {dy.shape} does not match output {y.shape}")
     dyf, dys = _samples(dy, "dy")
     yf, ys = _samples(y, "y")
-    dz = np.empty(n * (wo * f + 16), dtype=_F32)   # an output row's dz (see lc_backward_c)
+    dz = aligned.empty(n * (wo * f + 16))   # an output row's dz (see lc_backward_c)
     npad, batch_last, xt, p = _lc_plan(n, h, wd, c, k, pad, f, backward=True)
     if need_dx:     # the input gradient is accumulated batch-last (see lc_backward_c)
-        dx = np.empty((n, h, wd, c), dtype=_F32)
-        dxt = np.zeros((h + 2 * pad) * (wd + 2 * pad) * c * npad, dtype=_F32)
-        dzt = np.zeros(f * npad, dtype=_F32)
+        dx = aligned.empty((n, h, wd, c))
+        dxt = aligned.zeros((h + 2 * pad) * (wd + 2 * pad) * c * npad)
+        dzt = aligned.zeros(f * npad)
     else:
         dx = dxt = dzt = np.empty(1, dtype=_F32)
     dwf, dbf = dw.reshape(-1), db.reshape(-1)  # views into the flat gradient
@@ -143,8 +143,8 @@ def fc_forward(x, w, b, act):
     u = w.shape[0]
     if w.shape[1] != d:
         raise ValueError(f"fully connected: weights {w.shape} do not fit input {x.shape}")
-    y = np.empty((n, u), dtype=_F32)
-    yt = np.empty(n * u, dtype=_F32)            # the transposed product (see the kernel)
+    y = aligned.empty((n, u))
+    yt = aligned.empty(n * u)            # the transposed product (see the kernel)
     K.fc_forward(_flat(x, "x"), _flat(w, "w"), _flat(b, "b"), y.reshape(-1), yt, n, d, u,
                  _ACT[act])
     return y
@@ -154,8 +154,8 @@ def fc_backward(x, w, y, dy, act, dw, db, need_dx, beta=0.0):
     n, d = x.shape
     u = w.shape[0]
     dyf = _flat(dy, "dy")
-    dz = dyf if act == "linear" else np.empty(n * u, dtype=_F32)    # only read after this
-    dx = np.empty((n, d) if need_dx else 1, dtype=_F32)
+    dz = dyf if act == "linear" else aligned.empty(n * u)    # only read after this
+    dx = aligned.empty((n, d) if need_dx else 1)
     K.fc_backward(_flat(x, "x"), _flat(w, "w"), _flat(y, "y"), dyf, dz,
                   dx.reshape(-1), dw.reshape(-1), db.reshape(-1), n, d, u, _ACT[act], need_dx,
                   beta)
@@ -180,7 +180,7 @@ def pool_backward(x, dy, aux, size, stride, kind):
     n, h, w, c = x.shape
     ho, wo = dy.shape[1:3]
     tiled = stride == size        # every covered element written once: no zeroing first
-    dx = (np.empty if tiled else np.zeros)(x.shape, dtype=_F32)
+    dx = (aligned.empty if tiled else aligned.zeros)(x.shape)
     if tiled:
         dx[:, ho * size:] = 0     # the rows and columns no window covers
         dx[:, :ho * size, wo * size:] = 0
@@ -207,8 +207,8 @@ def softmax_xent(z, y):
 def lcn_forward(x, size, eps):
     """As the reference: (y, (v, d)), v = x - local mean, d = local norm (n, h, w, 1)."""
     n, h, w, c = x.shape
-    y, v = np.empty((n, h, w, c), dtype=_F32), np.empty((n, h, w, c), dtype=_F32)
-    d = np.empty((n, h, w, 1), dtype=_F32)
+    y, v = aligned.empty((n, h, w, c)), aligned.empty((n, h, w, c))
+    d = aligned.empty((n, h, w, 1))
     K.lcn_forward(_flat(x, "x"), y.reshape(-1), v.reshape(-1), d.reshape(-1),
                   np.empty(3 * h * w, dtype=_F32), n, h, w, c, size, eps)
     return y, (v, d)
@@ -217,7 +217,7 @@ def lcn_forward(x, size, eps):
 def lcn_backward(dy, aux, size):
     v, d = aux
     n, h, w, c = v.shape
-    dx = np.empty((n, h, w, c), dtype=_F32)
+    dx = aligned.empty((n, h, w, c))
     K.lcn_backward(_flat(dy, "dy"), _flat(v, "v"), _flat(d, "d"), dx.reshape(-1),
                    np.empty(3 * h * w, dtype=_F32), n, h, w, c, size)
     return dx

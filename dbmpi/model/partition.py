@@ -99,8 +99,8 @@ class _Exchange:
         h, w, c = self.shape
         lo, hi = self.need
         (r0, r1), (c0, c1) = self.own
-        self._region = None if self.mine_only else np.empty((n, hi - lo, w, c), dtype=dtype)
-        self._dlocal = None if self.in_place else np.empty((n, r1 - r0, w, c1 - c0), dtype=dtype)
+        self._region = None if self.mine_only else aligned.empty((n, hi - lo, w, c), dtype)
+        self._dlocal = None if self.in_place else aligned.empty((n, r1 - r0, w, c1 - c0), dtype)
         # (a whole block instead goes from the layer's own contiguous output: every message
         # stays contiguous, which MPICH moves in one copy, read by the receiver itself;
         # strided datatypes are pipelined through shared memory and stall whenever the
@@ -110,7 +110,7 @@ class _Exchange:
                           else None)
 
         def blocks(plan):
-            return [np.empty(self._block(n, rows, chans), dtype=dtype) for _, rows, chans in plan]
+            return [aligned.empty(self._block(n, rows, chans), dtype) for _, rows, chans in plan]
         self._fsend = [] if self.send_whole else blocks(self.send)
         self._frecv = blocks(self.recv)
         self._bsend, self._brecv = blocks(self.recv), blocks(self.send)
