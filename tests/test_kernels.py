@@ -61,7 +61,8 @@ def test_locally_connected(shape, act):
     assert KO.lc_backward(x, wt, y1, dy, k, s, p, act, *g1, False) is None
 
 
-@pytest.mark.parametrize("n,d,u", [(1, 1, 1), (3, 7, 5), (32, 130, 67), (5, 64, 1), (9, 33, 1024)])
+@pytest.mark.parametrize("n,d,u", [(1, 1, 1), (3, 7, 5), (32, 130, 67), (5, 64, 1), (9, 33, 1024),
+                                   (32, 40, 10)])   # fewer units than samples: the direct product
 @pytest.mark.parametrize("act", ACTS)
 def test_fully_connected(n, d, u, act):
     rng = np.random.default_rng(n * 1000 + d)
