@@ -15,6 +15,7 @@ Shapes: ``x (n, h, w, c)``; locally connected weights ``(ho, wo, k*k*c, f)`` wit
 Activation codes: 0 linear, 1 relu, 2 sigmoid, 3 tanh.
 """
 
+cimport numpy as cnp
 from libc.math cimport expf, log, sqrtf
 from libc.string cimport memcpy, memset
 from scipy.linalg.cython_blas cimport sgemm
@@ -86,19 +87,6 @@ cdef void _act_backward(const float* y, const float* dy, float* dz, Py_ssize_t s
     else:
         for t in range(size):
             dz[t] = dy[t] * (1 - y[t] * y[t])
-
-
-cdef void _act_backward_sum(const float* y, const float* dy, float* dz, float* db, int n,
-                           Py_ssize_t size, int act, float beta) noexcept nogil:
-    """dz = dy * act'(z) for n rows of size values, and db = beta*db + the sum of dz's rows,
-    in one pass (dz may be dy itself when act is linear)."""
-    cdef int s
-    cdef Py_ssize_t t
-    _scale(db, beta, size)
-    for s in range(n):
-        _act_backward(y + s * size, dy + s * size, dz + s * size, size, act)
-        for t in range(size):           # the row just written is still in L1
-            db[t] += dz[s * size + t]
 
 
 cdef void _act_forward_rows(float* y, Py_ssize_t ys, int n, Py_ssize_t size,
@@ -371,11 +359,15 @@ cdef void fc_backward_c(const float* x, const float* wt, const float* dz, float*
                         float beta) noexcept nogil:
     """dx = dz @ wt; dw = beta*dw + dz^T @ x; db = beta*db + sum_s dz[s].
 
-    dx comes first, so dw may be wt itself (see lc_backward_c).  The caller has formed dz
-    and added its column sums into db already (_act_backward_sum: one pass for both)."""
+    dx comes first, so dw may be wt itself (see lc_backward_c)."""
+    cdef int s, t
     if need_dx:
         _gemm(False, False, n, d, u, 1.0, dz, u, wt, d, 0.0, dx, d)
     _gemm(True, False, u, d, n, 1.0, dz, u, x, d, beta, dw, d)
+    _scale(db, beta, u)
+    for s in range(n):
+        for t in range(u):
+            db[t] += dz[s * <Py_ssize_t>u + t]
 
 
 cdef void max_pool_c(const float* x, Py_ssize_t xs, float* y, Py_ssize_t ys, int* arg, int n,
@@ -603,6 +595,14 @@ cdef void lcn_backward_c(const float* dy, const float* v, const float* d, float*
 
 # ---- layer 3: entry points (GIL released; the Python layer has checked everything) ---------
 
+cnp.import_array()
+
+
+def data_address(cnp.ndarray a):
+    """Where ``a``'s data start (dbmpi.aligned's placing: 0.1 us against ctypes' 2 us)."""
+    return <size_t>cnp.PyArray_DATA(a)
+
+
 def lc_forward(const float[::1] x, float[::1] xt, const float[::1] wt, const float[::1] b,
                float[::1] y, Py_ssize_t ys, float[::1] p, int n, int npad, int h, int w, int c,
                int k, int stride, int pad, int ho, int wo, int f, int act, bint batch_last):
@@ -641,7 +641,7 @@ def fc_backward(const float[::1] x, const float[::1] wt, const float[::1] y,
                 const float[::1] dy, float[::1] dz, float[::1] dx, float[::1] dw,
                 float[::1] db, int n, int d, int u, int act, bint need_dx, float beta):
     with nogil:
-        _act_backward_sum(&y[0], &dy[0], &dz[0], &db[0], n, u, act, beta)
+        _act_backward(&y[0], &dy[0], &dz[0], dz.shape[0], act)
         fc_backward_c(&x[0], &wt[0], &dz[0], &dx[0], &dw[0], &db[0], n, d, u, need_dx, beta)
 
 
