@@ -16,7 +16,7 @@ import math
 
 import numpy as np
 
-__all__ = ["ALIGN", "SMALL", "empty", "zeros", "empty_like", "is_aligned"]
+__all__ = ["ALIGN", "SMALL", "empty", "zeros", "empty_like", "copy", "is_aligned"]
 
 ALIGN = 64
 SMALL = 65536
@@ -29,35 +29,38 @@ except ImportError:                 # the numpy reference path, kernels not buil
         return a.ctypes.data
 
 
-def _place(nbytes, dtype, shape, alloc):
+def _new(shape, dtype, alloc) -> np.ndarray:
+    """``alloc`` (np.empty or np.zeros) of shape and dtype, placed on a line from SMALL bytes
+    up (below that, numpy's own placement: a few split loads cost less than the placing,
+    2 us a call, on a network of small layers)."""
+    dtype = np.dtype(dtype)
+    shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes < SMALL:
+        return alloc(shape, dtype)
     buf = alloc(nbytes + ALIGN, dtype=np.uint8)
     return np.ndarray(shape, dtype, buf, -_address(buf) % ALIGN)
 
 
 def empty(shape, dtype=np.float32) -> np.ndarray:
-    """Like ``np.empty``, C order, the data starting on an ALIGN-byte boundary where the
-    array takes SMALL bytes or more (below that, numpy's own placement: a few split loads
-    cost less than the placing, 2 us a call, on a network of small layers)."""
-    dtype = np.dtype(dtype)
-    shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
-    nbytes = math.prod(shape) * dtype.itemsize
-    if nbytes < SMALL:
-        return np.empty(shape, dtype)
-    return _place(nbytes, dtype, shape, np.empty)
+    """Like ``np.empty``, C order, the data starting on an ALIGN-byte boundary (see _new)."""
+    return _new(shape, dtype, np.empty)
 
 
 def zeros(shape, dtype=np.float32) -> np.ndarray:
     """Like ``np.zeros``, placed as :func:`empty`."""
-    dtype = np.dtype(dtype)
-    shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
-    nbytes = math.prod(shape) * dtype.itemsize
-    if nbytes < SMALL:
-        return np.zeros(shape, dtype)
-    return _place(nbytes, dtype, shape, np.zeros)
+    return _new(shape, dtype, np.zeros)
 
 
 def empty_like(a) -> np.ndarray:
     return empty(np.shape(a), np.asarray(a).dtype)
+
+
+def copy(a) -> np.ndarray:
+    """A placed copy of ``a``."""
+    out = empty_like(a)
+    out[...] = a
+    return out
 
 
 def is_aligned(a) -> bool:

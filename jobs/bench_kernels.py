@@ -33,14 +33,6 @@ LC_SHAPES = [(3, 32, 16, 5, 1), (16, 32, 32, 5, 1), (3, 64, 16, 7, 2), (16, 64, 
 FC_SHAPES = [(2560, 2560), (784, 1024)]
 
 
-def placed(a):
-    """``a`` copied onto cache lines, as the network places its parameters, gradients and
-    activations (dbmpi.aligned): the benchmark measures the layers as training runs them."""
-    out = aligned.empty_like(a)
-    out[...] = a
-    return out
-
-
 def best(fn, min_time=0.4, min_reps=3):
     """Fastest of repeated calls (seconds): the least disturbed by other load."""
     fn()
@@ -114,15 +106,15 @@ def bench_lc(args):
     gemm, gemm_flops = _gemm_1024()
     rng = np.random.default_rng(0)
     rows = []
-    for c, size, f, k, s in LC_SHAPES:
+    for c, size, f, k, s in LC_SHAPES:    # arrays placed as training places them (dbmpi.aligned)
         n = args.batch
         ho = out_size(size, k, s)
-        x = placed(rng.standard_normal((n, size, size, c)).astype(np.float32))
-        w = placed((rng.standard_normal((ho, ho, k * k * c, f)) * 0.1).astype(np.float32))
+        x = aligned.copy(rng.standard_normal((n, size, size, c)).astype(np.float32))
+        w = aligned.copy((rng.standard_normal((ho, ho, k * k * c, f)) * 0.1).astype(np.float32))
         b = aligned.zeros((ho, ho, f))
         dw, db = aligned.empty_like(w), aligned.empty_like(b)
         y = KO.lc_forward(x, w, b, k, s, 0, "relu")
-        dy = placed(rng.standard_normal(y.shape).astype(np.float32))
+        dy = aligned.copy(rng.standard_normal(y.shape).astype(np.float32))
         flops = 2.0 * n * ho * ho * k * k * c * f
         tf, tb, tg = best_of(lambda: KO.lc_forward(x, w, b, k, s, 0, "relu"),
                              lambda: KO.lc_backward(x, w, y, dy, k, s, 0, "relu", dw, db, True),
@@ -150,11 +142,11 @@ def bench_fc(args):
     rng = np.random.default_rng(1)
     for d, u in FC_SHAPES:
         n = args.fc_batch
-        x = placed(rng.standard_normal((n, d)).astype(np.float32))
-        w = placed((rng.standard_normal((u, d)) * 0.05).astype(np.float32))
+        x = aligned.copy(rng.standard_normal((n, d)).astype(np.float32))
+        w = aligned.copy((rng.standard_normal((u, d)) * 0.05).astype(np.float32))
         b = aligned.zeros(u)
         dw, db = aligned.empty_like(w), aligned.empty_like(b)
-        dy = placed(rng.standard_normal((n, u)).astype(np.float32))
+        dy = aligned.copy(rng.standard_normal((n, u)).astype(np.float32))
 
         def ours():
             y = KO.fc_forward(x, w, b, "sigmoid")
