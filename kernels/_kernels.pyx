@@ -110,9 +110,10 @@ cdef void _act_backward_rows(const float* y, Py_ssize_t ys, const float* dy,
         _act_backward(y + s * ys, dy + s * dys, dz + s * dzs, size, act)
 
 
-cdef void _gather(const float* x, int n, int h, int w, int c, int k, int stride, int pad,
-                  int i, int j, float* p) noexcept nogil:
-    """p[s, (ky*k + kx)*c + ch] = x[s, i*stride - pad + ky, j*stride - pad + kx, ch], 0 outside."""
+cdef void _gather(const float* x, Py_ssize_t xs, int n, int h, int w, int c, int k, int stride,
+                  int pad, int i, int j, float* p) noexcept nogil:
+    """p[s, (ky*k + kx)*c + ch] = x[s, i*stride - pad + ky, j*stride - pad + kx, ch], 0 outside;
+    samples of x start xs apart."""
     cdef Py_ssize_t kc = k * c, kkc = k * kc, s
     cdef int r0 = i * stride - pad, c0 = j * stride - pad, ky, row
     cdef int lo = -c0 if c0 < 0 else 0
@@ -129,7 +130,7 @@ cdef void _gather(const float* x, int n, int h, int w, int c, int k, int stride,
                 memset(dst, 0, lo * c * sizeof(float))
             if hi < k:
                 memset(dst + hi * c, 0, (k - hi) * c * sizeof(float))
-            memcpy(dst + lo * c, x + ((s * h + row) * <Py_ssize_t>w + c0 + lo) * c,
+            memcpy(dst + lo * c, x + s * xs + (row * <Py_ssize_t>w + c0 + lo) * c,
                    (hi - lo) * c * sizeof(float))
 
 
@@ -153,12 +154,12 @@ cdef inline void _lc_forward_location(int n, int f, int k, int kc, Py_ssize_t ss
         r0 += rows
 
 
-cdef void lc_forward_c(const float* x, const float* xt, const float* wt, const float* b,
-                       float* y, Py_ssize_t ys, float* p, int n, int npad, int h, int w,
-                       int c, int k, int stride, int pad, int ho, int wo, int f,
+cdef void lc_forward_c(const float* x, Py_ssize_t xs, const float* xt, const float* wt,
+                       const float* b, float* y, Py_ssize_t ys, float* p, int n, int npad,
+                       int h, int w, int c, int k, int stride, int pad, int ho, int wo, int f,
                        int act) noexcept nogil:
     """y[s,i,j,:] = act(patch(x)[s,i,j,:] @ wt[i,j] + b[i,j]); p is an (n, k*k*c) buffer.
-    Sample s of y starts at y + s*ys (ys >= ho*wo*f: y may be rows of a larger batch).
+    Samples of x and y start xs and ys apart (x and y may be rows of larger batches).
 
     Filter counts that are multiples of the vector width (8 floats with AVX2) use the
     register-blocked microgemm.h, others BLAS on gathered patches.  The microkernel reads
@@ -180,10 +181,10 @@ cdef void lc_forward_c(const float* x, const float* xt, const float* wt, const f
             elif f % DBMPI_VW == 0:
                 _lc_forward_location(n, f, k, k * c, w * c,
                                      x + ((i * stride) * <Py_ssize_t>w + j * stride) * c,
-                                     <Py_ssize_t>h * w * c, 1, wt + loc * wsize, b + loc * f,
+                                     xs, 1, wt + loc * wsize, b + loc * f,
                                      act == 1, y + loc * f, ld, pfn)
             else:
-                _gather(x, n, h, w, c, k, stride, pad, i, j, p)
+                _gather(x, xs, n, h, w, c, k, stride, pad, i, j, p)
                 for s in range(n):
                     memcpy(y + s * <Py_ssize_t>ld + loc * f, b + loc * f, f * sizeof(float))
                 _gemm(False, False, n, f, kkc, 1.0, p, kkc, wt + loc * kkc * f, f, 1.0,
@@ -224,38 +225,46 @@ cdef void _to_batch_last(const float* src, float* dst, int n, int npad, Py_ssize
 
 
 cdef void _from_batch_last(const float* src, float* dst, int n, int npad, Py_ssize_t count,
-                           Py_ssize_t sstride) noexcept nogil:
-    """dst[s*sstride + t] = src[t*npad + s] for t < count, s < n: _to_batch_last undone."""
+                           Py_ssize_t sstride, bint add) noexcept nogil:
+    """dst[s*sstride + t] = src[t*npad + s] for t < count, s < n: _to_batch_last undone
+    (``add``: dst += instead)."""
     cdef Py_ssize_t t, s
+    if add:
+        for s in range(n):
+            for t in range(count):
+                dst[s * sstride + t] += src[t * npad + s]
+        return
     for s in range(n):
         for t in range(count):
             dst[s * sstride + t] = src[t * npad + s]
 
 
-cdef void _image_batch_last(const float* x, float* xt, int n, int npad, int h, int w, int c,
-                            int pad, bint back) noexcept nogil:
+cdef void _image_batch_last(const float* x, Py_ssize_t xs, float* xt, int n, int npad, int h,
+                            int w, int c, int pad, bint back, bint add) noexcept nogil:
     """xt[((r + pad)*wp + col + pad)*c + ch, s] = x[s, r, col, ch], wp = w + 2*pad, row by
-    row (the caller zeroes xt: its padding rows and columns stay zero); ``back``: the other
-    way, x from xt (then x is the writable input gradient)."""
+    row (the caller zeroes xt: its padding rows and columns stay zero); samples of x start
+    xs apart.  ``back``: the other way, x from xt (then x is the writable input gradient),
+    written or with ``add`` added to."""
     cdef Py_ssize_t wc = <Py_ssize_t>w * c, wp = w + 2 * pad
     cdef int r
     cdef float* rowt
     for r in range(h):
         rowt = xt + ((r + pad) * wp + pad) * c * <Py_ssize_t>npad
         if back:
-            _from_batch_last(rowt, <float*>x + r * wc, n, npad, wc, h * wc)
+            _from_batch_last(rowt, <float*>x + r * wc, n, npad, wc, xs, add)
         else:
-            _to_batch_last(x + r * wc, rowt, n, npad, wc, h * wc)
+            _to_batch_last(x + r * wc, rowt, n, npad, wc, xs)
 
 
-cdef void lc_backward_c(const float* x, const float* xt, const float* wt, const float* y,
+cdef void lc_backward_c(const float* x, Py_ssize_t xs, const float* xt, const float* wt,
+                        const float* y,
                         Py_ssize_t ys, const float* dy, Py_ssize_t dys, int act, float* dzr,
                         float* dxt, float* dw, float* db, float* p, float* dztl, int n,
                         int npad, int h, int w, int c, int k, int stride, int pad, int ho,
                         int wo, int f, bint need_dx, float beta) noexcept nogil:
     """With dz = dy * act'(z) (from the output y): dw[i,j] = beta*dw[i,j] + patch^T @
     dz[:,i,j,:]; db[i,j] = beta*db[i,j] + sum_s dz[s,i,j,:]; dxt += dz[:,i,j,:]^T-scatter of
-    wt[i,j] @ dz[:,i,j,:]^T, batch-last.  y and dy: samples ys and dys apart.
+    wt[i,j] @ dz[:,i,j,:]^T, batch-last.  x, y and dy: samples xs, ys and dys apart.
 
     dz is made one output row at a time, into dzr (n rows of wo*f, padded by 16 floats where
     wo*f is a multiple of 512), which stays in L2, and for the input gradient one location
@@ -279,7 +288,7 @@ cdef void lc_backward_c(const float* x, const float* xt, const float* wt, const 
     cdef Py_ssize_t loc, wp = w + 2 * pad, nloc = ho * wo
     cdef const float* dzl
     cdef bint micro = f % DBMPI_VW == 0
-    cdef const float* xs
+    cdef const float* xl
     cdef float* dbl
     cdef float* dwl
     cdef const float* wl
@@ -312,13 +321,12 @@ cdef void lc_backward_c(const float* x, const float* xt, const float* wt, const 
                            kc * npad * sizeof(float))
                 dbmpi_mgemm(kkc, f, n, p, npad, 1, dzl, ldr, beta, dwl, f, nxt, pfn)
             elif micro:
-                xs = x + ((i * stride) * <Py_ssize_t>w + j * stride) * c
+                xl = x + ((i * stride) * <Py_ssize_t>w + j * stride) * c
                 for ky in range(k):     # dw rows of patch row ky: x segment ky, transposed
-                    dbmpi_mgemm(kc, f, n, xs + ky * <Py_ssize_t>w * c, 1,
-                                <Py_ssize_t>h * w * c, dzl, ldr, beta,
+                    dbmpi_mgemm(kc, f, n, xl + ky * <Py_ssize_t>w * c, 1, xs, dzl, ldr, beta,
                                 dwl + ky * kc * f, f, nxt + ky * kc * f, pfn // k)
             else:
-                _gather(x, n, h, w, c, k, stride, pad, i, j, p)
+                _gather(x, xs, n, h, w, c, k, stride, pad, i, j, p)
                 _gemm(True, False, kkc, f, n, 1.0, p, kkc, dzl, ldr, beta, dwl, f)
             dbl = db + loc * f
             _scale(dbl, beta, f)
@@ -603,32 +611,36 @@ def data_address(cnp.ndarray a):
     return <size_t>cnp.PyArray_DATA(a)
 
 
-def lc_forward(const float[::1] x, float[::1] xt, const float[::1] wt, const float[::1] b,
-               float[::1] y, Py_ssize_t ys, float[::1] p, int n, int npad, int h, int w, int c,
-               int k, int stride, int pad, int ho, int wo, int f, int act, bint batch_last):
-    """batch_last: xt is a zeroed (h + 2*pad)*(w + 2*pad)*c*npad buffer to use."""
+def lc_forward(const float[::1] x, Py_ssize_t xs, float[::1] xt, const float[::1] wt,
+               const float[::1] b, float[::1] y, Py_ssize_t ys, float[::1] p, int n, int npad,
+               int h, int w, int c, int k, int stride, int pad, int ho, int wo, int f, int act,
+               bint batch_last):
+    """x and y: samples xs and ys apart; batch_last: xt is a zeroed
+    (h + 2*pad)*(w + 2*pad)*c*npad buffer to use."""
     with nogil:
         if batch_last:
-            _image_batch_last(&x[0], &xt[0], n, npad, h, w, c, pad, False)
-        lc_forward_c(&x[0], &xt[0] if batch_last else NULL, &wt[0], &b[0], &y[0], ys, &p[0],
-                     n, npad, h, w, c, k, stride, pad, ho, wo, f, act)
+            _image_batch_last(&x[0], xs, &xt[0], n, npad, h, w, c, pad, False, False)
+        lc_forward_c(&x[0], xs, &xt[0] if batch_last else NULL, &wt[0], &b[0], &y[0], ys,
+                     &p[0], n, npad, h, w, c, k, stride, pad, ho, wo, f, act)
 
 
-def lc_backward(const float[::1] x, float[::1] xt, const float[::1] wt, const float[::1] y,
-                Py_ssize_t ys, const float[::1] dy, Py_ssize_t dys, float[::1] dz,
-                float[::1] dxt, float[::1] dx, float[::1] dw, float[::1] db, float[::1] p,
-                float[::1] dzt, int n, int npad, int h, int w, int c, int k, int stride, int pad,
-                int ho, int wo, int f, int act, bint need_dx, bint batch_last, float beta):
-    """y and dy: samples ys and dys apart; dz: n*(wo*f + 16) floats of scratch; dzt: f*npad
-    floats, zeroed (only with need_dx)."""
+def lc_backward(const float[::1] x, Py_ssize_t xs, float[::1] xt, const float[::1] wt,
+                const float[::1] y, Py_ssize_t ys, const float[::1] dy, Py_ssize_t dys,
+                float[::1] dz, float[::1] dxt, float[::1] dx, Py_ssize_t dxs, bint dx_add,
+                float[::1] dw, float[::1] db, float[::1] p, float[::1] dzt, int n, int npad,
+                int h, int w, int c, int k, int stride, int pad, int ho, int wo, int f, int act,
+                bint need_dx, bint batch_last, float beta):
+    """x, y, dy and dx: samples xs, ys, dys and dxs apart; dx written, or with dx_add added
+    to; dz: n*(wo*f + 16) floats of scratch; dzt: f*npad floats, zeroed (only with
+    need_dx)."""
     with nogil:
         if batch_last:
-            _image_batch_last(&x[0], &xt[0], n, npad, h, w, c, pad, False)
-        lc_backward_c(&x[0], &xt[0] if batch_last else NULL, &wt[0], &y[0], ys, &dy[0], dys,
-                      act, &dz[0], &dxt[0], &dw[0], &db[0], &p[0], &dzt[0], n, npad, h, w, c,
-                      k, stride, pad, ho, wo, f, need_dx, beta)
+            _image_batch_last(&x[0], xs, &xt[0], n, npad, h, w, c, pad, False, False)
+        lc_backward_c(&x[0], xs, &xt[0] if batch_last else NULL, &wt[0], &y[0], ys, &dy[0],
+                      dys, act, &dz[0], &dxt[0], &dw[0], &db[0], &p[0], &dzt[0], n, npad, h, w,
+                      c, k, stride, pad, ho, wo, f, need_dx, beta)
         if need_dx:
-            _image_batch_last(&dx[0], &dxt[0], n, npad, h, w, c, pad, True)
+            _image_batch_last(&dx[0], dxs, &dxt[0], n, npad, h, w, c, pad, True, dx_add)
 
 
 def fc_forward(const float[::1] x, const float[::1] wt, const float[::1] b, float[::1] y,

@@ -106,11 +106,12 @@ def _rows_of_larger(a, rng, above=2, below=1):
 
 @pytest.mark.parametrize("ops", [KO, RO], ids=["kernels", "reference"])
 @pytest.mark.parametrize("act", ["relu", "linear"])
-def test_strided_samples_in_and_out(ops, act):
+@pytest.mark.parametrize("c", [3, 16])    # x batch-last in the kernels (short patch rows), or not
+def test_strided_samples_in_and_out(ops, act, c):
     """A partition's layer reads and writes row ranges of larger regions in place: outputs
-    via ``out``, and y, dy (and a pool's x) with strided samples, all equal to contiguous."""
+    via ``out``, and x, y, dy (and a pool's x) with strided samples, all equal to contiguous."""
     rng = np.random.default_rng(7)
-    n, h, w, c, k, f = 5, 9, 8, 3, 3, 8
+    n, h, w, k, f = 5, 9, 8, 3, 8
     x = rng.standard_normal((n, h, w, c)).astype(np.float32)
     wt = rng.standard_normal((h - 2, w - 2, k * k * c, f)).astype(np.float32)
     b = rng.standard_normal((h - 2, w - 2, f)).astype(np.float32)
@@ -124,6 +125,20 @@ def test_strided_samples_in_and_out(ops, act):
     dx2 = ops.lc_backward(x, wt, out, _rows_of_larger(dy, rng), k, 1, 0, act, *grads[1], True)
     for a, b_ in zip((dx,) + grads[0], (dx2,) + grads[1]):
         np.testing.assert_allclose(b_, a, rtol=1e-5, atol=1e-5)
+    # x itself rows of a larger region, and the input gradient into rows of another one,
+    # written or added to (a stripe's passes, see PartitionedNetwork._lc_backward_overlapped)
+    xr = _rows_of_larger(x, rng, 2, 1)
+    np.testing.assert_allclose(ops.lc_forward(xr, wt, b, k, 1, 0, act), y, rtol=1e-6, atol=1e-6)
+    dxo = _rows_of_larger(np.full_like(dx, np.nan), rng, 1, 2)
+    g3 = (np.zeros_like(wt), np.zeros_like(b))
+    assert ops.lc_backward(xr, wt, y, dy, k, 1, 0, act, *g3, True, dx_out=dxo) is dxo
+    np.testing.assert_allclose(dxo, dx, rtol=1e-5, atol=1e-5)
+    before = dxo.copy()
+    ops.lc_backward(xr, wt, y, dy, k, 1, 0, act, *g3, True, dx_out=dxo, dx_add=True)
+    np.testing.assert_allclose(dxo, before + dx, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(g3[0], grads[0][0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="dx_add needs dx_out"):
+        ops.lc_backward(x, wt, y, dy, k, 1, 0, act, *g3, True, dx_add=True)
     for kind in ("max", "l2"):
         py, aux = ops.pool_forward(x, 2, 2, kind)
         xs = _rows_of_larger(x, rng)
