@@ -19,6 +19,7 @@ def _check(P):
     r = run_mpi(P, ROOT / "tests" / "mpi_partition_check.py", *CHECK, module=False, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "persistent request" not in r.stderr, r.stderr[-3000:]   # all freed before exit
+    assert "pending" not in r.stderr, r.stderr[-3000:]       # and every send completed
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 

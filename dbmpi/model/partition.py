@@ -96,7 +96,7 @@ class _Exchange:
         if key == self._key:
             return
         wait(self._unsent)
-        _free_requests(self._reqs, self._unsent)
+        _free_requests(self._reqs, self._unsent, 0.0)
         comm, tag = self.comm, self.tag
 
         h, w, c = self.shape
@@ -243,16 +243,22 @@ class _Exchange:
         return dlocal
 
 
-def _free_requests(*lists):
-    """Free requests (before MPI_Finalize, which otherwise warns about each): persistent
-    ones, and sends that completed unwaited (freeing an active one lets it complete)."""
+def _free_requests(reqs, unsent=(), patience=2.0):
+    """Free the persistent requests ``reqs`` (before MPI_Finalize, which otherwise warns
+    about each), after completing the sends not yet waited for: their peers have read them
+    (each waits for its receives), but the sender's MPICH sees that only in a later MPI
+    call.  A peer that is gone gets ``patience`` seconds, then its sends are dropped."""
     from mpi4py import MPI
-    for reqs in lists:
-        if not MPI.Is_finalized():
-            for r in reqs:
-                if r:          # a request in two lists is freed once (then it is null)
-                    r.Free()
-        reqs.clear()
+    if not MPI.Is_finalized():
+        end = time.perf_counter() + patience
+        while unsent and not MPI.Request.Testall(unsent) and time.perf_counter() < end:
+            time.sleep(1e-4)
+        for r in list(unsent) + list(reqs):
+            if r:          # a request in both lists is freed once (then it is null)
+                r.Free()
+    for lst in (reqs, unsent):
+        if isinstance(lst, list):
+            lst.clear()
 
 
 def _startall(reqs):
