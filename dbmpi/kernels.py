@@ -118,11 +118,8 @@ def lc_forward(x, w, b, k, stride, pad, act, out=None):
     return y
 
 
-def lc_backward(x, w, y, dy, k, stride, pad, act, dw, db, need_dx, beta=0.0, dx_out=None,
-                dx_add=False):
+def lc_backward(x, w, y, dy, k, stride, pad, act, dw, db, need_dx, beta=0.0):
     n, h, wd, c, ho, wo, f = _lc_dims(x, w, k, stride, pad)
-    if dx_add and dx_out is None:
-        raise ValueError("dx_add needs dx_out, the input gradient to add to")
     if dy.shape != y.shape:
         raise ValueError(f"locally connected: gradient {dy.shape} does not match output {y.shape}")
     xf, xs = _samples(x, "x")
@@ -131,16 +128,14 @@ def lc_backward(x, w, y, dy, k, stride, pad, act, dw, db, need_dx, beta=0.0, dx_
     dz = aligned.empty(n * (wo * f + 16))   # an output row's dz (see lc_backward_c)
     npad, batch_last, xt, p = _lc_plan(n, h, wd, c, k, pad, f, backward=True)
     if need_dx:     # the input gradient is accumulated batch-last (see lc_backward_c)
-        dx = _out(dx_out, (n, h, wd, c))
-        dxf, dxs = _samples(dx, "dx_out", out=True)
+        dx = aligned.empty((n, h, wd, c))
         dxt = aligned.zeros((h + 2 * pad) * (wd + 2 * pad) * c * npad)
         dzt = aligned.zeros(f * npad)
     else:
-        dx = dxf = dxt = dzt = np.empty(1, dtype=_F32)
-        dxs = 0
+        dx = dxt = dzt = np.empty(1, dtype=_F32)
     dwf, dbf = dw.reshape(-1), db.reshape(-1)  # views into the flat gradient
-    K.lc_backward(xf, xs, xt, _flat(w, "w"), yf, ys, dyf, dys, dz, dxt, dxf, dxs, dx_add,
-                  dwf, dbf, p, dzt, n, npad, h, wd, c, k, stride, pad, ho, wo, f, _ACT[act],
+    K.lc_backward(xf, xs, xt, _flat(w, "w"), yf, ys, dyf, dys, dz, dxt, dx.reshape(-1), dwf,
+                  dbf, p, dzt, n, npad, h, wd, c, k, stride, pad, ho, wo, f, _ACT[act],
                   need_dx, batch_last, beta)
     return dx if need_dx else None
 

@@ -225,33 +225,26 @@ cdef void _to_batch_last(const float* src, float* dst, int n, int npad, Py_ssize
 
 
 cdef void _from_batch_last(const float* src, float* dst, int n, int npad, Py_ssize_t count,
-                           Py_ssize_t sstride, bint add) noexcept nogil:
-    """dst[s*sstride + t] = src[t*npad + s] for t < count, s < n: _to_batch_last undone
-    (``add``: dst += instead)."""
+                           Py_ssize_t sstride) noexcept nogil:
+    """dst[s*sstride + t] = src[t*npad + s] for t < count, s < n: _to_batch_last undone."""
     cdef Py_ssize_t t, s
-    if add:
-        for s in range(n):
-            for t in range(count):
-                dst[s * sstride + t] += src[t * npad + s]
-        return
     for s in range(n):
         for t in range(count):
             dst[s * sstride + t] = src[t * npad + s]
 
 
 cdef void _image_batch_last(const float* x, Py_ssize_t xs, float* xt, int n, int npad, int h,
-                            int w, int c, int pad, bint back, bint add) noexcept nogil:
+                            int w, int c, int pad, bint back) noexcept nogil:
     """xt[((r + pad)*wp + col + pad)*c + ch, s] = x[s, r, col, ch], wp = w + 2*pad, row by
     row (the caller zeroes xt: its padding rows and columns stay zero); samples of x start
-    xs apart.  ``back``: the other way, x from xt (then x is the writable input gradient),
-    written or with ``add`` added to."""
+    xs apart.  ``back``: the other way, x from xt (then x is the writable input gradient)."""
     cdef Py_ssize_t wc = <Py_ssize_t>w * c, wp = w + 2 * pad
     cdef int r
     cdef float* rowt
     for r in range(h):
         rowt = xt + ((r + pad) * wp + pad) * c * <Py_ssize_t>npad
         if back:
-            _from_batch_last(rowt, <float*>x + r * wc, n, npad, wc, xs, add)
+            _from_batch_last(rowt, <float*>x + r * wc, n, npad, wc, xs)
         else:
             _to_batch_last(x + r * wc, rowt, n, npad, wc, xs)
 
@@ -619,28 +612,28 @@ def lc_forward(const float[::1] x, Py_ssize_t xs, float[::1] xt, const float[::1
     (h + 2*pad)*(w + 2*pad)*c*npad buffer to use."""
     with nogil:
         if batch_last:
-            _image_batch_last(&x[0], xs, &xt[0], n, npad, h, w, c, pad, False, False)
+            _image_batch_last(&x[0], xs, &xt[0], n, npad, h, w, c, pad, False)
         lc_forward_c(&x[0], xs, &xt[0] if batch_last else NULL, &wt[0], &b[0], &y[0], ys,
                      &p[0], n, npad, h, w, c, k, stride, pad, ho, wo, f, act)
 
 
 def lc_backward(const float[::1] x, Py_ssize_t xs, float[::1] xt, const float[::1] wt,
                 const float[::1] y, Py_ssize_t ys, const float[::1] dy, Py_ssize_t dys,
-                float[::1] dz, float[::1] dxt, float[::1] dx, Py_ssize_t dxs, bint dx_add,
-                float[::1] dw, float[::1] db, float[::1] p, float[::1] dzt, int n, int npad,
-                int h, int w, int c, int k, int stride, int pad, int ho, int wo, int f, int act,
-                bint need_dx, bint batch_last, float beta):
-    """x, y, dy and dx: samples xs, ys, dys and dxs apart; dx written, or with dx_add added
-    to; dz: n*(wo*f + 16) floats of scratch; dzt: f*npad floats, zeroed (only with
-    need_dx)."""
+                float[::1] dz, float[::1] dxt, float[::1] dx, float[::1] dw, float[::1] db,
+                float[::1] p, float[::1] dzt, int n, int npad, int h, int w, int c, int k,
+                int stride, int pad, int ho, int wo, int f, int act, bint need_dx,
+                bint batch_last, float beta):
+    """x, y and dy: samples xs, ys and dys apart; dz: n*(wo*f + 16) floats of scratch; dzt:
+    f*npad floats, zeroed (only with need_dx)."""
     with nogil:
         if batch_last:
-            _image_batch_last(&x[0], xs, &xt[0], n, npad, h, w, c, pad, False, False)
+            _image_batch_last(&x[0], xs, &xt[0], n, npad, h, w, c, pad, False)
         lc_backward_c(&x[0], xs, &xt[0] if batch_last else NULL, &wt[0], &y[0], ys, &dy[0],
                       dys, act, &dz[0], &dxt[0], &dw[0], &db[0], &p[0], &dzt[0], n, npad, h, w,
                       c, k, stride, pad, ho, wo, f, need_dx, beta)
         if need_dx:
-            _image_batch_last(&dx[0], dxs, &dxt[0], n, npad, h, w, c, pad, True, dx_add)
+            _image_batch_last(&dx[0], <Py_ssize_t>h * w * c, &dxt[0], n, npad, h, w, c, pad,
+                              True)
 
 
 def fc_forward(const float[::1] x, const float[::1] wt, const float[::1] b, float[::1] y,

@@ -10,8 +10,6 @@ before ``dw`` is written, so ``dw`` may be the weights themselves (an SGD step f
 the backward pass).
 """
 
-import numpy as np
-
 from . import reference as R
 
 __all__ = ["lc_forward", "lc_backward", "fc_forward", "fc_backward", "pool_forward",
@@ -40,21 +38,12 @@ def _store(out, value, beta):
         out += value
 
 
-def lc_backward(x, w, y, dy, k, stride, pad, act, dw, db, need_dx, beta=0.0, dx_out=None,
-                dx_add=False):
-    """``dx_out``: where to put the input gradient (written, or with ``dx_add`` added to)."""
-    if dx_add and dx_out is None:
-        raise ValueError("dx_add needs dx_out, the input gradient to add to")
+def lc_backward(x, w, y, dy, k, stride, pad, act, dw, db, need_dx, beta=0.0):
     dz = R.act_backward(y, dy, act)
-    dx, dw_, db_ = R.lc_backward(np.asarray(x), w, dz, k, stride, pad, need_dx)
+    dx, dw_, db_ = R.lc_backward(x, w, dz, k, stride, pad, need_dx)
     _store(dw, dw_, beta)
     _store(db, db_, beta)
-    if dx is None or dx_out is None:
-        return dx
-    if dx_out.shape != dx.shape:
-        raise ValueError(f"dx_out has shape {dx_out.shape}, the input gradient is {dx.shape}")
-    _store(dx_out, dx, 1.0 if dx_add else 0.0)
-    return dx_out
+    return dx
 
 
 def fc_forward(x, w, b, act):

@@ -82,9 +82,8 @@ class _Exchange:
         self.bytes_sent = 0
         self.seconds = 0.0     # in forward and backward: copies, transfers, waiting for peers
         self._key = None
-        self._pending, self._partial, self._dregion = [], None, None
         self._reqs = []     # every persistent request, freed with the exchange or at exit
-        self._unsent = []   # sends started, not yet waited for (see finish_forward)
+        self._unsent = []   # sends started, not yet waited for (see forward)
         weakref.finalize(self, _free_requests, self._reqs, self._unsent)
 
     def _block(self, n, rows, chans):
@@ -95,8 +94,8 @@ class _Exchange:
         key = (n, np.dtype(dtype))
         if key == self._key:
             return
-        wait(self._unsent)
-        _free_requests(self._reqs, self._unsent, 0.0)
+        self._wait_sends()
+        _free_requests(self._reqs)
         comm, tag = self.comm, self.tag
 
         h, w, c = self.shape
@@ -136,93 +135,60 @@ class _Exchange:
 
     def forward(self, n, local, dtype):
         """Assemble the needed region (n, need rows, w, c) from my block ``local``: this
-        exchange's own buffer (or a view of ``local``), valid until its next forward."""
-        self.start_forward(n, local, dtype)
-        return self.finish_forward()
+        exchange's own buffer (or a view of ``local``), valid until its next forward.
 
-    def backward(self, dregion, dtype):
-        """Send the gradients of received blocks back; return the gradient of my block (this
-        exchange's own buffer, valid until its next backward, or my rows of ``dregion``,
-        which the layer's backward allocated: then what comes back is added there)."""
-        self.start_backward(dregion, dtype)
-        return self.finish_backward()
-
-    # Split in two, so that a layer computes what needs none of the peers' rows between
-    # start and finish (the messages travel meanwhile; see PartitionedNetwork._forward).
-    def start_forward(self, n, local, dtype):
-        """Send my rows that peers need, post the receives, and put my own rows in place:
-        after it, :meth:`partial_region` holds every row of the region that is mine."""
+        Only the receives are waited for.  A send of this size completes when the peer has
+        read it (MPICH's receiver copies it from the sender's memory, in its own MPI calls),
+        so waiting for it here would take on the peer's lateness at every exchange; it is
+        waited for at the next forward, by when it is long done (see _wait_sends)."""
         t = time.perf_counter()
         self._buffers(n, dtype)
-        wait(self._unsent)     # the last step's: done long ago, unless a peer lags behind
-        self._unsent.clear()
+        self._wait_sends()
         lo, hi = self.need
         r0 = self.own[0][0]
         for (q, rows, chans), b in zip(self.send, self._fsend):
             np.copyto(b, local[:, rows[0] - r0:rows[1] - r0])
             self.bytes_sent += b.nbytes
         _startall(self._freqs)
-        reqs = self._freqs
         if self.send_whole:       # from the layer's output itself (kept until backward)
             local = np.ascontiguousarray(local)
-            reqs = reqs + [self.comm.Isend(local, dest=q, tag=self.tag) for q, _, _ in self.send]
+            self._unsent.extend(self.comm.Isend(local, dest=q, tag=self.tag)
+                                for q, _, _ in self.send)
             self.bytes_sent += local.nbytes * len(self.send)
-        self._pending = reqs
+        nr = len(self.recv)       # receives first, then sends (see _buffers)
+        self._unsent.extend(self._freqs[nr:])
         if self.mine_only:
-            self._partial = local[:, lo - r0:hi - r0]
+            region = local[:, lo - r0:hi - r0]
         else:
             # every element of the region is owned by exactly one partition (me or a
-            # sender), so these copies and finish_forward's cover it all
-            region = self._partial = self._region
+            # sender), so the copies below cover it all
+            region = self._region
             if self.self_rows is not None and local is not self._own_view:  # not written there
                 a, z = self.self_rows
                 c0, c1 = self.own[1]
                 region[:, a - lo:z - lo, :, c0:c1] = local[:, a - r0:z - r0]
-        self.seconds += time.perf_counter() - t
-
-    def partial_region(self):
-        """The region between start_forward and finish_forward: my rows are in place."""
-        return self._partial
-
-    def finish_forward(self):
-        """Wait for the peers' rows; the whole region.
-
-        Only the receives are waited for here.  A send of this size completes when the peer
-        has read it (MPICH reads such messages across processes from the sender's buffer,
-        in the receiver's MPI calls), so waiting for it would make the peer's lateness mine
-        again; it is waited for at the next start_forward, by when it is long done."""
-        t = time.perf_counter()
-        nr = len(self.recv)
-        wait(self._pending[:nr])
-        self._unsent.extend(self._pending[nr:])
-        lo = self.need[0]
-        if not self.mine_only:
+            wait(self._freqs[:nr])
             for (q, rows, chans), b in zip(self.recv, self._frecv):
-                self._region[:, rows[0] - lo:rows[1] - lo, :, chans[0]:chans[1]] = b
+                region[:, rows[0] - lo:rows[1] - lo, :, chans[0]:chans[1]] = b
         self.seconds += time.perf_counter() - t
-        return self._partial
+        return region
 
-    def start_backward(self, dregion, dtype):
-        """Send back the gradients of the rows peers sent me (their rows of ``dregion`` must
-        be final; mine may still be being computed until :meth:`finish_backward`)."""
+    def backward(self, dregion, dtype):
+        """Send the gradients of received blocks back; return the gradient of my block (this
+        exchange's own buffer, valid until its next backward, or my rows of ``dregion``,
+        which the layer's backward allocated: then what comes back is added there).  As in
+        forward, the sends are waited for later."""
         t = time.perf_counter()
         n = dregion.shape[0]
         self._buffers(n, dtype)
         lo = self.need[0]
+        (r0, r1), (c0, c1) = self.own
         for (q, rows, chans), b in zip(self.recv, self._bsend):   # their rows I used
             np.copyto(b, dregion[:, rows[0] - lo:rows[1] - lo, :, chans[0]:chans[1]])
             self.bytes_sent += b.nbytes
         _startall(self._breqs)
-        self._dregion = dregion
-        self.seconds += time.perf_counter() - t
-
-    def finish_backward(self):
-        """The gradient of my block: my rows of the region's gradient plus what peers
-        send back for the rows of mine they used."""
-        t = time.perf_counter()
-        dregion, self._dregion = self._dregion, None
-        lo = self.need[0]
-        (r0, r1), (c0, c1) = self.own
+        nr = len(self.send)
+        self._unsent.extend(self._breqs[nr:])
         if self.in_place:
             dlocal = dregion[:, r0 - lo:r1 - lo]
         elif self.self_rows is None:              # my rows get only what comes back
@@ -234,13 +200,18 @@ class _Exchange:
             dlocal[:, :a - r0] = 0                # and the others zeroed (a stripe's edges)
             dlocal[:, z - r0:] = 0
             dlocal[:, a - r0:z - r0] = dregion[:, a - lo:z - lo, :, c0:c1]
-        nr = len(self.send)           # receives first, then sends (see _buffers)
         wait(self._breqs[:nr])
-        self._unsent.extend(self._breqs[nr:])
         for (q, rows, chans), b in zip(self.send, self._brecv):   # my rows they used
             dlocal[:, rows[0] - r0:rows[1] - r0] += b
         self.seconds += time.perf_counter() - t
         return dlocal
+
+    def _wait_sends(self):
+        """Complete the sends of the last forward and backward: their peers have read them
+        (each waited for its receives), so this returns at once unless a peer lags a whole
+        step behind; their buffers may then be written again."""
+        wait(self._unsent)
+        self._unsent.clear()
 
 
 def _free_requests(reqs, unsent=(), patience=2.0):
@@ -389,7 +360,6 @@ class PartitionedNetwork:
             need = self.mine[i].need                  # need[q] for every partition q
             shape = self.full.layers[i].in_shape
             self.exchanges.append(_Exchange(comm, 100 + 4 * i, shape, prev, need))
-        self.splits = [self._interior(i) for i in range(len(self.mine))]
         self.logit_bytes = 0
         self._comm_s = 0.0      # the logits' exchange and the l2 term's allreduce
 
@@ -427,35 +397,6 @@ class PartitionedNetwork:
             o += part.num_params
         return out
 
-    def _interior(self, i):
-        """Layer i's interior: the output rows (e0, e1) of this partition's stripe of a
-        locally connected layer whose receptive fields lie in rows of the input that are
-        mine; None where there is no halo to wait for, or nothing in between.
-
-        Those rows are computed while the halo travels: forward, between the exchange's
-        start and finish; backward, after the stripe's edge rows, whose input gradients go
-        back to the peers meanwhile.  Waiting for a peer that is late (a shared core, its
-        stripe's share of a pooling halo) then costs only what the interior cannot cover."""
-        part = self.mine[i]
-        if i == 0 or part.layer.spec["type"] != "locally_connected":
-            return None
-        ex = self.exchanges[i]
-        c = part.layer.in_shape[2]
-        if not ex.recv or ex.self_rows is None or ex.own[1] != (0, c):
-            return None
-        if any(chans != (0, c) for _, _, chans in ex.recv):
-            return None
-        layer, (a, z), (sa, sz) = part.layer, part.rows, ex.self_rows
-        h = layer.in_shape[0]
-
-        def span(r):               # input rows output row r reads, inside the image
-            lo = r * layer.stride - layer.pad
-            return max(lo, 0), min(lo + layer.k, h)
-        inner = [r for r in range(a, z) if sa <= span(r)[0] and span(r)[1] <= sz]
-        if not inner:
-            return None
-        return inner[0], inner[-1] + 1
-
     def _forward(self, theta_local, x):
         ops = self.full._ops(theta_local.dtype)
         xh = np.ascontiguousarray(np.asarray(x).transpose(0, 2, 3, 1), dtype=theta_local.dtype)
@@ -467,13 +408,8 @@ class PartitionedNetwork:
         for i, part in enumerate(self.mine):
             lo, hi = part.need[self.p]
             out = None if i == last else self.exchanges[i + 1].own_view(n, a.dtype)
-            if i == 0:
-                y, cache = self._local_forward(part, a[:, lo:hi], params[i], ops, n, out)
-            elif self.splits[i] is not None and part.rows[1] > part.rows[0]:
-                y, cache = self._lc_forward_overlapped(i, a, params[i], ops, n, out)
-            else:
-                region = self.exchanges[i].forward(n, a, a.dtype)
-                y, cache = self._local_forward(part, region, params[i], ops, n, out)
+            region = a[:, lo:hi] if i == 0 else self.exchanges[i].forward(n, a, a.dtype)
+            y, cache = self._local_forward(part, region, params[i], ops, n, out)
             caches.append(cache)
             a = y
         return a, caches, params, ops
@@ -517,73 +453,6 @@ class PartitionedNetwork:
         if layer.pad == 0 and region.shape[1] == hi_in - lo_in:
             return region, top
         return np.zeros((n, hi_in - lo_in, w + 2 * layer.pad, c), dtype=region.dtype), top
-
-    @staticmethod
-    def _segments(part, e0, e1):
-        """A stripe's rows in the order the overlapped passes compute them: (first, then)
-        with ``first`` the edge rows next to a halo and ``then`` the interior."""
-        a, z = part.rows
-        return [r for r in ((a, e0), (e1, z)) if r[1] > r[0]], (e0, e1)
-
-    def _lc_forward_overlapped(self, i, prev, params, ops, n, out):
-        """A locally connected stripe's forward, its interior while the halo travels."""
-        part, ex = self.mine[i], self.exchanges[i]
-        layer, (a, z) = part.layer, part.rows
-        e0, e1 = self.splits[i]
-        s, k, pad, w = layer.stride, layer.k, layer.pad, layer.in_shape[1]
-        ex.start_forward(n, prev, prev.dtype)
-        region = ex.partial_region()
-        lo = ex.need[0]
-        slab, top = self._slab(part, region, n)
-        if slab is not region:                  # my rows now, the peers' after finish
-            sa, sz = ex.self_rows
-            slab[:, top + sa - lo:top + sz - lo, pad:pad + w] = region[:, sa - lo:sz - lo]
-        y = out if out is not None else aligned.empty((n, z - a) + layer.out_shape[1:], prev.dtype)
-
-        def rows(r0, r1):
-            ops.lc_forward(slab[:, (r0 - a) * s:(r1 - 1 - a) * s + k], params[0][r0 - a:r1 - a],
-                           params[1][r0 - a:r1 - a], k, s, 0, layer.act, out=y[:, r0 - a:r1 - a])
-        edges, inner = self._segments(part, e0, e1)
-        rows(*inner)
-        region = ex.finish_forward()
-        if slab is not region:
-            for _, (r0, r1), _ in ex.recv:
-                slab[:, top + r0 - lo:top + r1 - lo, pad:pad + w] = region[:, r0 - lo:r1 - lo]
-        for seg in edges:
-            rows(*seg)
-        return y, (slab, y, top, region.shape[1])
-
-    def _lc_backward_overlapped(self, i, dy, cache, params, grads, ops, n, dtype, beta):
-        """A locally connected stripe's backward: the edge rows first, whose input
-        gradients the peers wait for, sent while the interior is computed; returns the
-        gradient of my block of the layer's input (with what the peers send back)."""
-        part, ex = self.mine[i], self.exchanges[i]
-        layer, (a, z) = part.layer, part.rows
-        s, k, pad, w = layer.stride, layer.k, layer.pad, layer.in_shape[1]
-        slab, y, top, nrows = cache
-        dslab = aligned.empty(slab.shape, dtype)
-        written = np.zeros(slab.shape[1], dtype=bool)
-        edges, inner = self._segments(part, *self.splits[i])
-
-        def rows(r0, r1):
-            s0, s1 = (r0 - a) * s, (r1 - 1 - a) * s + k
-            fresh = ~written[s0:s1]
-            add = not fresh.all()
-            if add and fresh.any():
-                dslab[:, s0 + np.flatnonzero(fresh)] = 0
-            ops.lc_backward(slab[:, s0:s1], params[0][r0 - a:r1 - a], y[:, r0 - a:r1 - a],
-                            dy[:, r0 - a:r1 - a], k, s, 0, layer.back_act,
-                            grads[0][r0 - a:r1 - a], grads[1][r0 - a:r1 - a], True, beta,
-                            dx_out=dslab[:, s0:s1], dx_add=add)
-            written[s0:s1] = True
-        for seg in edges:
-            rows(*seg)
-        dregion = dslab[:, top:top + nrows, pad:pad + w]
-        ex.start_backward(dregion, dtype)
-        rows(*inner)
-        if not written.all():                   # rows no field reads (stride > field)
-            dslab[:, ~written] = 0
-        return ex.finish_backward()
 
     def _need_lo(self, part):
         return part.need[self.p][0]
@@ -668,10 +537,6 @@ class PartitionedNetwork:
         d = np.ascontiguousarray(dz_full[:, a:b]).reshape(n, 1, 1, b - a)
         for i in range(len(self.mine) - 1, -1, -1):
             part = self.mine[i]
-            if i > 0 and self.splits[i] is not None and caches[i] is not None:
-                d = self._lc_backward_overlapped(i, d, caches[i], params[i], gviews[i], ops, n,
-                                                 theta_local.dtype, beta)
-                continue
             dregion = self._local_backward(part, d, caches[i], params[i], gviews[i], ops,
                                            i > 0, n, theta_local.dtype, beta)
             if i > 0:
