@@ -214,12 +214,13 @@ class _Exchange:
         self._unsent.clear()
 
 
-def _free_requests(reqs, unsent=(), patience=2.0):
+def _free_requests(reqs, unsent=None, patience=2.0):
     """Free the persistent requests ``reqs`` (before MPI_Finalize, which otherwise warns
     about each), after completing the sends not yet waited for: their peers have read them
     (each waits for its receives), but the sender's MPICH sees that only in a later MPI
     call.  A peer that is gone gets ``patience`` seconds, then its sends are dropped."""
     from mpi4py import MPI
+    unsent = [] if unsent is None else unsent
     if not MPI.Is_finalized():
         end = time.perf_counter() + patience
         while unsent and not MPI.Request.Testall(unsent) and time.perf_counter() < end:
@@ -227,9 +228,8 @@ def _free_requests(reqs, unsent=(), patience=2.0):
         for r in list(unsent) + list(reqs):
             if r:          # a request in both lists is freed once (then it is null)
                 r.Free()
-    for lst in (reqs, unsent):
-        if isinstance(lst, list):
-            lst.clear()
+    reqs.clear()
+    unsent.clear()
 
 
 def _startall(reqs):
@@ -407,8 +407,8 @@ class PartitionedNetwork:
         last = len(self.mine) - 1
         for i, part in enumerate(self.mine):
             lo, hi = part.need[self.p]
-            out = None if i == last else self.exchanges[i + 1].own_view(n, a.dtype)
             region = a[:, lo:hi] if i == 0 else self.exchanges[i].forward(n, a, a.dtype)
+            out = None if i == last else self.exchanges[i + 1].own_view(n, a.dtype)
             y, cache = self._local_forward(part, region, params[i], ops, n, out)
             caches.append(cache)
             a = y
@@ -423,9 +423,16 @@ class PartitionedNetwork:
             shape = (n, 0, layer.out_shape[1], layer.out_shape[2]) if part.spatial else (n, 1, 1, 0)
             return np.zeros(shape, dtype=region.dtype), None
         if kind == "locally_connected":
-            slab, top = self._slab(part, region, n)
-            if slab is not region:
-                slab[:, top:top + region.shape[1], layer.pad:layer.pad + layer.in_shape[1]] = region
+            h, w, c = layer.in_shape
+            lo_in = a * layer.stride - layer.pad
+            hi_in = (z - 1) * layer.stride - layer.pad + layer.k
+            top = max(lo_in, 0) - lo_in           # rows above the image are zero padding
+            if layer.pad == 0 and region.shape[1] == hi_in - lo_in:
+                slab = region      # no padding to add: the region itself (samples may be
+                #                    strided: a first layer's rows of the input batch)
+            else:
+                slab = np.zeros((n, hi_in - lo_in, w + 2 * layer.pad, c), dtype=region.dtype)
+                slab[:, top:top + region.shape[1], layer.pad:layer.pad + w] = region
             y = ops.lc_forward(slab, params[0], params[1], layer.k, layer.stride, 0, layer.act,
                                out=out)
             return y, (slab, y, top, region.shape[1])
@@ -439,20 +446,6 @@ class PartitionedNetwork:
         x2 = region.reshape(n, -1)
         y = ops.fc_forward(x2, params[0], params[1], layer.act)   # a softmax layer's is linear
         return y.reshape(n, 1, 1, z - a), (x2, y, region.shape)
-
-    @staticmethod
-    def _slab(part, region, n):
-        """The input rows this stripe of a locally connected layer reads, padding included,
-        as the kernel takes them (padding 0): the region itself where it has no padding to
-        add, else a zeroed buffer whose image part the caller fills (at row ``top``)."""
-        layer, (a, z) = part.layer, part.rows
-        h, w, c = layer.in_shape
-        lo_in = a * layer.stride - layer.pad
-        hi_in = (z - 1) * layer.stride - layer.pad + layer.k
-        top = max(lo_in, 0) - lo_in               # rows above the image are zero padding
-        if layer.pad == 0 and region.shape[1] == hi_in - lo_in:
-            return region, top
-        return np.zeros((n, hi_in - lo_in, w + 2 * layer.pad, c), dtype=region.dtype), top
 
     def _need_lo(self, part):
         return part.need[self.p][0]
