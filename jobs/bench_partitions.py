@@ -69,7 +69,7 @@ def main():
             s = S.best_run(res[P])       # the breakdown of the run the best figure is from
             exch = ", ".join(f"{e:.2f}" for e in s.get("partition_exchange_ms_per_step", [0]))
             print(f"{P:>3}{best[P]:>10.1f}{best[P] / b0:>9.2f}x{med[P]:>10.1f}"
-                  f"{med[P] / m0:>9.2f}x{1e3 * s['compute_s'] / s['steps']:>9.2f}   [{exch}]  "
+                  f"{med[P] / m0:>9.2f}x{S.step_ms(s):>9.2f}   [{exch}]  "
                   f"{[round(b) for b in s.get('partition_bytes_per_step', [0])]}")
     print("\nat the end, " + S.core_speeds_line(S.core_speeds(cores)))
 

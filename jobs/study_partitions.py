@@ -96,7 +96,7 @@ def main():
                          "median_speedup": round(med[P] / med[parts[0]], 3),
                          "repeats": repeats,
                          "bytes_per_step_per_partition": round(sum(bps) / len(bps)),
-                         "step_ms": round(1e3 * bst["compute_s"] / max(bst["steps"], 1), 3),
+                         "step_ms": round(S.step_ms(bst), 3),
                          "exchange_ms_per_step": round(sum(ems) / len(ems), 3)})
             print(rows[-1], flush=True)
     S.write_csv(out / "partitions.csv", rows)

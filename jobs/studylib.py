@@ -153,6 +153,11 @@ def best_run(summaries: list[dict]) -> dict:
     return max(summaries, key=lambda s: s["samples_per_s"])
 
 
+def step_ms(summary: dict) -> float:
+    """Milliseconds per training step of an ``sgd`` run (its compute_s over its steps)."""
+    return 1e3 * summary["compute_s"] / max(summary["steps"], 1)
+
+
 def write_csv(path: Path, rows: list[dict]) -> None:
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
