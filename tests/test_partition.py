@@ -94,6 +94,28 @@ def test_layout_roundtrip_and_contiguous_slices():
     assert sorted(lay.perm.tolist()) == list(range(net.num_params))
 
 
+def test_pooling_stripe_reads_its_whole_input_stripe():
+    """Where a partition's input rows run past its pooling windows, it reads them all (its
+    gradient then lands in place); the windows' rows, the output and the traffic (checked
+    above on this net) are unchanged."""
+    from mpi_partition_check import NETS
+    net = build(NETS["lc_deep"])          # LC 23 rows -> 2x2 pool -> 11 rows
+    pool = Layout(net, 2).parts[0][1]
+    assert pool.out_rows == [(0, 5), (5, 11)]
+    # windows cover rows 0-9 and 10-21; the owned rows are 0-10 and 11-22
+    assert pool.need == [(0, 11), (10, 23)]
+    net = build({"input_shape": [1, 10, 3], "layers": [
+        {"type": "locally_connected", "channels": 1, "kernel": 2},
+        {"type": "max_pool", "size": 2, "stride": 2}, SM_SPEC]})
+    # 9 rows, 4 windows in 3 stripes: partition 1's one window reads rows 2-3 (it owns 3-5);
+    # reading on to row 5 would add a window, so its need stays as the windows say; the
+    # others read on to the end of their stripes
+    assert Layout(net, 3).parts[0][1].need == [(0, 3), (2, 4), (4, 9)]
+
+
+SM_SPEC = {"type": "softmax", "classes": 3}
+
+
 def _cfg(tmp_path, digits_path, name):
     return job_config(tmp_path, digits_path, name)
 

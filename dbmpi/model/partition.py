@@ -25,7 +25,7 @@ import numpy as np
 from .. import aligned
 from ..mpiwait import wait
 from .network import Network, _accumulate_beta, _grad_buffer
-from .reference import softmax_xent
+from .reference import out_size, softmax_xent
 
 __all__ = ["PartitionedNetwork", "split", "Layout"]
 
@@ -294,6 +294,26 @@ class _Part:
         return out
 
 
+def _pool_whole_stripe(owned_rows, parts):
+    """A pooling stripe reads all of its partition's input rows from its first needed one.
+
+    Where the rows a partition owns run past the last one its pooling windows cover (13 rows
+    of which 6 windows of 2 use 12, the 13th going to the next partition's first window),
+    reading the whole stripe gives the same output rows, and the backward pass then writes
+    the gradient of every owned row in place (the uncovered ones zero) instead of into a
+    region to be copied.  Same traffic: only rows of my own stripe are added.  ``parts``:
+    this layer's _Part on every partition, each holding the need of every partition."""
+    layer = parts[0].layer
+    if layer.spec["type"] not in ("max_pool", "l2_pool"):
+        return
+    for q, (r0, r1) in enumerate(owned_rows):
+        (lo, hi), (a, z) = parts[0].need[q], parts[0].out_rows[q]
+        if a < z and hi < r1 and lo < r1 and r0 < hi and \
+                out_size(r1 - lo, layer.size, layer.stride) == z - a:
+            for part in parts:
+                part.need[q] = (lo, r1)
+
+
 class Identity:
     """The layout of an unpartitioned network (P = 1): partitioned = canonical."""
 
@@ -313,6 +333,8 @@ class Layout:
     def __init__(self, full: Network, P: int):
         self.P = P
         self.parts = [[_Part(layer, P, q) for layer in full.layers] for q in range(P)]
+        for i in range(1, len(full.layers)):
+            _pool_whole_stripe(self.parts[0][i - 1].out_rows, [pq[i] for pq in self.parts])
         perm, self.ranges, start = [], [], 0
         for q in range(P):
             for i, part in enumerate(self.parts[q]):
