@@ -13,7 +13,8 @@ from . import _kernels as K
 from . import aligned
 from .model import reference as R
 
-__all__ = ["lc_forward", "lc_backward", "fc_forward", "fc_backward", "pool_forward",
+__all__ = ["lc_forward", "lc_backward", "fc_forward", "fc_backward", "fc_forward_blocks",
+           "fc_backward_blocks", "pool_forward",
            "pool_backward", "lcn_forward", "lcn_backward", "softmax_xent"]
 
 _ACT = {"linear": 0, "relu": 1, "sigmoid": 2, "tanh": 3}
@@ -141,27 +142,67 @@ def lc_backward(x, w, y, dy, k, stride, pad, act, dw, db, need_dx, beta=0.0):
 
 
 def fc_forward(x, w, b, act):
-    n, d = x.shape
-    u = w.shape[0]
-    if w.shape[1] != d:
-        raise ValueError(f"fully connected: weights {w.shape} do not fit input {x.shape}")
+    return fc_forward_blocks([(x, 0)], w, b, act)
+
+
+def _fc_blocks(blocks, w):
+    """Check that the column blocks [(x (n, d_i), first column)] tile w's columns."""
+    n, (u, d) = blocks[0][0].shape[0], w.shape
+    col = 0
+    for x, c0 in blocks:
+        if x.ndim != 2 or x.shape[0] != n or c0 != col:
+            raise ValueError(f"fully connected: input blocks {[(x.shape, c) for x, c in blocks]} "
+                             f"do not tile the {d} input columns of weights {w.shape}")
+        col += x.shape[1]
+    if col != d:
+        raise ValueError(f"fully connected: weights {w.shape} do not fit input blocks of "
+                         f"{col} columns in all")
+    return n, u, d
+
+
+def fc_forward_blocks(blocks, w, b, act):
+    """act(x @ w^T + b) where x's columns come as blocks [(x_i (n, d_i), first column)] in
+    order (a partition's input as it arrives from each owner): no x is assembled."""
+    n, u, d = _fc_blocks(blocks, w)
     y = aligned.empty((n, u))
     yt = aligned.empty(n * u)            # the transposed product (see the kernel)
-    K.fc_forward(_flat(x, "x"), _flat(w, "w"), _flat(b, "b"), y.reshape(-1), yt, n, d, u,
-                 _ACT[act])
+    wf = _flat(w, "w")
+    for i, (x, c0) in enumerate(blocks):
+        K.fc_product(_flat(x, "x"), wf, c0, d, y.reshape(-1), yt, n, x.shape[1], u,
+                     0.0 if i == 0 else 1.0)
+    K.fc_finish(_flat(b, "b"), y.reshape(-1), yt, n, u, _ACT[act])
     return y
 
 
 def fc_backward(x, w, y, dy, act, dw, db, need_dx, beta=0.0):
-    n, d = x.shape
-    u = w.shape[0]
+    dx = aligned.empty(x.shape) if need_dx else None
+    fc_backward_blocks([(x, 0)], w, y, dy, act, dw, db, [dx], beta)
+    return dx
+
+
+def fc_backward_blocks(blocks, w, y, dy, act, dw, db, dxs, beta=0.0):
+    """The backward pass of fc_forward_blocks: the input gradient of block i into dxs[i]
+    (contiguous, x_i's shape; None: not wanted), the parameters' as for fc_backward."""
+    n, u, d = _fc_blocks(blocks, w)
     dyf = _flat(dy, "dy")
     dz = dyf if act == "linear" else aligned.empty(n * u)    # only read after this
-    dx = aligned.empty((n, d) if need_dx else 1)
-    K.fc_backward(_flat(x, "x"), _flat(w, "w"), _flat(y, "y"), dyf, dz,
-                  dx.reshape(-1), dw.reshape(-1), db.reshape(-1), n, d, u, _ACT[act], need_dx,
-                  beta)
-    return dx if need_dx else None
+    dwf, none = _contiguous_view(dw, "dw"), np.empty(1, dtype=_F32)
+    K.fc_dz(_flat(y, "y"), dyf, dz, _contiguous_view(db, "db"), n, u, _ACT[act], beta)
+    wf = _flat(w, "w")
+    for (x, c0), dx in zip(blocks, dxs):
+        if dx is not None and (dx.shape != x.shape or not dx.flags.c_contiguous
+                               or dx.dtype != _F32):
+            raise ValueError(f"fully connected: dx must be contiguous float32 {x.shape}")
+        K.fc_backward_block(_flat(x, "x"), wf, dwf, c0, d, dz,
+                            none if dx is None else dx.reshape(-1), n, x.shape[1], u,
+                            dx is not None, beta)
+
+
+def _contiguous_view(a, name):
+    """a as 1-D, written through: a gradient view the kernel writes into."""
+    if a.dtype != _F32 or not a.flags.c_contiguous:
+        raise ValueError(f"{name} must be a contiguous float32 view, got {a.dtype} {a.shape}")
+    return a.reshape(-1)
 
 
 def pool_forward(x, size, stride, kind, out=None):

@@ -37,6 +37,8 @@ cdef extern from "microgemm.h" nogil:
     void dbmpi_mgemm(int m, int n, int k, const float* a, Py_ssize_t rsa, Py_ssize_t csa,
                      const float* b, Py_ssize_t ldb, float beta, float* c, Py_ssize_t ldc,
                      const float* pf, Py_ssize_t pfn)
+    void dbmpi_dots(int n, int u, int k, const float* x, Py_ssize_t ldx, const float* w,
+                    Py_ssize_t ldw, float beta, float* y, Py_ssize_t ldy)
     void dbmpi_mgemm_seg(int m, int n, int nseg, Py_ssize_t sstride, int k, const float* a,
                          Py_ssize_t rsa, Py_ssize_t csa, const float* b, Py_ssize_t ldb,
                          float beta, float* c, Py_ssize_t ldc, const float* bias, int relu,
@@ -328,24 +330,45 @@ cdef void lc_backward_c(const float* x, Py_ssize_t xs, const float* xt, const fl
                     dbl[t] += dzl[s * ldr + t]
 
 
-cdef void fc_forward_c(const float* x, const float* wt, const float* b, float* y, float* yt,
-                       int n, int d, int u, int act) noexcept nogil:
-    """y = act(x @ wt^T + b), x (n, d), wt (u, d); yt (u, n) is scratch.
+cdef enum:
+    _THIN_UNITS = 16     # up to this many units a layer's products are dot products (dbmpi_dots)
 
-    With at least as many units as samples the product is formed transposed, yt = wt @ x^T,
-    then transposed into y with the bias added on the way: OpenBLAS runs that orientation
-    (the batch as the column-major M side) 6-30% faster there.  With fewer units than
-    samples (a softmax layer's 10 classes, or its share of them in a partition) the direct
-    product is 1.3-2.2x faster (scipy's OpenBLAS 0.3.30, measured with batches 32 and 128)."""
+
+cdef inline bint _fc_transposed(int n, int u) noexcept nogil:
+    return u > _THIN_UNITS and u >= n
+
+
+cdef void fc_product_c(const float* x, const float* wt, Py_ssize_t ldw, float* y, float* yt,
+                       int n, int d, int u, float beta) noexcept nogil:
+    """One column block's share of a fully connected layer's product: y (n, u) = beta*y +
+    x @ wt^T, x (n, d) contiguous, wt (u, d) with rows ldw apart (the columns of a wider
+    layer's weights that the block's inputs meet).
+    Blocks are summed with beta = 1 (a partition's input, as it arrives from each owner).
+
+    A thin layer (at most _THIN_UNITS units: a softmax's classes, or a partition's share of
+    them) takes dot products along d, where BLAS ran at 16 GFLOP/s (dbmpi_dots).  With more
+    units than samples the product goes into yt (u, n), transposed, yt = wt @ x^T (finished
+    by fc_finish_c): OpenBLAS runs that orientation (the batch as the column-major M side)
+    6-30% faster there; otherwise the direct product is faster (scipy's OpenBLAS 0.3.30,
+    batches 32 and 128)."""
+    if u <= _THIN_UNITS:
+        dbmpi_dots(n, u, d, x, d, wt, ldw, beta, y, u)
+    elif u < n:
+        _gemm(False, True, n, u, d, 1.0, x, d, wt, <int>ldw, beta, y, u)
+    else:
+        _gemm(False, True, u, n, d, 1.0, wt, <int>ldw, x, d, beta, yt, n)
+
+
+cdef void fc_finish_c(const float* b, float* y, const float* yt, int n, int u,
+                      int act) noexcept nogil:
+    """y = act(product + b), the product summed by fc_product_c (in yt where transposed)."""
     cdef Py_ssize_t s0 = 0, s1, s, t
     cdef int block = 8
-    if u < n:
-        _gemm(False, True, n, u, d, 1.0, x, d, wt, d, 0.0, y, u)
+    if not _fc_transposed(n, u):
         for s in range(n):
             for t in range(u):
                 y[s * u + t] += b[t]
     else:
-        _gemm(False, True, u, n, d, 1.0, wt, d, x, d, 0.0, yt, n)
         while s0 < n:                   # 8 samples at a time: the strided reads stay in L1
             s1 = s0 + block if s0 + block < n else n
             for t in range(u):
@@ -355,16 +378,27 @@ cdef void fc_forward_c(const float* x, const float* wt, const float* b, float* y
     _act_forward(y, <Py_ssize_t>n * u, act)
 
 
-cdef void fc_backward_c(const float* x, const float* wt, const float* dz, float* dx,
-                        float* dw, float* db, int n, int d, int u, bint need_dx,
-                        float beta) noexcept nogil:
-    """dx = dz @ wt; dw = beta*dw + dz^T @ x; db = beta*db + sum_s dz[s].
-
-    dx comes first, so dw may be wt itself (see lc_backward_c)."""
-    cdef int s, t
+cdef void fc_backward_block_c(const float* x, const float* wt, float* dw, Py_ssize_t ldw,
+                              const float* dz, float* dx, int n, int d, int u,
+                              bint need_dx, float beta) noexcept nogil:
+    """One column block of a fully connected layer's backward pass (x, wt, ldw, d as in
+    fc_product_c; dw the same columns of the weights' gradient): dx (n, d) = dz @ wt;
+    dw = beta*dw + dz^T @ x.  dx comes first, so dw may be wt itself (see lc_backward_c).
+    A thin layer's products go through the register-blocked kernel (microgemm.h): BLAS
+    spent most of the time on packing for k = u or m = u of 5 or 10."""
+    if u <= _THIN_UNITS and d % DBMPI_VW == 0:
+        if need_dx:
+            dbmpi_mgemm(n, d, u, dz, u, 1, wt, ldw, 0.0, dx, d, NULL, 0)
+        dbmpi_mgemm(u, d, n, dz, 1, u, x, d, beta, dw, ldw, NULL, 0)
+        return
     if need_dx:
-        _gemm(False, False, n, d, u, 1.0, dz, u, wt, d, 0.0, dx, d)
-    _gemm(True, False, u, d, n, 1.0, dz, u, x, d, beta, dw, d)
+        _gemm(False, False, n, d, u, 1.0, dz, u, wt, <int>ldw, 0.0, dx, d)
+    _gemm(True, False, u, d, n, 1.0, dz, u, x, d, beta, dw, <int>ldw)
+
+
+cdef void fc_bias_grad_c(const float* dz, float* db, int n, int u, float beta) noexcept nogil:
+    """db = beta*db + sum_s dz[s]."""
+    cdef int s, t
     _scale(db, beta, u)
     for s in range(n):
         for t in range(u):
@@ -636,18 +670,33 @@ def lc_backward(const float[::1] x, Py_ssize_t xs, float[::1] xt, const float[::
                               True)
 
 
-def fc_forward(const float[::1] x, const float[::1] wt, const float[::1] b, float[::1] y,
-               float[::1] yt, int n, int d, int u, int act):
+# Fully connected: a layer's input may come as column blocks (a partition's, from each
+# owner): fc_product and fc_backward_block once per block, w0 = the block's first column.
+def fc_product(const float[::1] x, const float[::1] wt, Py_ssize_t w0, Py_ssize_t ldw,
+               float[::1] y, float[::1] yt, int n, int d, int u, float beta):
     with nogil:
-        fc_forward_c(&x[0], &wt[0], &b[0], &y[0], &yt[0], n, d, u, act)
+        fc_product_c(&x[0], &wt[w0], ldw, &y[0], &yt[0], n, d, u, beta)
 
 
-def fc_backward(const float[::1] x, const float[::1] wt, const float[::1] y,
-                const float[::1] dy, float[::1] dz, float[::1] dx, float[::1] dw,
-                float[::1] db, int n, int d, int u, int act, bint need_dx, float beta):
+def fc_finish(const float[::1] b, float[::1] y, const float[::1] yt, int n, int u, int act):
     with nogil:
-        _act_backward(&y[0], &dy[0], &dz[0], dz.shape[0], act)
-        fc_backward_c(&x[0], &wt[0], &dz[0], &dx[0], &dw[0], &db[0], n, d, u, need_dx, beta)
+        fc_finish_c(&b[0], &y[0], &yt[0], n, u, act)
+
+
+def fc_dz(const float[::1] y, const float[::1] dy, float[::1] dz, float[::1] db, int n, int u,
+          int act, float beta):
+    """dz = dy * act'(y) (dz may be dy for a linear layer), and the bias gradient."""
+    with nogil:
+        _act_backward(&y[0], &dy[0], &dz[0], <Py_ssize_t>n * u, act)
+        fc_bias_grad_c(&dz[0], &db[0], n, u, beta)
+
+
+def fc_backward_block(const float[::1] x, const float[::1] wt, float[::1] dw, Py_ssize_t w0,
+                      Py_ssize_t ldw, const float[::1] dz, float[::1] dx, int n, int d, int u,
+                      bint need_dx, float beta):
+    with nogil:
+        fc_backward_block_c(&x[0], &wt[w0], &dw[w0], ldw, &dz[0], &dx[0], n, d, u, need_dx,
+                            beta)
 
 
 # Pools: x, y and dy are samples xs, ys and dys apart (row ranges of larger batches).

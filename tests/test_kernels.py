@@ -62,12 +62,16 @@ def test_locally_connected(shape, act):
 
 
 @pytest.mark.parametrize("n,d,u", [(1, 1, 1), (3, 7, 5), (32, 130, 67), (5, 64, 1), (9, 33, 1024),
-                                   (32, 40, 10)])   # fewer units than samples: the direct product
+                                   (32, 40, 10),    # fewer units than samples: the direct product
+                                   # thin layers (dot products; register-blocked backward where
+                                   # the width is whole vectors): a softmax and its shares
+                                   (32, 5408, 10), (33, 160, 5), (7, 48, 13), (2, 96, 16)])
 @pytest.mark.parametrize("act", ACTS)
 def test_fully_connected(n, d, u, act):
     rng = np.random.default_rng(n * 1000 + d)
     x = rng.standard_normal((n, d)).astype(np.float32)
-    wt = rng.standard_normal((u, d)).astype(np.float32)
+    # pre-activations of order 1 (float32 sums of 5408 terms of order 1 differ by 1e-4)
+    wt = (rng.standard_normal((u, d)) / np.sqrt(d)).astype(np.float32)
     b = rng.standard_normal(u).astype(np.float32)
     y1, y2 = KO.fc_forward(x, wt, b, act), RO.fc_forward(x, wt, b, act)
     np.testing.assert_allclose(y1, y2, atol=_tol(y2), rtol=1e-5)
@@ -78,6 +82,36 @@ def test_fully_connected(n, d, u, act):
     dx2 = RO.fc_backward(x, wt, y2, dy, act, *g2, True)
     for a, r in [(dx1, dx2)] + list(zip(g1, g2)):
         np.testing.assert_allclose(a, r, atol=_tol(r), rtol=1e-4)
+
+
+@pytest.mark.parametrize("ops", [KO, RO], ids=["kernels", "reference"])
+@pytest.mark.parametrize("u,act", [(5, "linear"), (40, "sigmoid")])
+def test_fully_connected_input_in_column_blocks(ops, u, act):
+    """A partition's input as it arrives from each owner, not assembled: the same output and
+    gradients as the whole input; block 1's dx not wanted; a fused SGD step (dw = w, beta)."""
+    rng = np.random.default_rng(u)
+    n, cuts = 9, [0, 64, 96, 200]
+    x = rng.standard_normal((n, cuts[-1])).astype(np.float32)
+    w = rng.standard_normal((u, cuts[-1])).astype(np.float32)
+    b = rng.standard_normal(u).astype(np.float32)
+    blocks = [(np.ascontiguousarray(x[:, a:z]), a) for a, z in zip(cuts, cuts[1:])]
+    y = ops.fc_forward_blocks(blocks, w, b, act)
+    np.testing.assert_allclose(y, RO.fc_forward(x, w, b, act), atol=1e-4, rtol=1e-4)
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    g = [np.empty_like(w), np.empty_like(b)]
+    dx = RO.fc_backward(x, w, y, dy, act, *g, True)
+    dxs = [np.full(bx.shape, np.nan, np.float32) for bx, _ in blocks]
+    dxs[1] = None
+    w2, b2, lr = w.copy(), b.copy(), np.float32(0.5)
+    ops.fc_backward_blocks(blocks, w2, y, -lr * dy, act, w2, b2, dxs, 1.0)
+    for i, (a, z) in enumerate(zip(cuts, cuts[1:])):
+        if dxs[i] is not None:
+            np.testing.assert_allclose(dxs[i], -lr * dx[:, a:z], atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(w2, w - lr * g[0], atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(b2, b - lr * g[1], atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="do not tile"):
+        ops.fc_forward_blocks(blocks[::-1], w, b, act) if ops is KO else KO.fc_forward_blocks(
+            blocks[:1] + blocks[2:], w, b, act)
 
 
 @pytest.mark.parametrize("kind", ["max", "l2"])

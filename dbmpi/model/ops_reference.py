@@ -12,7 +12,8 @@ the backward pass).
 
 from . import reference as R
 
-__all__ = ["lc_forward", "lc_backward", "fc_forward", "fc_backward", "pool_forward",
+__all__ = ["lc_forward", "lc_backward", "fc_forward", "fc_backward", "fc_forward_blocks",
+           "fc_backward_blocks", "pool_forward",
            "pool_backward", "lcn_forward", "lcn_backward", "softmax_xent"]
 
 
@@ -56,6 +57,23 @@ def fc_backward(x, w, y, dy, act, dw, db, need_dx, beta=0.0):
     _store(dw, dw_, beta)
     _store(db, db_, beta)
     return dx
+
+
+def fc_forward_blocks(blocks, w, b, act):
+    """fc_forward with x's columns given as blocks [(x_i, first column)], in order."""
+    z = b + sum(x @ w[:, c0:c0 + x.shape[1]].T for x, c0 in blocks)
+    return R.act_forward(z.astype(w.dtype, copy=False), act)
+
+
+def fc_backward_blocks(blocks, w, y, dy, act, dw, db, dxs, beta=0.0):
+    """fc_backward for fc_forward_blocks: block i's input gradient into dxs[i] (or None)."""
+    dz = R.act_backward(y, dy, act)
+    for (x, c0), dx in zip(blocks, dxs):
+        if dx is not None:
+            dx[...] = dz @ w[:, c0:c0 + x.shape[1]]
+    for x, c0 in blocks:
+        _store(dw[:, c0:c0 + x.shape[1]], dz.T @ x, beta)
+    _store(db, dz.sum(axis=0), beta)
 
 
 def pool_forward(x, size, stride, kind, out=None):

@@ -48,9 +48,15 @@ class _Exchange:
     gradients of exactly those blocks travel the other way and are added by the owners.
     The messages are planned when the partition is built; their buffers and persistent
     requests (``Send_init``/``Recv_init``) once per batch size, on the first step of it.
+
+    ``columns``: the consumer is a fully connected layer, which takes its input as column
+    blocks (every block, all channels of a row range or a unit range, is a contiguous range
+    of the flattened input): forward returns the blocks as they arrived, [(x (n, d_i), first
+    column)], and the layer's backward writes their gradients into ``dx_targets()``, the
+    send buffers themselves; no region is assembled, no gradient copied out of one.
     """
 
-    def __init__(self, comm, tag, shape, owned, need):
+    def __init__(self, comm, tag, shape, owned, need, columns=False):
         self.comm, self.tag = comm, tag
         self.shape = shape                       # (h, w, c) of the layer's input
         me, P = comm.Get_rank(), comm.Get_size()
@@ -79,12 +85,28 @@ class _Exchange:
         # my rows of the region (own_view), and backward adds what comes back for them into
         # my rows of the region's gradient, which it returns as a view
         self.in_place = self.self_rows == self.own[0] and self.own[1] == (0, c)
+        self.columns = None
+        if columns and self.need == (0, shape[0]) and (self.send_whole or not self.send):
+            blocks = [(self._first_column(*self.own), -1)] if self.own[0][0] < self.own[0][1] \
+                else []
+            blocks += [(self._first_column(rows, chans), i)
+                       for i, (_, rows, chans) in enumerate(self.recv)]
+            if all(col is not None for col, _ in blocks):
+                self.columns = sorted(blocks)      # (first column, -1: mine, else recv index)
         self.bytes_sent = 0
         self.seconds = 0.0     # in forward and backward: copies, transfers, waiting for peers
         self._key = None
         self._reqs = []     # every persistent request, freed with the exchange or at exit
         self._unsent = []   # sends started, not yet waited for (see forward)
         weakref.finalize(self, _free_requests, self._reqs, self._unsent)
+
+    def _first_column(self, rows, chans):
+        """Where block (rows, chans) starts in the flattened input, or None where it is not
+        one range of columns."""
+        h, w, c = self.shape
+        if chans == (0, c):
+            return rows[0] * w * c
+        return chans[0] if h == w == 1 else None
 
     def _block(self, n, rows, chans):
         return (n, rows[1] - rows[0], self.shape[1], chans[1] - chans[0])
@@ -101,8 +123,10 @@ class _Exchange:
         h, w, c = self.shape
         lo, hi = self.need
         (r0, r1), (c0, c1) = self.own
-        self._region = None if self.mine_only else aligned.empty((n, hi - lo, w, c), dtype)
-        self._dlocal = None if self.in_place else aligned.empty((n, r1 - r0, w, c1 - c0), dtype)
+        self._region = (None if self.mine_only or self.columns is not None
+                        else aligned.empty((n, hi - lo, w, c), dtype))
+        self._dlocal = (None if self.in_place and self.columns is None
+                        else aligned.empty((n, r1 - r0, w, c1 - c0), dtype))
         # (a whole block instead goes from the layer's own contiguous output: every message
         # stays contiguous, which MPICH moves in one copy, read by the receiver itself;
         # strided datatypes are pipelined through shared memory and stall whenever the
@@ -157,7 +181,12 @@ class _Exchange:
             self.bytes_sent += local.nbytes * len(self.send)
         nr = len(self.recv)       # receives first, then sends (see _buffers)
         self._unsent.extend(self._freqs[nr:])
-        if self.mine_only:
+        if self.columns is not None:      # the blocks as they are (see the class)
+            local = np.ascontiguousarray(local)
+            wait(self._freqs[:nr])
+            region = [((local if i < 0 else self._frecv[i]).reshape(n, -1), col)
+                      for col, i in self.columns]
+        elif self.mine_only:
             region = local[:, lo - r0:hi - r0]
         else:
             # every element of the region is owned by exactly one partition (me or a
@@ -178,6 +207,8 @@ class _Exchange:
         exchange's own buffer, valid until its next backward, or my rows of ``dregion``,
         which the layer's backward allocated: then what comes back is added there).  As in
         forward, the sends are waited for later."""
+        if self.columns is not None:
+            return self._backward_columns()
         t = time.perf_counter()
         n = dregion.shape[0]
         self._buffers(n, dtype)
@@ -203,6 +234,28 @@ class _Exchange:
         wait(self._breqs[:nr])
         for (q, rows, chans), b in zip(self.send, self._brecv):   # my rows they used
             dlocal[:, rows[0] - r0:rows[1] - r0] += b
+        self.seconds += time.perf_counter() - t
+        return dlocal
+
+    def dx_targets(self):
+        """Where a ``columns`` consumer's backward puts the gradient of each block forward
+        gave it, in the same order: mine into my block's gradient, the others into the
+        buffers that send them back."""
+        n = self._key[0]
+        return [(self._dlocal if i < 0 else self._bsend[i]).reshape(n, -1)
+                for _, i in self.columns]
+
+    def _backward_columns(self):
+        """backward for a ``columns`` consumer, which wrote dx_targets()."""
+        t = time.perf_counter()
+        self.bytes_sent += sum(b.nbytes for b in self._bsend)
+        _startall(self._breqs)
+        nr = len(self.send)
+        self._unsent.extend(self._breqs[nr:])
+        dlocal = self._dlocal
+        wait(self._breqs[:nr])
+        for b in self._brecv:                # every consumer used all of my block
+            dlocal += b
         self.seconds += time.perf_counter() - t
         return dlocal
 
@@ -381,7 +434,8 @@ class PartitionedNetwork:
                     for q, pq in enumerate(self.parts)]
             need = self.mine[i].need                  # need[q] for every partition q
             shape = self.full.layers[i].in_shape
-            self.exchanges.append(_Exchange(comm, 100 + 4 * i, shape, prev, need))
+            self.exchanges.append(_Exchange(comm, 100 + 4 * i, shape, prev, need,
+                                            columns=not self.mine[i].spatial))
         self.logit_bytes = 0
         self._comm_s = 0.0      # the logits' exchange and the l2 term's allreduce
 
@@ -465,6 +519,9 @@ class PartitionedNetwork:
             y, aux = ops.lcn_forward(region, layer.size, layer.eps)
             off = a - self._need_lo(part)
             return np.ascontiguousarray(y[:, off:off + (z - a)]), (aux, off, z - a, region.shape)
+        if isinstance(region, list):      # column blocks, as they came (_Exchange.columns)
+            y = ops.fc_forward_blocks(region, params[0], params[1], layer.act)
+            return y.reshape(n, 1, 1, z - a), (region, y, None)
         x2 = region.reshape(n, -1)
         y = ops.fc_forward(x2, params[0], params[1], layer.act)   # a softmax layer's is linear
         return y.reshape(n, 1, 1, z - a), (x2, y, region.shape)
@@ -472,11 +529,20 @@ class PartitionedNetwork:
     def _need_lo(self, part):
         return part.need[self.p][0]
 
-    def _local_backward(self, part, dy, cache, params, grads, ops, need_dx, n, dtype, beta):
+    def _local_backward(self, part, dy, cache, params, grads, ops, need_dx, n, dtype, beta,
+                        ex=None):
+        """This partition's share of a layer's backward pass: its parameter gradients into
+        ``grads``; returns the gradient of the region of the input it read, or None where
+        it wrote the gradient of its input's column blocks into ``ex.dx_targets()``."""
         layer, kind = part.layer, part.layer.spec["type"]
         lo, hi = part.need[self.p]
         h, w, c = layer.in_shape
+        columns = ex is not None and ex.columns is not None
         if cache is None:
+            if columns:
+                for t in (ex.dx_targets() if need_dx else ()):
+                    t[...] = 0
+                return None
             return np.zeros((n, hi - lo, w, c), dtype=dtype) if need_dx else None
         if kind == "locally_connected":
             slab, y, top, rows = cache
@@ -496,6 +562,11 @@ class PartitionedNetwork:
             dfull[:, off:off + rows] = dy
             return ops.lcn_backward(dfull, aux, layer.size) if need_dx else None
         x2, y, shape = cache
+        if shape is None:                 # column blocks (see _local_forward)
+            ops.fc_backward_blocks(x2, params[0], y, np.ascontiguousarray(dy.reshape(y.shape)),
+                                   layer.back_act, grads[0], grads[1],
+                                   ex.dx_targets() if need_dx else [None] * len(x2), beta)
+            return None
         dx = ops.fc_backward(x2, params[0], y, np.ascontiguousarray(dy.reshape(y.shape)),
                              layer.back_act, grads[0], grads[1], need_dx, beta)
         return None if dx is None else dx.reshape(shape)
@@ -553,7 +624,8 @@ class PartitionedNetwork:
         for i in range(len(self.mine) - 1, -1, -1):
             part = self.mine[i]
             dregion = self._local_backward(part, d, caches[i], params[i], gviews[i], ops,
-                                           i > 0, n, theta_local.dtype, beta)
+                                           i > 0, n, theta_local.dtype, beta,
+                                           self.exchanges[i] if i > 0 else None)
             if i > 0:
                 d = self.exchanges[i].backward(dregion, theta_local.dtype)
         if self.l2 and not inplace:
