@@ -699,6 +699,36 @@ def fc_backward_block(const float[::1] x, const float[::1] wt, float[::1] dw, Py
                             beta)
 
 
+def copy_samples(const float[:, :, :, :] src, float[:, :, :, :] dst, bint add):
+    """dst (+)= src, (n, h, w, c) arrays whose every sample is contiguous (their samples may
+    lie any distance apart: rows of larger batches).  False, touching nothing, where the
+    shapes differ or a sample is not contiguous."""
+    cdef Py_ssize_t s, t, n = src.shape[0], count = src.shape[1] * src.shape[2] * src.shape[3]
+    cdef const float* a
+    cdef float* b
+    cdef int i
+    for i in range(4):
+        if src.shape[i] != dst.shape[i]:
+            return False
+    if (src.strides[3] != 4 or src.strides[2] != src.shape[3] * 4
+            or src.strides[1] != src.shape[2] * src.shape[3] * 4 or dst.strides[3] != 4
+            or dst.strides[2] != dst.shape[3] * 4
+            or dst.strides[1] != dst.shape[2] * dst.shape[3] * 4):
+        return False
+    if n == 0 or count == 0:
+        return True
+    with nogil:
+        for s in range(n):
+            a = <const float*>(<const char*>&src[0, 0, 0, 0] + s * src.strides[0])
+            b = <float*>(<char*>&dst[0, 0, 0, 0] + s * dst.strides[0])
+            if add:
+                for t in range(count):
+                    b[t] += a[t]
+            else:
+                memcpy(b, a, count * sizeof(float))
+    return True
+
+
 # Pools: x, y and dy are samples xs, ys and dys apart (row ranges of larger batches).
 def max_pool(const float[::1] x, Py_ssize_t xs, float[::1] y, Py_ssize_t ys, int[::1] arg,
              int n, int h, int w, int c, int size, int stride, int ho, int wo):

@@ -327,3 +327,19 @@ def test_parameters_gradients_and_outputs_lie_on_cache_lines():
     y = KO.lc_forward(np.ascontiguousarray(x.transpose(0, 2, 3, 1)), w,
                       np.zeros((18, 18, 16), np.float32), 3, 1, 0, "relu")
     assert aligned.is_aligned(y)
+
+
+@pytest.mark.parametrize("add", [False, True])
+def test_copy_samples_between_blocks_of_larger_batches(add):
+    """The exchanges' copies: samples strided on either side, the rows around untouched;
+    a block of some channels only (samples not contiguous) goes the numpy way, same result."""
+    rng = np.random.default_rng(3)
+    big = rng.standard_normal((5, 7, 3, 4)).astype(np.float32)
+    src = rng.standard_normal((5, 9, 3, 4)).astype(np.float32)[:, 4:6]
+    want = big.copy()
+    want[:, 2:4] = (want[:, 2:4] + src) if add else src
+    KO.copy_samples(big[:, 2:4], src, add=add)
+    np.testing.assert_array_equal(big, want)
+    want[:, 1:3, :, 1:3] = (want[:, 1:3, :, 1:3] + src[..., :2]) if add else src[..., :2]
+    KO.copy_samples(big[:, 1:3, :, 1:3], src[..., :2], add=add)
+    np.testing.assert_array_equal(big, want)

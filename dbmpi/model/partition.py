@@ -24,14 +24,28 @@ import numpy as np
 
 from .. import aligned
 from ..mpiwait import wait
-from .network import Network, _accumulate_beta, _grad_buffer
+from .network import Network, _accumulate_beta, _grad_buffer, kernel_ops
 from .reference import out_size, softmax_xent
 
 __all__ = ["PartitionedNetwork", "split", "Layout"]
 
+_KERNELS = kernel_ops()
+
 
 def split(n: int, parts: int, p: int) -> tuple[int, int]:
     return n * p // parts, n * (p + 1) // parts
+
+
+def _copy(dst, src, add=False):
+    """dst[...] = src (or +=) for the blocks the exchanges move: (n, rows, w, c) arrays, each
+    sample contiguous, samples strided (a block of a region); the kernel's one pass where
+    built (see dbmpi.kernels.copy_samples)."""
+    if _KERNELS is not None:
+        _KERNELS.copy_samples(dst, src, add)
+    elif add:
+        dst += src
+    else:
+        np.copyto(dst, src)
 
 
 def _overlap(a, b):
@@ -171,7 +185,7 @@ class _Exchange:
         lo, hi = self.need
         r0 = self.own[0][0]
         for (q, rows, chans), b in zip(self.send, self._fsend):
-            np.copyto(b, local[:, rows[0] - r0:rows[1] - r0])
+            _copy(b, local[:, rows[0] - r0:rows[1] - r0])
             self.bytes_sent += b.nbytes
         _startall(self._freqs)
         if self.send_whole:       # from the layer's output itself (kept until backward)
@@ -195,10 +209,10 @@ class _Exchange:
             if self.self_rows is not None and local is not self._own_view:  # not written there
                 a, z = self.self_rows
                 c0, c1 = self.own[1]
-                region[:, a - lo:z - lo, :, c0:c1] = local[:, a - r0:z - r0]
+                _copy(region[:, a - lo:z - lo, :, c0:c1], local[:, a - r0:z - r0])
             wait(self._freqs[:nr])
             for (q, rows, chans), b in zip(self.recv, self._frecv):
-                region[:, rows[0] - lo:rows[1] - lo, :, chans[0]:chans[1]] = b
+                _copy(region[:, rows[0] - lo:rows[1] - lo, :, chans[0]:chans[1]], b)
         self.seconds += time.perf_counter() - t
         return region
 
@@ -215,7 +229,7 @@ class _Exchange:
         lo = self.need[0]
         (r0, r1), (c0, c1) = self.own
         for (q, rows, chans), b in zip(self.recv, self._bsend):   # their rows I used
-            np.copyto(b, dregion[:, rows[0] - lo:rows[1] - lo, :, chans[0]:chans[1]])
+            _copy(b, dregion[:, rows[0] - lo:rows[1] - lo, :, chans[0]:chans[1]])
             self.bytes_sent += b.nbytes
         _startall(self._breqs)
         nr = len(self.send)
@@ -230,10 +244,10 @@ class _Exchange:
             a, z = self.self_rows
             dlocal[:, :a - r0] = 0                # and the others zeroed (a stripe's edges)
             dlocal[:, z - r0:] = 0
-            dlocal[:, a - r0:z - r0] = dregion[:, a - lo:z - lo, :, c0:c1]
+            _copy(dlocal[:, a - r0:z - r0], dregion[:, a - lo:z - lo, :, c0:c1])
         wait(self._breqs[:nr])
         for (q, rows, chans), b in zip(self.send, self._brecv):   # my rows they used
-            dlocal[:, rows[0] - r0:rows[1] - r0] += b
+            _copy(dlocal[:, rows[0] - r0:rows[1] - r0], b, add=True)
         self.seconds += time.perf_counter() - t
         return dlocal
 
@@ -255,7 +269,7 @@ class _Exchange:
         dlocal = self._dlocal
         wait(self._breqs[:nr])
         for b in self._brecv:                # every consumer used all of my block
-            dlocal += b
+            _copy(dlocal, b, add=True)
         self.seconds += time.perf_counter() - t
         return dlocal
 
