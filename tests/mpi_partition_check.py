@@ -80,6 +80,11 @@ def main():
             out[name] = {"loss_diff": abs(lp - l1) / max(1.0, abs(l1)),
                          "grad_diff": float(np.abs(g - g1).max() / max(1e-12, np.abs(g1).max())),
                          "bytes_sent": sends, "local_aligned": placed,
+                         # every fully connected layer after the first takes its input as
+                         # the blocks that arrive (no region assembled)
+                         "fc_columns": all(ex.columns is not None
+                                           for ex, part in zip(pn.exchanges[1:], pn.mine[1:])
+                                           if not part.spatial),
                          "step_diff": float(np.abs(pn.to_canonical(np.concatenate(steps))
                                                    - (theta - lr * g1)).max()),
                          "step_loss_diff": abs(ls - lp)}

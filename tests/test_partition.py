@@ -81,6 +81,7 @@ def test_partitioned_loss_grad_and_traffic(P):
         assert r["step_diff"] < 2e-6 and r["step_loss_diff"] == 0, (name, r)
         assert r["bytes_sent"] == cut_edge_bytes(NETS[name], P, 5), name
         assert all(r["local_aligned"]), (name, r["local_aligned"])   # each partition's slice
+        assert r["fc_columns"], name
 
 
 def test_layout_roundtrip_and_contiguous_slices():
