@@ -11,10 +11,11 @@ import numpy as np
 
 from . import _kernels as K
 from . import aligned
+from .model import ops_reference as RO
 from .model import reference as R
 
 __all__ = ["lc_forward", "lc_backward", "fc_forward", "fc_backward", "fc_forward_blocks",
-           "fc_backward_blocks", "pool_forward",
+           "fc_backward_blocks", "copy_samples", "pool_forward",
            "pool_backward", "lcn_forward", "lcn_backward", "softmax_xent"]
 
 _ACT = {"linear": 0, "relu": 1, "sigmoid": 2, "tanh": 3}
@@ -81,10 +82,7 @@ def copy_samples(dst, src, add=False):
     in-place add whose operands it cannot prove apart)."""
     if not (dst.dtype == src.dtype == _F32 and dst.ndim == src.ndim == 4
             and K.copy_samples(src, dst, add)):
-        if add:
-            dst += src
-        else:
-            np.copyto(dst, src)
+        RO.copy_samples(dst, src, add)
 
 
 def _lc_dims(x, w, k, stride, pad):

@@ -10,10 +10,12 @@ before ``dw`` is written, so ``dw`` may be the weights themselves (an SGD step f
 the backward pass).
 """
 
+import numpy as np
+
 from . import reference as R
 
 __all__ = ["lc_forward", "lc_backward", "fc_forward", "fc_backward", "fc_forward_blocks",
-           "fc_backward_blocks", "pool_forward",
+           "fc_backward_blocks", "copy_samples", "pool_forward",
            "pool_backward", "lcn_forward", "lcn_backward", "softmax_xent"]
 
 
@@ -74,6 +76,14 @@ def fc_backward_blocks(blocks, w, y, dy, act, dw, db, dxs, beta=0.0):
     for x, c0 in blocks:
         _store(dw[:, c0:c0 + x.shape[1]], dz.T @ x, beta)
     _store(db, dz.sum(axis=0), beta)
+
+
+def copy_samples(dst, src, add=False):
+    """dst[...] = src, or += src (the blocks a partition's exchanges move)."""
+    if add:
+        dst += src
+    else:
+        np.copyto(dst, src)
 
 
 def pool_forward(x, size, stride, kind, out=None):

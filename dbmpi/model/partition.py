@@ -24,6 +24,7 @@ import numpy as np
 
 from .. import aligned
 from ..mpiwait import wait
+from . import ops_reference
 from .network import Network, _accumulate_beta, _grad_buffer, kernel_ops
 from .reference import out_size, softmax_xent
 
@@ -40,12 +41,7 @@ def _copy(dst, src, add=False):
     """dst[...] = src (or +=) for the blocks the exchanges move: (n, rows, w, c) arrays, each
     sample contiguous, samples strided (a block of a region); the kernel's one pass where
     built (see dbmpi.kernels.copy_samples)."""
-    if _KERNELS is not None:
-        _KERNELS.copy_samples(dst, src, add)
-    elif add:
-        dst += src
-    else:
-        np.copyto(dst, src)
+    (_KERNELS or ops_reference).copy_samples(dst, src, add)
 
 
 def _overlap(a, b):
