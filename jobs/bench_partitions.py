@@ -12,7 +12,8 @@ peers: load imbalance and jitter included) and the bytes each partition sends pe
 Each core's speed is measured at the start and at the end: partitions run at the pace of
 the slowest core, so unequal cores (a busy neighbour on a shared VM) cap the speed-up.
 P = 2 on 2 cores needs both; a disturbance on either stalls both partitions, which is why
-the best is shown beside the median.  Ranks beyond the cores are oversubscribed.
+the best is shown beside the median.  "steady" is the samples/s at a run's median step
+(best run of each P): the pace between the disturbances, where those are brief.  Ranks beyond the cores are oversubscribed.
 Launcher: MPIEXEC (default: the mpiexec beside this Python).
 """
 
@@ -62,14 +63,19 @@ def main():
                                        f"r{P}-{rep}"),
                 parts, args.repeats)
         b0, m0 = best[parts[0]], med[parts[0]]
+        # the steady pace: samples/s at the median step of a run, best run of each P
+        steady = {P: max(args.batch * 1e3 / r["step_ms_quartiles"][1] for r in res[P])
+                  for P in parts}
         print(f"\n{name} ({res[parts[0]][0]['num_params'] / 1e6:.2f}M parameters)")
         print(f"{'P':>3}{'best/s':>10}{'speed-up':>10}{'median/s':>10}{'speed-up':>10}"
-              f"{'step ms':>9}   exchange ms per step, bytes per step: by partition")
+              f"{'steady/s':>10}{'speed-up':>10}{'step ms':>9}   exchange ms per step, "
+              f"bytes per step: by partition")
         for P in parts:
             s = S.best_run(res[P])       # the breakdown of the run the best figure is from
             exch = ", ".join(f"{e:.2f}" for e in s.get("partition_exchange_ms_per_step", [0]))
             print(f"{P:>3}{best[P]:>10.1f}{best[P] / b0:>9.2f}x{med[P]:>10.1f}"
-                  f"{med[P] / m0:>9.2f}x{S.step_ms(s):>9.2f}   [{exch}]  "
+                  f"{med[P] / m0:>9.2f}x{steady[P]:>10.1f}{steady[P] / steady[parts[0]]:>9.2f}x"
+                  f"{S.step_ms(s):>9.2f}   [{exch}]  "
                   f"{[round(b) for b in s.get('partition_bytes_per_step', [0])]}")
     print("\nat the end, " + S.core_speeds_line(S.core_speeds(cores)))
 

@@ -142,6 +142,11 @@ def test_sgd_losses_match_single_partition_for_50_steps(tmp_path, digits_path):
     assert s["partition_bytes_per_step"] == cut_edge_bytes(spec, 3, 32)
     exch, step_ms = s["partition_exchange_ms_per_step"], 1e3 * s["compute_s"] / s["steps"]
     assert len(exch) == 3 and all(0 < e < step_ms for e in exch), (exch, step_ms)
+    # the steps' time quartiles: ordered, and a step takes at least its computation
+    for d in ("p1", "p3"):
+        s = json.loads((tmp_path / d / "summary.json").read_text())
+        q1, med, q3 = s["step_ms_quartiles"]
+        assert 0 < q1 <= med <= q3 and med >= 0.5 * 1e3 * s["compute_s"] / s["steps"], s
 
 
 @pytest.mark.parametrize("sets,reason", [

@@ -22,6 +22,15 @@ def _check_loss(loss, step, o) -> None:
             f"optimizer.learning_rate than {o['learning_rate']}")
 
 
+def _step_quartiles(step_s) -> list[float]:
+    """Quartiles (ms) of the training steps' times: the median is the steady pace, which an
+    evaluation, a checkpoint or a busy neighbour now and then does not move (samples_per_s
+    is the whole run's)."""
+    if not step_s:
+        return []
+    return [round(1e3 * float(v), 4) for v in np.percentile(step_s, [25, 50, 75])]
+
+
 def _trainer(net, opt, theta):
     """``step(x, y)``: one update of ``theta`` in place; returns the loss before it.
 
@@ -82,12 +91,15 @@ def train_sgd(cfg: dict, net, run, resume: dict | None = None, progress: bool = 
 
     stop = "max_steps"
     train_step = _trainer(net, opt, theta)
+    step_s = []      # each step's time: data, update and bookkeeping (not evaluations)
     while step < r["max_steps"]:
+        t0 = time.perf_counter()
         x, y = batches.next()
         tc = time.perf_counter()
         loss = train_step(x, y)
         _check_loss(loss, step, o)   # a diverged step is never checkpointed: the run stops
         compute_s += time.perf_counter() - tc
+        step_s.append(time.perf_counter() - t0)
         step += 1
         if step % r["log_every"] == 0 or step == 1:
             run.log("train", replica=0, step=step, loss=loss)
@@ -113,7 +125,8 @@ def train_sgd(cfg: dict, net, run, resume: dict | None = None, progress: bool = 
         "algorithm": "sgd", "ranks": cfg["cluster"]["partitions"], "stop_reason": stop,
         "steps": step, "wall_time_s": wall,
         "samples_per_s": steps * o["batch_size"] / wall if wall > 0 else 0.0,
-        "compute_s": compute_s, "final_train_loss": loss,
+        "compute_s": compute_s, "step_ms_quartiles": _step_quartiles(step_s),
+        "final_train_loss": loss,
         "final_test_loss": ev["loss"], "final_test_accuracy": ev["accuracy"],
         "num_params": net.num_params, "pushes_sent": 0, "pushes_applied": 0,
     }
@@ -178,7 +191,9 @@ def train_sgd_partitioned(topo, cfg, out, resume=None, quiet=False) -> dict | No
     train_step = _trainer(pn, opt, theta)
     # the training steps' time, traffic and exchange time (evaluations' are not counted)
     compute_s = sent = exch = 0.0
+    step_s = []      # each step's time, the decision broadcast included (not evaluations)
     while step < r["max_steps"]:
+        t0 = time.perf_counter()
         x, y = batches.next()
         b0, e0, tc = pn.bytes_sent, pn.exchange_seconds, time.perf_counter()
         loss = train_step(x, y)
@@ -193,6 +208,7 @@ def train_sgd_partitioned(topo, cfg, out, resume=None, quiet=False) -> dict | No
             flag[0], why = lead_decision(r, t_start, last_eval, last_ckpt)
             stop = why or stop
         wait([comm.Ibcast(flag, root=0)])
+        step_s.append(time.perf_counter() - t0)
         if flag[0] & EVAL:
             ev = pn.evaluate(theta, tx, ty)
             last_eval = time.time()
@@ -223,7 +239,7 @@ def train_sgd_partitioned(topo, cfg, out, resume=None, quiet=False) -> dict | No
         "final_train_loss": loss, "final_test_loss": ev["loss"],
         "final_test_accuracy": ev["accuracy"], "num_params": pn.num_params,
         "partition_bytes_per_step": [b / max(steps, 1) for b in sent],
-        "compute_s": compute_s,
+        "compute_s": compute_s, "step_ms_quartiles": _step_quartiles(step_s),
         "partition_exchange_ms_per_step": [1e3 * e / max(steps, 1) for e in exch],
         "pushes_sent": 0, "pushes_applied": 0,
     }
