@@ -13,7 +13,8 @@ Each core's speed is measured at the start and at the end: partitions run at the
 the slowest core, so unequal cores (a busy neighbour on a shared VM) cap the speed-up.
 P = 2 on 2 cores needs both; a disturbance on either stalls both partitions, which is why
 the best is shown beside the median.  "steady" is the samples/s at a run's median step
-(best run of each P): the pace between the disturbances, where those are brief.  Ranks beyond the cores are oversubscribed.
+(best run of each P): the pace between the disturbances, where those are brief.  Ranks
+beyond the cores are oversubscribed.
 Launcher: MPIEXEC (default: the mpiexec beside this Python).
 """
 

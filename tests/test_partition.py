@@ -142,7 +142,8 @@ def test_sgd_losses_match_single_partition_for_50_steps(tmp_path, digits_path):
     assert s["partition_bytes_per_step"] == cut_edge_bytes(spec, 3, 32)
     exch, step_ms = s["partition_exchange_ms_per_step"], 1e3 * s["compute_s"] / s["steps"]
     assert len(exch) == 3 and all(0 < e < step_ms for e in exch), (exch, step_ms)
-    # the steps' time quartiles: ordered, and a step takes at least its computation
+    # the steps' time quartiles: ordered, and the median step is of the order of a step's
+    # computation (half its mean at least: the median may fall below the mean)
     for d in ("p1", "p3"):
         s = json.loads((tmp_path / d / "summary.json").read_text())
         q1, med, q3 = s["step_ms_quartiles"]
