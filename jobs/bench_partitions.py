@@ -51,6 +51,8 @@ def main():
           f"runs each, {os.cpu_count()} cores here")
     cores = range(max(parts))          # the cores P partitions run on, where they are free
     print("at the start, " + S.core_speeds_line(S.core_speeds(cores)))
+    if len(cores) > 1:     # the machine's own ceiling for P partitions on these cores
+        print(S.pace_together_line(S.pace_together(cores)))
     for name in args.nets.split(","):
         fname, size, model = NETS[name]
         data = ROOT / "data" / fname

@@ -107,6 +107,73 @@ def core_speeds_line(speeds: dict[int, float]) -> str:
             + f"; slowest/fastest {min(v) / max(v):.2f}")
 
 
+def _pace_worker(core, start, seconds, mib, out):
+    """On ``core``: the median GFLOP/s of a 64x64 float32 matmul (L1-resident), then the
+    median GB/s (read + write) of copying a ``mib`` MiB array (memory-bound), each for
+    ``seconds``; both begin when every worker of the same barrier ``start`` is ready."""
+    import time
+    import numpy as np
+    os.sched_setaffinity(0, {core})
+    a = np.random.default_rng(core).random((64, 64), dtype=np.float32)
+    c = a @ a
+    src = np.ones(mib * 2 ** 18, dtype=np.float32)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)                  # pages touched before the clock runs
+    res = []
+    for work, amount in ((lambda: [np.matmul(a, a, out=c) for _ in range(200)],
+                          200 * 2 * 64 ** 3),
+                         (lambda: np.copyto(dst, src), 2 * src.nbytes)):
+        start.wait()
+        rates, end = [], time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            t = time.perf_counter()
+            work()
+            rates.append(amount / (time.perf_counter() - t) / 1e9)
+        res.append(sorted(rates)[len(rates) // 2])
+    out.put((core, res[0], res[1]))
+
+
+def pace_together(cores, seconds: float = 0.5, mib: int = 64):
+    """How fast each core computes and streams memory while all of ``cores`` do so at once,
+    against one at a time: {core: (compute ratio, memory ratio)}, {} without CPU affinity.
+
+    P partitions on P cores run at the cores' together-pace, so this is the ceiling a
+    P = len(cores) speed-up meets on this machine: compute-bound work scales by P times the
+    compute ratio at best, memory-bound work by P times the memory ratio."""
+    import multiprocessing as mp
+    if not hasattr(os, "sched_setaffinity"):
+        return {}
+    cores = sorted(set(cores) & os.sched_getaffinity(0))
+    ctx = mp.get_context("fork")
+
+    def run(group):
+        out, start = ctx.Queue(), ctx.Barrier(len(group))
+        procs = [ctx.Process(target=_pace_worker, args=(c, start, seconds, mib, out))
+                 for c in group]
+        for pr in procs:
+            pr.start()
+        got = {}
+        for _ in group:
+            core, gf, gb = out.get(timeout=60 + 4 * seconds)
+            got[core] = (gf, gb)
+        for pr in procs:
+            pr.join()
+        return got
+    alone = {}
+    for c in cores:
+        alone.update(run([c]))
+    together = run(cores)
+    return {c: (together[c][0] / alone[c][0], together[c][1] / alone[c][1]) for c in cores}
+
+
+def pace_together_line(ratios: dict) -> str:
+    if not ratios:
+        return "cores together: not measured (no CPU affinity here)"
+    return ("all these cores at once, each at (of its pace alone): "
+            + ", ".join(f"cpu{c} compute {g:.2f}x, memory copy {m:.2f}x"
+                        for c, (g, m) in ratios.items()))
+
+
 def ranks_of(text: str, workdir: Path) -> int:
     cfg = workdir / "probe.toml"
     cfg.write_text(text)

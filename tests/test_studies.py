@@ -39,3 +39,19 @@ def test_core_speeds_measures_each_core_and_restores_affinity():
     assert set(speeds) == mask and all(g > 0.1 for g in speeds.values())
     assert os.sched_getaffinity(0) == mask
     assert "slowest/fastest" in studylib.core_speeds_line(speeds)
+
+
+def test_pace_together_compares_each_core_with_and_without_the_others():
+    import os
+    sys.path.insert(0, str(ROOT / "jobs"))
+    import studylib
+    if not hasattr(os, "sched_getaffinity"):
+        pytest.skip("no CPU affinity on this platform")
+    mask = os.sched_getaffinity(0)
+    ratios = studylib.pace_together(mask, seconds=0.05, mib=4)
+    assert set(ratios) == mask
+    # ratios of the same work's pace: positive, and no core runs far faster beside the others
+    assert all(0.05 < g < 2 and 0.05 < m < 2 for g, m in ratios.values()), ratios
+    assert os.sched_getaffinity(0) == mask      # the workers were pinned, not this process
+    line = studylib.pace_together_line(ratios)
+    assert all(f"cpu{c} compute" in line for c in mask)
