@@ -67,6 +67,22 @@ def config(data: Path, model: str, **tables) -> str:
     return "\n".join(out) + "\n"
 
 
+def _sgemm(seed):
+    """A function that times 200 products of a 64x64 float32 matrix (L1-resident: compute
+    alone) and returns their GFLOP/s."""
+    import time
+    import numpy as np
+    a = np.random.default_rng(seed).random((64, 64), dtype=np.float32)
+    c = a @ a
+
+    def rate():
+        t = time.perf_counter()
+        for _ in range(200):
+            np.matmul(a, a, out=c)
+        return 200 * 2 * 64 ** 3 / (time.perf_counter() - t) / 1e9
+    return rate
+
+
 def core_speeds(cores=None, seconds: float = 0.25) -> dict[int, float]:
     """GFLOP/s of a 64x64 float32 matmul (L1-resident: compute alone) on each core, this
     process pinned to one core after another; {} where affinity cannot be set.
@@ -75,23 +91,18 @@ def core_speeds(cores=None, seconds: float = 0.25) -> dict[int, float]:
     cap the speed-up: on a shared VM a core whose physical sibling is busy runs 20-40%
     slower, and that changes from minute to minute."""
     import time
-    import numpy as np
     if not hasattr(os, "sched_setaffinity"):
         return {}
     mask = os.sched_getaffinity(0)
     cores = sorted(mask if cores is None else set(cores) & mask)
-    a = np.random.default_rng(0).random((64, 64), dtype=np.float32)
-    c = a @ a
+    sgemm = _sgemm(0)
     out = {}
     try:
         for core in cores:
             os.sched_setaffinity(0, {core})
             best, end = 0.0, time.perf_counter() + seconds
             while time.perf_counter() < end:
-                t = time.perf_counter()
-                for _ in range(200):
-                    np.matmul(a, a, out=c)
-                best = max(best, 200 * 2 * 64 ** 3 / (time.perf_counter() - t) / 1e9)
+                best = max(best, sgemm())
             out[core] = best
     finally:
         os.sched_setaffinity(0, mask)
@@ -114,21 +125,20 @@ def _pace_worker(core, start, seconds, mib, out):
     import time
     import numpy as np
     os.sched_setaffinity(0, {core})
-    a = np.random.default_rng(core).random((64, 64), dtype=np.float32)
-    c = a @ a
     src = np.ones(mib * 2 ** 18, dtype=np.float32)
     dst = np.empty_like(src)
     np.copyto(dst, src)                  # pages touched before the clock runs
+
+    def copy():
+        t = time.perf_counter()
+        np.copyto(dst, src)
+        return 2 * src.nbytes / (time.perf_counter() - t) / 1e9
     res = []
-    for work, amount in ((lambda: [np.matmul(a, a, out=c) for _ in range(200)],
-                          200 * 2 * 64 ** 3),
-                         (lambda: np.copyto(dst, src), 2 * src.nbytes)):
+    for rate in (_sgemm(core), copy):
         start.wait()
         rates, end = [], time.perf_counter() + seconds
         while time.perf_counter() < end:
-            t = time.perf_counter()
-            work()
-            rates.append(amount / (time.perf_counter() - t) / 1e9)
+            rates.append(rate())
         res.append(sorted(rates)[len(rates) // 2])
     out.put((core, res[0], res[1]))
 
