@@ -29,6 +29,7 @@ cdef extern from "vmath.h" nogil:
     void dbmpi_sigmoid(float* y, Py_ssize_t size)
     void dbmpi_tanh(float* y, Py_ssize_t size)
     void dbmpi_max_step(const float* x, float* y, int* arg, int c, int a)
+    double dbmpi_sum_sq(const float* x, Py_ssize_t n)
 
 
 cdef extern from "microgemm.h" nogil:
@@ -824,6 +825,15 @@ def all_finite(const float[::1] g):
     with nogil:
         ok = all_finite_c(&g[0], g.shape[0]) if g.shape[0] else True
     return ok
+
+
+def sum_sq(const float[::1] x):
+    """sum of x**2 in double, one pass, no temporary (see dbmpi_sum_sq in vmath.h)."""
+    cdef double s = 0.0
+    if x.shape[0]:
+        with nogil:
+            s = dbmpi_sum_sq(&x[0], x.shape[0])
+    return s
 
 
 def sgd_update(float[::1] p, const float[::1] g, float lr):

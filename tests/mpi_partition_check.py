@@ -5,6 +5,7 @@ Prints one JSON line from rank 0.  Usage: python tests/mpi_partition_check.py NA
 
 import json
 import sys
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +74,13 @@ def main():
         parts = comm.gather(gp, root=0)
         steps = comm.gather(stepped, root=0)
         sends = comm.gather(sent, root=0)
+        # the l2 term's ||theta||^2 of a 2M-parameter slice takes no copy of it (a float64
+        # one cost more than the step: 40 MB, 25 ms for 5M parameters)
+        big = np.ones(2_000_000, np.float32)
+        tracemalloc.start()
+        sq = pn._sum_sq(big)
+        l2_peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
         mine = pn.local(theta)       # on a cache line, unless too small to bother
         placed = comm.gather(aligned.is_aligned(mine) or mine.nbytes < aligned.SMALL, root=0)
         if comm.Get_rank() == 0:
@@ -87,7 +95,8 @@ def main():
                                            if not part.spatial),
                          "step_diff": float(np.abs(pn.to_canonical(np.concatenate(steps))
                                                    - (theta - lr * g1)).max()),
-                         "step_loss_diff": abs(ls - lp)}
+                         "step_loss_diff": abs(ls - lp),
+                         "l2_term": [sq, l2_peak]}
     if comm.Get_rank() == 0:
         print(json.dumps(out))
     # a step as a script's last MPI call, its messages above MPICH's eager size: its sends,

@@ -82,6 +82,7 @@ def test_partitioned_loss_grad_and_traffic(P):
         assert r["bytes_sent"] == cut_edge_bytes(NETS[name], P, 5), name
         assert all(r["local_aligned"]), (name, r["local_aligned"])   # each partition's slice
         assert r["fc_columns"], name
+        assert r["l2_term"][0] == 2e6 * P and r["l2_term"][1] < 64 * 1024, (name, r["l2_term"])
 
 
 def test_layout_roundtrip_and_contiguous_slices():

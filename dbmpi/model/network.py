@@ -6,6 +6,7 @@ import numpy as np
 
 from .. import aligned
 from ..config import check_model
+from ..optim import sum_sq
 from . import ops_reference
 from .layers import make_layer
 
@@ -139,7 +140,7 @@ class Network:
             dz *= dz.dtype.type(scale)
         grad = _grad_buffer(out, theta, accumulate)
         if self.l2:
-            loss += 0.5 * self.l2 * float(np.dot(theta, theta))
+            loss += 0.5 * self.l2 * sum_sq(theta)
         beta, inplace = _accumulate_beta(grad, theta, accumulate, scale, self.l2)
         d = dz.reshape(dz.shape[0], 1, 1, self.classes)
         for i in range(len(self.layers) - 1, -1, -1):
@@ -166,8 +167,7 @@ class Network:
             total += softmax_xent(z.astype(np.float64), yb)[0] * len(yb)
             correct += int((z.argmax(axis=1) == yb).sum())
         loss = total / max(n, 1)
-        theta = np.asarray(theta, dtype=np.float64)
-        obj = loss + 0.5 * self.l2 * float(theta @ theta)
+        obj = loss + 0.5 * self.l2 * sum_sq(theta)
         return {"loss": loss, "accuracy": correct / max(n, 1), "objective": obj}
 
 

@@ -24,6 +24,7 @@ import numpy as np
 
 from .. import aligned
 from ..mpiwait import wait
+from ..optim import sum_sq
 from . import ops_reference
 from .network import Network, _accumulate_beta, _grad_buffer, kernel_ops
 from .reference import out_size, softmax_xent
@@ -656,7 +657,7 @@ class PartitionedNetwork:
     def _sum_sq(self, theta_local) -> float:
         """||theta||^2 of the whole network (collective)."""
         from mpi4py import MPI
-        sq = np.array([float(np.asarray(theta_local, np.float64) @ theta_local)])
+        sq = np.array([sum_sq(theta_local)])
         tot = np.zeros(1)
         t = time.perf_counter()
         wait([self.comm.Iallreduce(sq, tot, op=MPI.SUM)])
