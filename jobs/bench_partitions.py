@@ -15,6 +15,10 @@ P = 2 on 2 cores needs both; a disturbance on either stalls both partitions, whi
 the best is shown beside the median.  "steady" is the samples/s at a run's median step
 (best run of each P): the pace between the disturbances, where those are brief.  Ranks
 beyond the cores are oversubscribed.
+--cores 2,5 pins partition r to the r-th CPU listed (P = 1 to the first) and measures those
+cores; without it the launcher places the ranks.  On a VM two virtual CPUs can be the
+hardware threads of one physical core (each then computes at 0.6-0.7x beside the other):
+the "all these cores at once" line shows it; choose cores that stay near 1.0x there.
 Launcher: MPIEXEC (default: the mpiexec beside this Python).
 """
 
@@ -45,11 +49,17 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--nets", default="lc64,speech")
+    p.add_argument("--cores", default=None,
+                   help="comma-separated CPUs: partition r pinned to the r-th (default: the "
+                        "launcher's placement)")
     args = p.parse_args()
     parts = [int(x) for x in args.partitions.split(",")]
+    pin = S.parse_cores(args.cores)
     print(f"sgd, batch {args.batch}, {args.steps} steps, best and median of {args.repeats} "
-          f"runs each, {os.cpu_count()} cores here")
-    cores = range(max(parts))          # the cores P partitions run on, where they are free
+          f"runs each, {os.cpu_count()} cores here"
+          + (f"; partitions pinned to cpu {args.cores}" if pin else ""))
+    # the cores P partitions run on: those pinned to, else the first (where they are free)
+    cores = sorted(set(pin[:max(parts)])) if pin else range(max(parts))
     print("at the start, " + S.core_speeds_line(S.core_speeds(cores)))
     if len(cores) > 1:     # the machine's own ceiling for P partitions on these cores
         print(S.pace_together_line(S.pace_together(cores)))
@@ -63,7 +73,7 @@ def main():
         with tempfile.TemporaryDirectory() as tmp:
             res, best, med = S.interleaved(
                 lambda P, rep: sgd_run(data, model, P, args.steps, args.batch, tmp,
-                                       f"r{P}-{rep}"),
+                                       f"r{P}-{rep}", cores=pin),
                 parts, args.repeats)
         b0, m0 = best[parts[0]], med[parts[0]]
         # the steady pace: samples/s at the median step of a run, best run of each P

@@ -9,7 +9,8 @@ partitions.csv, partitions.png and summary.txt into DIR.  Each P runs --repeats 
 values interleaved; the figure uses the best samples/s of each (a disturbance on a shared
 machine stalls all partitions at once), the summary adds the median.  --quick: P = 1, 2, 4
 and few steps (about 5 minutes on 2 cores); on a cluster give --partitions up to the cores
-of the allocation and set MPIEXEC.
+of the allocation and set MPIEXEC.  --cores 2,5,...: partition r pinned to the r-th CPU
+listed (see jobs/bench_partitions.py).
 """
 
 import argparse
@@ -51,13 +52,14 @@ input_shape = [1, 32, 32]
 }
 
 
-def sgd_run(data, model, P, steps, batch, workdir, name) -> dict:
-    """One timed run: algorithm sgd, P partitions, no evaluation or checkpoint on the way."""
+def sgd_run(data, model, P, steps, batch, workdir, name, cores=None) -> dict:
+    """One timed run: algorithm sgd, P partitions, no evaluation or checkpoint on the way;
+    partition r pinned to cores[r] where ``cores`` is given."""
     text = S.config(data, model, cluster={"partitions": P},
                     optimizer={"algorithm": "sgd", "batch_size": batch, "learning_rate": 0.01},
                     run={"max_steps": steps, "eval_every_s": 1e6, "checkpoint_every_s": 1e6,
                          "log_every": 1000})
-    return S.train(text, Path(workdir), name)
+    return S.train(text, Path(workdir), name, cores=cores)
 
 
 def main():
@@ -70,7 +72,11 @@ def main():
     p.add_argument("--repeats", type=int, default=None,
                    help="runs of each P, interleaved; the best and the median are reported "
                         "(default 3; 1 with --smoke)")
+    p.add_argument("--cores", default=None,
+                   help="comma-separated CPUs: partition r pinned to the r-th (default: the "
+                        "launcher's placement)")
     args = p.parse_args()
+    pin = S.parse_cores(args.cores)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     parts = [int(x) for x in (args.partitions or ("1,2" if args.smoke else "1,2,4" if args.quick
@@ -83,7 +89,8 @@ def main():
             model = model.replace("units = 2560", "units = 64").replace("channels = 32", "channels = 8")
         path = S.ensure_data(data)
         runs, best, med = S.interleaved(
-            lambda P, rep: sgd_run(path, model, P, steps, 32, out / "runs", f"{data}-p{P}-{rep}"),
+            lambda P, rep: sgd_run(path, model, P, steps, 32, out / "runs", f"{data}-p{P}-{rep}",
+                                   cores=pin),
             parts, repeats)
         for P in parts:
             bst = S.best_run(runs[P])
@@ -116,7 +123,8 @@ def main():
     fig.tight_layout()
     fig.savefig(out / "partitions.png", dpi=110)
     lines = [S.header(f"study_partitions: speed-up against partitions (sgd, batch 32, {steps} "
-                      f"steps; best and median of {repeats} runs)")]
+                      f"steps; best and median of {repeats} runs"
+                      + (f"; partitions pinned to cpu {args.cores})" if pin else ")"))]
     for x in rows:
         lines.append(f"{x['network']:<34} P={x['partitions']:<3} {x['samples_per_s']:>8.1f} "
                      f"samples/s {x['speedup']:.2f}x  median {x['median_samples_per_s']:>8.1f} "

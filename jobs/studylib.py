@@ -3,7 +3,8 @@
 Each run is a real ``python -m dbmpi train`` (under ``MPIEXEC`` when it needs more than one
 rank), so a study measures exactly what users run.  Ranks beyond the cores here are
 oversubscribed; on a cluster, launch the study inside an allocation and set ``MPIEXEC``
-(for example ``MPIEXEC="srun --mpi=pmix"``) and ``--cores``.
+(for example ``MPIEXEC="srun --mpi=pmix"``).  ``train(..., cores=[...])`` pins rank r to the
+r-th of those cores (``jobs/pinned.py``), whatever the launcher.
 """
 
 from __future__ import annotations
@@ -43,6 +44,15 @@ classes = 10
 
 def mpiexec() -> list[str]:
     return shlex.split(os.environ.get("MPIEXEC", str(Path(PY).parent / "mpiexec")))
+
+
+def parse_cores(text: str | None) -> list[int] | None:
+    """A ``--cores`` value (``"2,5"``) as a list of CPU numbers this process may run on;
+    None for None or ""; a clear error otherwise."""
+    if not text:
+        return None
+    from pinned import parse_cores as parse
+    return parse(text)
 
 
 def ensure_data(name: str) -> Path:
@@ -192,14 +202,18 @@ def ranks_of(text: str, workdir: Path) -> int:
     return json.loads(r.stdout)["ranks"]
 
 
-def train(text: str, workdir: Path, name: str, timeout: float = 900) -> dict:
-    """Run one training job; return its summary with ``metrics`` (list of dicts) and ranks."""
+def train(text: str, workdir: Path, name: str, timeout: float = 900, cores=None) -> dict:
+    """Run one training job; return its summary with ``metrics`` (list of dicts) and ranks.
+    ``cores``: a list of CPU numbers, rank r pinned to the r-th (None: the launcher's
+    placement)."""
     workdir.mkdir(parents=True, exist_ok=True)
     cfg = workdir / f"{name}.toml"
     cfg.write_text(text)
     out = workdir / name
     ranks = ranks_of(text, workdir)
     cmd = [PY, "-m", "dbmpi", "train", str(cfg), "--out", str(out), "--quiet"]
+    if cores:
+        cmd[1:1] = [str(ROOT / "jobs" / "pinned.py"), ",".join(map(str, cores))]
     if ranks > 1:
         cmd = mpiexec() + ["-n", str(ranks), PY, "-m", "mpi4py"] + cmd[1:]
     r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)

@@ -6,25 +6,32 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, run_mpi
+
+import os
+CPUS = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
 
 
-@pytest.mark.parametrize("name,csvname,cols", [
+@pytest.mark.parametrize("name,csvname,cols,extra", [
+    # the partitions study with its ranks pinned (jobs/pinned.py; the other studies run unpinned)
     ("study_partitions", "partitions.csv", {"network", "partitions", "speedup", "step_ms",
-                                            "exchange_ms_per_step"}),
-    ("study_accuracy_time", "accuracy_time.csv", {"method", "time_s", "test_accuracy"}),
-    ("study_time_to_accuracy", "time_to_accuracy.csv", {"method", "cores", "time_to_target_s"}),
+                                            "exchange_ms_per_step"},
+     ["--cores", ",".join(map(str, CPUS[::-1]))] if CPUS else []),
+    ("study_accuracy_time", "accuracy_time.csv", {"method", "time_s", "test_accuracy"}, []),
+    ("study_time_to_accuracy", "time_to_accuracy.csv", {"method", "cores", "time_to_target_s"},
+     []),
 ])
-def test_study_smoke(tmp_path, name, csvname, cols):
+def test_study_smoke(tmp_path, name, csvname, cols, extra):
     r = subprocess.run([sys.executable, str(ROOT / "jobs" / f"{name}.py"), "--out",
-                        str(tmp_path), "--smoke"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=240)
+                        str(tmp_path), "--smoke", *extra], cwd=ROOT, capture_output=True,
+                       text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = list(csv.DictReader(open(tmp_path / csvname)))
     assert rows and cols <= set(rows[0])
     png = (tmp_path / csvname.replace(".csv", ".png")).read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     summary = (tmp_path / "summary.txt").read_text()
+    assert ("pinned to cpu" in summary) == bool(extra)
     assert "cores" in summary and len(summary.splitlines()) >= len({r.get("method", r.get("network")) for r in rows})
 
 
@@ -55,3 +62,28 @@ def test_pace_together_compares_each_core_with_and_without_the_others():
     assert os.sched_getaffinity(0) == mask      # the workers were pinned, not this process
     line = studylib.pace_together_line(ratios)
     assert all(f"cpu{c} compute" in line for c in mask)
+
+
+@pytest.mark.skipif(len(CPUS) < 2, reason="needs CPU affinity and two CPUs")
+def test_pinned_puts_rank_r_on_the_rth_core_listed():
+    code = ("import os, sys; from mpi4py import MPI; "
+            "print(MPI.COMM_WORLD.rank, sorted(os.sched_getaffinity(0)), sys.argv[1:])")
+    a, b = CPUS[-1], CPUS[0]
+    r = run_mpi(2, ROOT / "jobs" / "pinned.py", f"{a},{b}", "-c", code, "x", module=False,
+                timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(r.stdout.split("\n")[:2]) == [f"0 [{a}] ['x']", f"1 [{b}] ['x']"], r.stdout
+    # a single process is rank 0; a module runs as `python -m` would run it
+    r = subprocess.run([sys.executable, str(ROOT / "jobs" / "pinned.py"), str(b), "-m", "dbmpi",
+                        "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "train" in r.stdout, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("cores,message", [
+    ("a,b", "comma-separated list of CPU numbers"),
+    ("4096", "[4096] are not available to this process"),
+])
+def test_pinned_rejects_bad_cores_with_the_fix(cores, message):
+    r = subprocess.run([sys.executable, str(ROOT / "jobs" / "pinned.py"), cores, "-c", "pass"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and message in r.stderr, r.stderr
