@@ -43,6 +43,13 @@ NETS = {
         {"type": "fully_connected", "units": 9, "activation": "relu"},
         {"type": "fully_connected", "units": 11, "activation": "tanh"}, SM]},
     "softmax": {"input_shape": [1, 8, 8], "layers": [{"type": "softmax", "classes": 10}]},
+    # fewer rows and units than partitions at P = 3 and 4: some own no pooling rows, no
+    # units of the fully connected layer or no classes (they read no input there)
+    "thin": {"input_shape": [2, 6, 5], "layers": [
+        {"type": "locally_connected", "channels": 2, "kernel": 3},
+        {"type": "max_pool", "size": 2},
+        {"type": "fully_connected", "units": 3, "activation": "sigmoid"},
+        {"type": "softmax", "classes": 2}]},
 }
 for name in ("digits_sgd", "digits_downpour", "digits_sandblaster"):
     NETS[name] = load(ROOT / "jobs" / f"{name}.toml")["model"]
@@ -89,10 +96,10 @@ def main():
                          "grad_diff": float(np.abs(g - g1).max() / max(1e-12, np.abs(g1).max())),
                          "bytes_sent": sends, "local_aligned": placed,
                          # every fully connected layer after the first takes its input as
-                         # the blocks that arrive (no region assembled)
+                         # the blocks that arrive (no region assembled), where it has units
                          "fc_columns": all(ex.columns is not None
                                            for ex, part in zip(pn.exchanges[1:], pn.mine[1:])
-                                           if not part.spatial),
+                                           if not part.spatial and part.chans[0] < part.chans[1]),
                          "step_diff": float(np.abs(pn.to_canonical(np.concatenate(steps))
                                                    - (theta - lr * g1)).max()),
                          "step_loss_diff": abs(ls - lp),

@@ -11,7 +11,7 @@ from conftest import ROOT, job_config, run_cli, run_mpi
 from dbmpi.model import build
 from dbmpi.model.partition import Layout, split
 
-CHECK = ["lc", "lc_stride", "lc_deep", "pools", "lcn", "fc", "softmax", "digits_sgd",
+CHECK = ["lc", "lc_stride", "lc_deep", "pools", "lcn", "fc", "softmax", "thin", "digits_sgd",
          "digits_downpour", "digits_sandblaster"]
 
 

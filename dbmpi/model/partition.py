@@ -329,7 +329,8 @@ class _Part:
         else:
             self.out_rows = [(0, 1)] * P
             self.out_chans = [split(co, P, q) for q in range(P)]
-            self.need = [(0, h)] * P
+            # all of the input for a partition with units, none for one without (P > units)
+            self.need = [(0, h) if a < z else (0, 0) for a, z in self.out_chans]
         self.rows, self.chans = self.out_rows[p], self.out_chans[p]
         # parameter blocks (canonical offsets within the layer) this partition owns
         self.blocks = []
@@ -508,7 +509,7 @@ class PartitionedNetwork:
         a, z = part.rows if part.spatial else part.chans
         if z <= a:                                 # this partition owns none of this layer
             shape = (n, 0, layer.out_shape[1], layer.out_shape[2]) if part.spatial else (n, 1, 1, 0)
-            return np.zeros(shape, dtype=region.dtype), None
+            return np.zeros(shape, dtype=params[0].dtype if params else region.dtype), None
         if kind == "locally_connected":
             h, w, c = layer.in_shape
             lo_in = a * layer.stride - layer.pad
