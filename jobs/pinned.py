@@ -23,6 +23,9 @@ def parse_cores(text: str) -> list[int]:
     if not cores or min(cores) < 0:
         raise SystemExit(f"cores must be a comma-separated list of CPU numbers such as 0,2; "
                          f"got {text!r}")
+    if not hasattr(os, "sched_setaffinity"):
+        raise SystemExit("pinning ranks to cores needs os.sched_setaffinity (Linux); leave "
+                         "out the cores and let the launcher place the ranks")
     allowed = os.sched_getaffinity(0)
     outside = sorted(set(cores) - allowed)
     if outside:

@@ -44,12 +44,16 @@ NETS = {
         {"type": "fully_connected", "units": 11, "activation": "tanh"}, SM]},
     "softmax": {"input_shape": [1, 8, 8], "layers": [{"type": "softmax", "classes": 10}]},
     # fewer rows and units than partitions at P = 3 and 4: some own no pooling rows, no
-    # units of the fully connected layer or no classes (they read no input there)
+    # units of the fully connected layer (they read no input there) but classes, or neither
     "thin": {"input_shape": [2, 6, 5], "layers": [
         {"type": "locally_connected", "channels": 2, "kernel": 3},
         {"type": "max_pool", "size": 2},
-        {"type": "fully_connected", "units": 3, "activation": "sigmoid"},
-        {"type": "softmax", "classes": 2}]},
+        {"type": "fully_connected", "units": 2, "activation": "sigmoid"},
+        {"type": "softmax", "classes": 3}]},
+    # at P = 4 partition 0 owns no parameters at all
+    "thin_fc": {"input_shape": [1, 3, 3], "l2": 1e-3, "layers": [
+        {"type": "fully_connected", "units": 2, "activation": "tanh"},
+        {"type": "softmax", "classes": 3}]},
 }
 for name in ("digits_sgd", "digits_downpour", "digits_sandblaster"):
     NETS[name] = load(ROOT / "jobs" / f"{name}.toml")["model"]

@@ -11,8 +11,8 @@ from conftest import ROOT, job_config, run_cli, run_mpi
 from dbmpi.model import build
 from dbmpi.model.partition import Layout, split
 
-CHECK = ["lc", "lc_stride", "lc_deep", "pools", "lcn", "fc", "softmax", "thin", "digits_sgd",
-         "digits_downpour", "digits_sandblaster"]
+CHECK = ["lc", "lc_stride", "lc_deep", "pools", "lcn", "fc", "softmax", "thin", "thin_fc",
+         "digits_sgd", "digits_downpour", "digits_sandblaster"]
 
 
 def _check(P):

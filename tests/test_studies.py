@@ -1,6 +1,7 @@
 """The study scripts run end to end (a smaller variant of each) and write CSV, PNG, summary."""
 
 import csv
+import os
 import subprocess
 import sys
 
@@ -8,7 +9,6 @@ import pytest
 
 from conftest import ROOT, run_mpi
 
-import os
 CPUS = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
 
 

@@ -98,8 +98,8 @@ class _Exchange:
         self.in_place = self.self_rows == self.own[0] and self.own[1] == (0, c)
         self.columns = None
         if columns and self.need == (0, shape[0]) and (self.send_whole or not self.send):
-            blocks = [(self._first_column(*self.own), -1)] if self.own[0][0] < self.own[0][1] \
-                else []
+            mine = self.own[0][0] < self.own[0][1] and self.own[1][0] < self.own[1][1]
+            blocks = [(self._first_column(*self.own), -1)] if mine else []
             blocks += [(self._first_column(rows, chans), i)
                        for i, (_, rows, chans) in enumerate(self.recv)]
             if all(col is not None for col, _ in blocks):
