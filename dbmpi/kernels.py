@@ -178,9 +178,13 @@ def fc_forward_blocks(blocks, w, b, act):
     y = aligned.empty((n, u))
     yt = aligned.empty(n * u)            # the transposed product (see the kernel)
     wf = _flat(w, "w")
-    for i, (x, c0) in enumerate(blocks):
+    first = True
+    for x, c0 in blocks:
+        if x.shape[1] == 0:              # an owner with no columns adds nothing
+            continue
         K.fc_product(_flat(x, "x"), wf, c0, d, y.reshape(-1), yt, n, x.shape[1], u,
-                     0.0 if i == 0 else 1.0)
+                     0.0 if first else 1.0)
+        first = False
     K.fc_finish(_flat(b, "b"), y.reshape(-1), yt, n, u, _ACT[act])
     return y
 
@@ -204,6 +208,8 @@ def fc_backward_blocks(blocks, w, y, dy, act, dw, db, dxs, beta=0.0):
         if dx is not None and (dx.shape != x.shape or not dx.flags.c_contiguous
                                or dx.dtype != _F32):
             raise ValueError(f"fully connected: dx must be contiguous float32 {x.shape}")
+        if x.shape[1] == 0:              # no columns: no gradient to write
+            continue
         K.fc_backward_block(_flat(x, "x"), wf, dwf, c0, d, dz,
                             none if dx is None else dx.reshape(-1), n, x.shape[1], u,
                             dx is not None, beta)

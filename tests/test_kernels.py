@@ -88,9 +88,10 @@ def test_fully_connected(n, d, u, act):
 @pytest.mark.parametrize("u,act", [(5, "linear"), (40, "sigmoid")])
 def test_fully_connected_input_in_column_blocks(ops, u, act):
     """A partition's input as it arrives from each owner, not assembled: the same output and
-    gradients as the whole input; block 1's dx not wanted; a fused SGD step (dw = w, beta)."""
+    gradients as the whole input; block 2's dx not wanted; block 1 has no columns (an owner
+    with none of the layer before's units); a fused SGD step (dw = w, beta)."""
     rng = np.random.default_rng(u)
-    n, cuts = 9, [0, 64, 96, 200]
+    n, cuts = 9, [0, 64, 64, 96, 200]
     x = rng.standard_normal((n, cuts[-1])).astype(np.float32)
     w = rng.standard_normal((u, cuts[-1])).astype(np.float32)
     b = rng.standard_normal(u).astype(np.float32)
@@ -101,7 +102,7 @@ def test_fully_connected_input_in_column_blocks(ops, u, act):
     g = [np.empty_like(w), np.empty_like(b)]
     dx = RO.fc_backward(x, w, y, dy, act, *g, True)
     dxs = [np.full(bx.shape, np.nan, np.float32) for bx, _ in blocks]
-    dxs[1] = None
+    dxs[2] = None
     w2, b2, lr = w.copy(), b.copy(), np.float32(0.5)
     ops.fc_backward_blocks(blocks, w2, y, -lr * dy, act, w2, b2, dxs, 1.0)
     for i, (a, z) in enumerate(zip(cuts, cuts[1:])):
@@ -111,7 +112,7 @@ def test_fully_connected_input_in_column_blocks(ops, u, act):
     np.testing.assert_allclose(b2, b - lr * g[1], atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="do not tile"):
         ops.fc_forward_blocks(blocks[::-1], w, b, act) if ops is KO else KO.fc_forward_blocks(
-            blocks[:1] + blocks[2:], w, b, act)
+            blocks[:2] + blocks[3:], w, b, act)
 
 
 @pytest.mark.parametrize("kind", ["max", "l2"])
