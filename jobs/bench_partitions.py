@@ -49,9 +49,7 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--nets", default="lc64,speech")
-    p.add_argument("--cores", default=None,
-                   help="comma-separated CPUs: partition r pinned to the r-th (default: the "
-                        "launcher's placement)")
+    S.add_cores_option(p)
     args = p.parse_args()
     parts = [int(x) for x in args.partitions.split(",")]
     pin = S.parse_cores(args.cores)

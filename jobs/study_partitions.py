@@ -72,9 +72,7 @@ def main():
     p.add_argument("--repeats", type=int, default=None,
                    help="runs of each P, interleaved; the best and the median are reported "
                         "(default 3; 1 with --smoke)")
-    p.add_argument("--cores", default=None,
-                   help="comma-separated CPUs: partition r pinned to the r-th (default: the "
-                        "launcher's placement)")
+    S.add_cores_option(p)
     args = p.parse_args()
     pin = S.parse_cores(args.cores)
     out = Path(args.out)

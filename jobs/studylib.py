@@ -46,6 +46,13 @@ def mpiexec() -> list[str]:
     return shlex.split(os.environ.get("MPIEXEC", str(Path(PY).parent / "mpiexec")))
 
 
+def add_cores_option(parser) -> None:
+    """The scripts' ``--cores`` option (read it with ``parse_cores``)."""
+    parser.add_argument("--cores", default=None,
+                        help="comma-separated CPUs: partition r pinned to the r-th (default: "
+                             "the launcher's placement)")
+
+
 def parse_cores(text: str | None) -> list[int] | None:
     """A ``--cores`` value (``"2,5"``) as a list of CPU numbers this process may run on;
     None for None or ""; a clear error otherwise."""

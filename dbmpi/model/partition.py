@@ -74,6 +74,7 @@ class _Exchange:
         self.me = me
         self.need = need[me]
         self.recv, self.send = [], []            # (peer, rows, chans)
+        has_block = all(lo < hi for lo, hi in owned[me])     # rows and channels of my own
         for q in range(P):
             if q == me:
                 continue
@@ -81,14 +82,14 @@ class _Exchange:
             if rr is not None and owned[q][1][0] < owned[q][1][1]:
                 self.recv.append((q, rr, owned[q][1]))
             rs = _overlap(need[q], owned[me][0])
-            if rs is not None and owned[me][1][0] < owned[me][1][1]:
+            if rs is not None and has_block:
                 self.send.append((q, rs, owned[me][1]))
         self.own = owned[me]
         # every peer gets all of my block (a fully connected consumer): sent from the block
         # itself, no copy
         self.send_whole = bool(self.send) and all(
             rows == owned[me][0] and chans == owned[me][1] for _, rows, chans in self.send)
-        self.self_rows = _overlap(need[me], owned[me][0]) if owned[me][1][0] < owned[me][1][1] else None
+        self.self_rows = _overlap(need[me], owned[me][0]) if has_block else None
         c = shape[2]
         # all I need is mine (a pooling stripe, say): forward returns a view, no region
         self.mine_only = not self.recv and self.self_rows == self.need and self.own[1] == (0, c)
@@ -98,8 +99,7 @@ class _Exchange:
         self.in_place = self.self_rows == self.own[0] and self.own[1] == (0, c)
         self.columns = None
         if columns and self.need == (0, shape[0]) and (self.send_whole or not self.send):
-            mine = self.own[0][0] < self.own[0][1] and self.own[1][0] < self.own[1][1]
-            blocks = [(self._first_column(*self.own), -1)] if mine else []
+            blocks = [(self._first_column(*self.own), -1)] if has_block else []
             blocks += [(self._first_column(rows, chans), i)
                        for i, (_, rows, chans) in enumerate(self.recv)]
             if all(col is not None for col, _ in blocks):
@@ -509,7 +509,7 @@ class PartitionedNetwork:
         a, z = part.rows if part.spatial else part.chans
         if z <= a:                                 # this partition owns none of this layer
             shape = (n, 0, layer.out_shape[1], layer.out_shape[2]) if part.spatial else (n, 1, 1, 0)
-            return np.zeros(shape, dtype=params[0].dtype if params else region.dtype), None
+            return np.zeros(shape, dtype=region.dtype), None
         if kind == "locally_connected":
             h, w, c = layer.in_shape
             lo_in = a * layer.stride - layer.pad
