@@ -10,9 +10,10 @@ windows made with ``MPI.Win.Allocate`` (MPI-NOTES.md: 5-20x faster than ``Win.Cr
   even, unchanged version, else retries.  So a fetch never sees a half-applied update, and
   no epoch waits for the shard to call MPI (a lock epoch does: 6 ms for 21 MB against a
   shard that polls every 2 ms, 2.2 ms under ``Lock_all``, measured here).
-- *inbox*: one slot per client (replica x partition): an int64 header ``(full,
-  fetched_version, offset, length)`` and the float32 gradient of the part of the shard the
-  client owns.  A client ``Put``s into its own slot under a shared lock only when it is empty; the shard drains full slots under an exclusive lock and applies each as one
+- *inbox*: one slot per client (replica x partition) whose slice overlaps the shard: an
+  int64 header ``(full, fetched_version, offset, length)`` and room for the float32
+  gradient of that overlap only (:func:`inbox_slots`), so a shard's inbox holds about
+  ``replicas`` copies of its range whatever the partitioning; none with direct pushes.  A client ``Put``s into its own slot under a shared lock only when it is empty; the shard drains full slots under an exclusive lock and applies each as one
   update, exactly once.  A replica whose slot is still full keeps accumulating and retries
   at its next push, so replicas never wait for the server.
 
@@ -90,21 +91,33 @@ class Window:
             self.win.Free()
 
 
-def _slot_bytes(length: int) -> int:
-    return HEADER + 4 * length
+def inbox_slots(shard_range, client_ranges):
+    """Where each client's inbox slot lies in the inbox of the shard owning ``shard_range``:
+    ``([(byte offset, length) per client], total bytes)``.  A slot holds the header and the
+    client's overlap with the shard (``length`` floats); a client whose slice misses the
+    shard has none (length 0, no bytes)."""
+    a, b = shard_range
+    slots, pos = [], 0
+    for lo, hi in client_ranges:
+        n = max(min(b, hi) - max(a, lo), 0)
+        slots.append((pos, n))
+        pos += HEADER + 4 * n if n else 0
+    return slots, pos
 
 
-def create_windows(comm, ranges, clients: int, my_shard: int | None):
+def create_windows(comm, ranges, client_ranges, my_shard: int | None):
     """Collective over ``comm``: the params and inbox windows of every shard.
 
-    Returns ``(params_windows, inbox_windows)``; each window spans all ranks of ``comm``
-    but only shard ``s``'s rank allocates memory in window ``s``.
+    ``client_ranges``: the slice of the flat vector each client (replica x partition)
+    pushes, in client order; empty where no client pushes through the inbox (direct
+    pushes).  Returns ``(params_windows, inbox_windows)``; each window spans all ranks of
+    ``comm`` but only shard ``s``'s rank allocates memory in window ``s``.
     """
     params, inbox = [], []
     for s, (lo, hi) in enumerate(ranges):
         mine = s == my_shard
         params.append(Window(comm, HEADER + 4 * (hi - lo) if mine else 0))
-        inbox.append(Window(comm, clients * _slot_bytes(hi - lo) if mine else 0))
+        inbox.append(Window(comm, inbox_slots((lo, hi), client_ranges)[1] if mine else 0))
     return params, inbox
 
 
@@ -174,20 +187,22 @@ class ShardServer:
     """Shard ``index``: owns its windows' memory and applies pushes with ``optimizer``."""
 
     def __init__(self, params_win: Window, inbox_win: Window, lo: int, hi: int,
-                 clients: int, optimizer, init: np.ndarray, max_staleness_bins: int = 64,
+                 client_ranges, optimizer, init: np.ndarray, max_staleness_bins: int = 64,
                  direct: bool = False):
         self.pw, self.iw = params_win, inbox_win
         self.direct = direct      # clients apply their pushes themselves (see the module doc)
         self.lo, self.hi, self.n = lo, hi, hi - lo
-        self.clients = clients
+        # the inbox slots of the clients that push to me: (client, byte offset, length)
+        self.slots = [(r, off, n) for r, (off, n) in
+                      enumerate(inbox_slots((lo, hi), client_ranges)[0]) if n]
         self.opt = optimizer
         self._raw_version = self.pw.view(_VERSION, 1, np.int64)
         self.params = self.pw.view(HEADER, self.n, np.float32)
         self.params[:] = init
         self._raw_version[0] = 0
         self.pw.view(_MUTEX, 1, np.int64)[0] = 0
-        for r in range(clients):
-            self._slot_header(r)[:] = 0
+        for _, off, _ in self.slots:
+            self._slot_header(off)[:] = 0
         self.applied = 0
         self.rejected = 0
         self.staleness = np.zeros(max_staleness_bins, dtype=np.int64)
@@ -212,11 +227,11 @@ class ShardServer:
         """Updates applied so far."""
         return int(self._raw_version[0]) // 2
 
-    def _slot_header(self, r):
-        return self.iw.view(r * _slot_bytes(self.n), 4, np.int64)
+    def _slot_header(self, off):
+        return self.iw.view(off, 4, np.int64)
 
-    def _slot_grad(self, r):
-        return self.iw.view(r * _slot_bytes(self.n) + HEADER, self.n, np.float32)
+    def _slot_grad(self, off, n):
+        return self.iw.view(off + HEADER, n, np.float32)
 
     def poll(self) -> int:
         """Apply every full inbox slot once; return how many were applied or rejected.
@@ -227,14 +242,14 @@ class ShardServer:
         if self.direct:
             return 0
         done = 0
-        for r in range(self.clients):
+        for _, slot, _ in self.slots:
             with self.iw.lock(self.rank, exclusive=True):
-                hdr = self._slot_header(r)
+                hdr = self._slot_header(slot)
                 full, fetched, off, n = (int(v) for v in hdr)
             if not full:
                 continue
             done += 1
-            self._apply(self._slot_grad(r)[off:off + n], fetched, off)
+            self._apply(self._slot_grad(slot, n), fetched, off)
             with self.iw.lock(self.rank, exclusive=True):
                 hdr[0] = 0
         return done
@@ -282,7 +297,7 @@ class PSClient:
 
     def __init__(self, params_wins, inbox_wins, ranges, shard_ranks, client: int,
                  lo: int = 0, hi: int | None = None, direct_lr: float | None = None,
-                 max_staleness_bins: int = 64):
+                 max_staleness_bins: int = 64, client_ranges=None):
         self.pw, self.iw = params_wins, inbox_wins
         self.direct_lr = direct_lr    # set: direct SGD pushes (see the module doc)
         self.ranges, self.shard_ranks = ranges, shard_ranks
@@ -294,6 +309,10 @@ class PSClient:
             x, y = max(a, self.lo), min(b, self.hi)
             if x < y:
                 self.parts.append((s, x - a, x - self.lo, y - x))
+        # my inbox slot's byte offset in each shard I push to (client_ranges as for
+        # create_windows; None: I do not push through the inbox)
+        self.slot = ({s: inbox_slots(ranges[s], client_ranges)[0][client][0]
+                      for s, *_ in self.parts} if client_ranges else None)
         self.fetched_version = {s: 0 for s, *_ in self.parts}
         self.pending = {s: False for s, *_ in self.parts}
         self.pushes_sent = 0
@@ -308,10 +327,11 @@ class PSClient:
         """One epoch to every shard on both windows (MPI-NOTES.md: the first epoch after
         window creation can block until the target next calls MPI), then the params
         windows' Lock_all and a first seqlock read."""
-        for s, *_ in self.parts:
-            for w in (self.pw[s], self.iw[s]):
+        for s, *_ in self.parts:      # the params header, and my inbox slot's if I have one
+            targets = [(self.pw[s], 0)] + ([(self.iw[s], self.slot[s])] if self.slot else [])
+            for w, at in targets:
                 with w.lock(self.shard_ranks[s]) as win:
-                    win.Get(self._hdr[:2], self.shard_ranks[s], target=(0, 2, _mpi().INT64_T))
+                    win.Get(self._hdr[:2], self.shard_ranks[s], target=(at, 2, _mpi().INT64_T))
         me = self.pw[0].win.Get_group().Get_rank() if self.pw else 0
         for s, *_ in self.parts:
             self.pw[s].lock_all()
@@ -338,17 +358,19 @@ class PSClient:
         if self.direct_lr is not None:
             return self._push_direct(acc, finite, update)
         MPI = _mpi()
+        if self.slot is None:
+            raise RuntimeError("this client has no inbox slot (pass client_ranges)")
         taken = []
         for s, off, mine, n in self.parts:
             rank = self.shard_ranks[s]
-            slot = self.client * _slot_bytes(self.ranges[s][1] - self.ranges[s][0])
+            slot = self.slot[s]
             self.push_attempts += 1
             with self.iw[s].lock(rank) as win:
                 win.Get(self._hdr[:1], rank, target=(slot, 1, MPI.INT64_T))
                 win.Flush(rank)
                 if self._hdr[0] != 0:
                     continue  # the shard has not taken my previous push yet
-                win.Put(acc[mine:mine + n], rank, target=(slot + HEADER + 4 * off, n, MPI.FLOAT))
+                win.Put(acc[mine:mine + n], rank, target=(slot + HEADER, n, MPI.FLOAT))
                 win.Flush(rank)  # the gradient lands before the flag that hands it over
                 self._hdr[:] = (1, self.fetched_version[s], off, n)
                 win.Put(self._hdr, rank, target=(slot, 4, MPI.INT64_T))
@@ -401,15 +423,17 @@ class PSSetup:
         from .topology import shard_ranges
         self.layout = Layout(net, topo.partitions)   # shards hold the vector partition-major
         self.ranges = shard_ranges(net.num_params, topo.shards)
+        # client replica x P + partition pushes its partition's slice (none: direct pushes)
+        self.client_ranges = ([] if direct_lr is not None
+                              else self.layout.ranges * topo.replicas)
         my_shard = topo.index if topo.role == "shard" else None
-        self.pw, self.iw = create_windows(topo.rma, self.ranges,
-                                          topo.replicas * topo.partitions, my_shard)
+        self.pw, self.iw = create_windows(topo.rma, self.ranges, self.client_ranges, my_shard)
         self.client = None
         if topo.role == "replica":
             lo, hi = self.layout.ranges[topo.partition]
             self.client = PSClient(self.pw, self.iw, self.ranges, topo.shard_ranks,
                                    topo.index * topo.partitions + topo.partition, lo, hi,
-                                   direct_lr=direct_lr)
+                                   direct_lr=direct_lr, client_ranges=self.client_ranges)
         elif topo.role == "coordinator":
             self.client = PSClient(self.pw, self.iw, self.ranges, topo.shard_ranks, 0)
 

@@ -16,7 +16,8 @@ import time
 import numpy as np
 from mpi4py import MPI
 
-from dbmpi.algorithms.downpour import TAGS, _poll_recv, direct_pushes, make_shard, serve_shard
+from dbmpi.algorithms.downpour import (TAGS, _poll_recv, direct_pushes, make_shard,
+                                      request_snapshots, serve_shard)
 from dbmpi.config import parse
 from dbmpi.server import PSClient, create_windows
 from dbmpi.topology import Topology, shard_ranges
@@ -31,6 +32,11 @@ class ZeroNet:
     def init_params(self, seed):
         return np.zeros(self.num_params, dtype=np.float32)
 
+    def init_range(self, seed, lo, hi, out=None):
+        out = np.empty(hi - lo, dtype=np.float32) if out is None else out
+        out[...] = 0
+        return out
+
 
 def main():
     S, R, pushes, n = map(int, sys.argv[1:5])
@@ -44,14 +50,17 @@ def main():
     topo = Topology.split(world, cfg)
     net = ZeroNet(n)
     ranges = shard_ranges(n, S)
-    pw, iw = create_windows(topo.rma, ranges, R, topo.index if topo.role == "shard" else None)
+    # every replica pushes the whole vector (no partitions); none with direct pushes
+    clients = [] if direct_pushes(cfg) else [(0, n)] * R
+    pw, iw = create_windows(topo.rma, ranges, clients, topo.index if topo.role == "shard" else None)
     if topo.role == "shard":
-        server = make_shard(topo, cfg, net, pw, iw, ranges)
+        server = make_shard(topo, cfg, net, pw, iw, ranges, clients)
         topo.rma.Barrier()
         serve_shard(topo, server)
     else:
         client = PSClient(pw, iw, ranges, topo.shard_ranks, topo.index,
-                          direct_lr=1.0 if direct_pushes(cfg) and topo.role == "replica" else None)
+                          direct_lr=1.0 if direct_pushes(cfg) and topo.role == "replica" else None,
+                          client_ranges=clients if topo.role == "replica" else None)
         topo.rma.Barrier()
         client.warm_up()
         if topo.role == "replica":
@@ -88,12 +97,10 @@ def main():
             _poll_recv(topo.ctrl, 0, TAGS["FINISH"])
         else:
             done = [_poll_recv(topo.ctrl, MPI.ANY_SOURCE, TAGS["DONE"]) for _ in range(R)]
-            for rank in topo.shard_ranks:
-                topo.ctrl.send(None, dest=rank, tag=TAGS["DRAIN"])
-            snaps = [_poll_recv(topo.ctrl, MPI.ANY_SOURCE, TAGS["SNAP"]) for _ in range(S)]
+            snaps = request_snapshots(topo, "DRAIN")
             for rank in topo.shard_ranks + [r for reps in topo.replica_ranks for r in reps]:
                 topo.ctrl.send(None, dest=rank, tag=TAGS["FINISH"])
-            params = np.concatenate([m["params"] for m in sorted(snaps, key=lambda m: m["shard"])])
+            params = np.concatenate([m["params"] for m in snaps])
             expected = -sum(d["total"] for d in done)   # SGD with lr 1: theta = -sum(grads)
             print(json.dumps({
                 "expected": expected, "min": float(params.min()), "max": float(params.max()),

@@ -77,3 +77,17 @@ def test_sync_two_replicas(tmp_path, digits_path):
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads((out / "summary.json").read_text())
     assert s["algorithm"] == "sync" and s["steps"] == 600 and s["final_test_accuracy"] > 0.93
+
+
+def test_inbox_slots_hold_each_clients_overlap_only():
+    """A shard's inbox has room for the part of its range each client pushes, not a whole
+    range per client: with P partitions it holds about R copies of the range, not R x P."""
+    from dbmpi.server import HEADER, inbox_slots
+    clients = [(0, 60), (60, 100)] * 2            # 2 replicas x 2 partitions
+    slots, total = inbox_slots((50, 100), clients)
+    assert [n for _, n in slots] == [10, 40, 10, 40]
+    assert [off for off, _ in slots] == [0, HEADER + 40, 2 * HEADER + 200, 3 * HEADER + 240]
+    assert total == 4 * HEADER + 4 * 2 * 50
+    slots, total = inbox_slots((0, 50), clients)  # partition 1 never pushes here
+    assert [n for _, n in slots] == [50, 0, 50, 0] and total == 2 * (HEADER + 200)
+    assert inbox_slots((0, 50), []) == ([], 0)    # direct pushes: no inbox at all

@@ -93,7 +93,30 @@ def test_layout_roundtrip_and_contiguous_slices():
     assert np.array_equal(lay.to_canonical(lay.to_partitioned(theta)), theta)
     assert lay.ranges[0][0] == 0 and lay.ranges[-1][1] == net.num_params
     assert all(lay.ranges[i][1] == lay.ranges[i + 1][0] for i in range(2))
-    assert sorted(lay.perm.tolist()) == list(range(net.num_params))
+    # every canonical position once, and any range of either layout block by block
+    canon = np.arange(net.num_params)
+    perm = lay.to_partitioned(canon)
+    assert sorted(perm.tolist()) == canon.tolist()
+    for lo, hi in [(0, 1), (5, 300), (lay.ranges[1][0] - 3, lay.ranges[2][0] + 7),
+                   (0, net.num_params)]:
+        assert np.array_equal(lay.take(canon, lo, hi), perm[lo:hi])
+        assert np.array_equal(lay.init_range(net, 0, lo, hi), lay.to_partitioned(theta)[lo:hi])
+
+
+def test_slices_initialise_without_the_whole_vector(monkeypatch):
+    """A partition or a shard draws only its own slice: the values are init_params' (above),
+    and no rank needs the whole vector to cut its slice from."""
+    from mpi_partition_check import NETS
+    net = build(NETS["lc_deep"])
+    lay = Layout(net, 4)
+    want = lay.to_partitioned(net.init_params(5))
+
+    def whole(*a, **k):
+        raise AssertionError("init_params called for a slice")
+    monkeypatch.setattr(type(net), "init_params", whole)
+    for lo, hi in lay.ranges + [(3, 11)]:
+        assert np.array_equal(lay.init_range(net, 5, lo, hi), want[lo:hi])
+    assert not np.array_equal(lay.init_range(net, 6, 0, 50), want[:50])   # the seed counts
 
 
 def test_pooling_stripe_reads_its_whole_input_stripe():

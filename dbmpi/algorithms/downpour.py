@@ -24,7 +24,7 @@ from .common import Batches, Evaluator, Progress, stop_for_time
 __all__ = ["run_downpour", "TAGS"]
 
 TAGS = dict(LOG=11, DONE=12, STOP=13, WARM=14, GO=15, SNAP_REQ=16, SNAP=17, DRAIN=18,
-            FINISH=19, DIVERGED=20)
+            FINISH=19, DIVERGED=20, SNAP_DATA=21)
 
 # A shard that rejects this many pushes in a row (NaN/Inf) reports the run as diverging.
 DIVERGED_AFTER = 20
@@ -48,21 +48,22 @@ def direct_pushes(cfg) -> bool:
     return not cfg["optimizer"]["adagrad"] and cfg["optimizer"]["direct_push"]
 
 
-def make_shard(topo, cfg, net, pw, iw, ranges, resume=None, layout=None):
+def make_shard(topo, cfg, net, pw, iw, ranges, client_ranges, resume=None, layout=None):
     """Shard ``topo.index``'s server, its window memory initialised (call before the start
-    barrier, so no client reads or writes it first)."""
+    barrier, so no client reads or writes it first); ``client_ranges`` as for
+    server.create_windows."""
     from ..model.partition import Identity
     layout = layout or Identity()
     s = topo.index
     lo, hi = ranges[s]
     opt = make_optimizer(cfg["optimizer"], hi - lo)
-    init = layout.to_partitioned(net.init_params(cfg["optimizer"]["seed"]))[lo:hi]
-    server = ShardServer(pw[s], iw[s], lo, hi, topo.replicas * topo.partitions, opt, init,
+    init = layout.init_range(net, cfg["optimizer"]["seed"], lo, hi)    # my range alone
+    server = ShardServer(pw[s], iw[s], lo, hi, client_ranges, opt, init,
                          direct=direct_pushes(cfg))
     server.rank = topo.shard_ranks[s]
     if resume is not None:
-        server.restore(layout.to_partitioned(resume["params"])[lo:hi],
-                       {k: layout.to_partitioned(v)[lo:hi] for k, v in resume["state"].items()},
+        server.restore(layout.take(resume["params"], lo, hi),
+                       {k: layout.take(v, lo, hi) for k, v in resume["state"].items()},
                        int(resume["counters"].get(f"shard{s}_version", 0)))
     return server
 
@@ -91,17 +92,47 @@ def serve_shard(topo, server):
                 while server.poll():
                     pass
             params, state, version = server.snapshot()
-            ctrl.send({"shard": s, "params": params, "state": state, "version": version,
+            # the vectors go as raw buffers after the message that names them: no pickled
+            # copy of a shard's slice (see _Coordinator.snapshots)
+            vectors = [("params", params)] + sorted(state.items())
+            ctrl.send({"shard": s, "vectors": [(k, len(v), v.dtype.str) for k, v in vectors],
+                       "version": version,
                        "applied": server.applied, "rejected": server.rejected,
                        "staleness": server.staleness.tolist(),
                        "cpu_s": time.process_time() - cpu0, "idle_s": idle_s},
                       dest=0, tag=TAGS["SNAP"])
+            for _, v in vectors:
+                ctrl.Send(v, dest=0, tag=TAGS["SNAP_DATA"])
+            del params, state, vectors
         elif applied:
             backoff.busy()
         else:
             t = time.perf_counter()
             backoff.idle()
             idle_s += time.perf_counter() - t
+
+
+def request_snapshots(topo, tag="SNAP_REQ"):
+    """From the coordinator: every shard's snapshot (``DRAIN``: after applying every push
+    it holds), in shard order, each a dict with ``params`` and ``state`` (see
+    serve_shard)."""
+    from mpi4py import MPI
+    ctrl = topo.ctrl
+    for rank in topo.shard_ranks:
+        ctrl.send(None, dest=rank, tag=TAGS[tag])
+    snaps = [None] * topo.shards
+    for _ in topo.shard_ranks:
+        m = _poll_recv(ctrl, MPI.ANY_SOURCE, TAGS["SNAP"])
+        rank, m["state"] = topo.shard_ranks[m["shard"]], {}
+        for name, n, dtype in m.pop("vectors"):    # sent right after, in this order
+            v = np.empty(n, dtype=dtype)
+            ctrl.Recv(v, source=rank, tag=TAGS["SNAP_DATA"])
+            if name == "params":
+                m["params"] = v
+            else:
+                m["state"][name] = v
+        snaps[m["shard"]] = m
+    return snaps
 
 
 # -- replica -------------------------------------------------------------------------------
@@ -254,16 +285,8 @@ class _Coordinator:
         self.diverged = False
 
     def snapshots(self, tag="SNAP_REQ"):
-        from mpi4py import MPI
-        ctrl = self.topo.ctrl
-        for rank in self.topo.shard_ranks:
-            ctrl.send(None, dest=rank, tag=TAGS[tag])
-        snaps = [None] * self.topo.shards
-        for _ in self.topo.shard_ranks:
-            m = _poll_recv(ctrl, MPI.ANY_SOURCE, TAGS["SNAP"])
-            snaps[m["shard"]] = m
-        self.last_snaps = snaps
-        return snaps
+        self.last_snaps = request_snapshots(self.topo, tag)
+        return self.last_snaps
 
     def checkpoint(self, snaps):
         to_c = self.layout.to_canonical     # shards hold the partitioned layout
@@ -396,7 +419,8 @@ class _Coordinator:
 def run_downpour(topo, cfg, net, out, resume=None, quiet=False):
     """Every rank calls this; each plays its role.  Returns the summary on the coordinator."""
     ps = PSSetup(topo, net, cfg["optimizer"]["learning_rate"] if direct_pushes(cfg) else None)
-    server = (make_shard(topo, cfg, net, ps.pw, ps.iw, ps.ranges, resume, ps.layout)
+    server = (make_shard(topo, cfg, net, ps.pw, ps.iw, ps.ranges, ps.client_ranges, resume,
+                         ps.layout)
               if topo.role == "shard" else None)
     ps.start(topo)                 # every shard's memory is initialised before anyone uses it
     if server is not None:

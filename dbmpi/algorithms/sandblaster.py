@@ -99,8 +99,8 @@ class PortionScheduler:
 class SandblasterShard(ShardServer):
     """A shard's slice of every L-BFGS vector, and the commands that operate on them."""
 
-    def __init__(self, params_win, inbox_win, lo, hi, replicas, history, init):
-        super().__init__(params_win, inbox_win, lo, hi, replicas, None, init)
+    def __init__(self, params_win, inbox_win, lo, hi, client_ranges, history, init):
+        super().__init__(params_win, inbox_win, lo, hi, client_ranges, None, init)
         n = hi - lo
         self.v = {k: np.zeros(n) for k in ("x", "g", "d", "xe", "gt", "q")}
         self.v["x"][:] = init
@@ -159,12 +159,12 @@ class SandblasterShard(ShardServer):
         return None
 
 
-def _make_shard(topo, cfg, net, pw, iw, ranges, layout):
+def _make_shard(topo, cfg, net, pw, iw, ranges, client_ranges, layout):
     """The shard's vectors and window memory, initialised before the start barrier."""
     s = topo.index
     lo, hi = ranges[s]
-    init = layout.to_partitioned(net.init_params(cfg["optimizer"]["seed"]))[lo:hi]
-    shard = SandblasterShard(pw[s], iw[s], lo, hi, topo.replicas * topo.partitions,
+    init = layout.init_range(net, cfg["optimizer"]["seed"], lo, hi)    # my range alone
+    shard = SandblasterShard(pw[s], iw[s], lo, hi, client_ranges,
                              cfg["optimizer"]["lbfgs_history"], init.astype(np.float64))
     shard.rank = topo.shard_ranks[s]
     return shard
@@ -475,7 +475,7 @@ class _Coordinator:
         c = self.resume["counters"]
         for s, rank in enumerate(self.topo.shard_ranks):
             lo, hi = self.ranges[s]
-            vec = {k[len("lbfgs_"):]: self.layout.to_partitioned(v)[lo:hi]
+            vec = {k[len("lbfgs_"):]: self.layout.take(v, lo, hi)
                    for k, v in self.resume["state"].items() if k.startswith("lbfgs_")}
             self.topo.ctrl.send(("restore", (vec,)), dest=rank, tag=TAG_CMD)
         for rank in self.topo.shard_ranks:
@@ -584,7 +584,7 @@ def run_sandblaster(topo, cfg, net, out, resume=None, quiet=False):
     """Every rank calls this; each plays its role.  Returns the summary on the coordinator."""
     ps = PSSetup(topo, net)
     layout, ranges, client = ps.layout, ps.ranges, ps.client
-    shard = (_make_shard(topo, cfg, net, ps.pw, ps.iw, ranges, layout)
+    shard = (_make_shard(topo, cfg, net, ps.pw, ps.iw, ranges, ps.client_ranges, layout)
              if topo.role == "shard" else None)
     ps.start(topo)                 # every shard's memory is initialised before anyone uses it
     summary = None

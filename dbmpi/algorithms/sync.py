@@ -29,7 +29,7 @@ def run_sync(topo, cfg, net, out, resume=None, quiet=False):
     P, R, rep = topo.partitions, topo.replicas, topo.index
     model = PartitionedNetwork(cfg["model"], topo.model) if P > 1 else net
     local = (lambda v: model.local(v)) if P > 1 else (lambda v: np.array(v))
-    theta = local(net.init_params(o["seed"]))
+    theta = model.init_local(o["seed"]) if P > 1 else net.init_params(o["seed"])
     opt = make_optimizer(o, len(theta))
     step0 = 0
     if resume is not None:

@@ -43,8 +43,10 @@ class Layer:
             o += n
         return out
 
-    def init(self, rng, flat) -> None:
-        pass
+    def init_scales(self) -> tuple:
+        """Each parameter array's initial values: standard normal times this scale (0:
+        zeros).  The values themselves come from Network.init_range."""
+        return (0.0,) * len(self.param_shapes)
 
     def _misfit(self, why: str) -> ValueError:
         h, w, c = self.in_shape
@@ -52,9 +54,9 @@ class Layer:
                           f"height={h}, width={w}): {why}")
 
 
-def _init_weights(rng, w, fan_in, act):
-    gain = 2.0 if act == "relu" else 1.0
-    w[...] = rng.standard_normal(w.shape) * np.sqrt(gain / fan_in)
+def _weight_scale(fan_in, act):
+    """He (relu) or LeCun scaling of standard normal weights."""
+    return float(np.sqrt((2.0 if act == "relu" else 1.0) / fan_in))
 
 
 class LocallyConnected(Layer):
@@ -74,10 +76,8 @@ class LocallyConnected(Layer):
         self.out_shape = (ho, wo, f)
         self.param_shapes = ((ho, wo, self.k * self.k * c, f), (ho, wo, f))
 
-    def init(self, rng, flat):
-        w, b = self.views(flat)
-        _init_weights(rng, w, w.shape[2], self.act)
-        b[...] = 0
+    def init_scales(self):
+        return (_weight_scale(self.param_shapes[0][2], self.act), 0.0)
 
     def forward(self, x, params, ops):
         w, b = params
@@ -101,10 +101,8 @@ class FullyConnected(Layer):
         self.out_shape = (1, 1, self.units)
         self.param_shapes = ((self.units, self.inputs), (self.units,))
 
-    def init(self, rng, flat):
-        w, b = self.views(flat)
-        _init_weights(rng, w, self.inputs, self.act)
-        b[...] = 0
+    def init_scales(self):
+        return (_weight_scale(self.inputs, self.act), 0.0)
 
     def forward(self, x, params, ops):
         x2 = x.reshape(x.shape[0], self.inputs)
@@ -122,10 +120,8 @@ class Softmax(FullyConnected):
     """Fully connected to ``classes`` linear units; the network applies softmax cross-entropy."""
     kind = "softmax"
 
-    def init(self, rng, flat):
-        w, b = self.views(flat)
-        w[...] = rng.standard_normal(w.shape) * (0.1 / np.sqrt(self.inputs))
-        b[...] = 0
+    def init_scales(self):
+        return (float(0.1 / np.sqrt(self.inputs)), 0.0)
 
 
 class Pool(Layer):

@@ -8,6 +8,7 @@ from .. import aligned
 from ..config import check_model
 from ..optim import sum_sq
 from . import ops_reference
+from .initializer import normals
 from .layers import make_layer
 
 __all__ = ["Network", "build", "kernel_ops"]
@@ -69,13 +70,26 @@ class Network:
         return slice(self.offsets[i], self.offsets[i + 1])
 
     def init_params(self, seed: int = 0) -> np.ndarray:
-        rng = np.random.default_rng(seed)
-        theta = aligned.zeros(self.num_params)       # see dbmpi.aligned
+        return self.init_range(seed, 0, self.num_params)
+
+    def init_range(self, seed: int, lo: int, hi: int, out=None) -> np.ndarray:
+        """``init_params(seed)[lo:hi]`` (into ``out`` if given), computed without the rest:
+        every value depends only on the seed and its position (dbmpi.model.initializer),
+        so a partition or a shard initialises just its slice."""
+        if not 0 <= lo <= hi <= self.num_params:
+            raise ValueError(f"parameter range [{lo}, {hi}) is outside [0, {self.num_params})")
+        if out is None:
+            out = aligned.empty(hi - lo)             # see dbmpi.aligned
         for i, layer in enumerate(self.layers):
-            buf = np.zeros(layer.num_params, dtype=np.float64)
-            layer.init(rng, buf)
-            theta[self.layer_slice(i)] = buf
-        return theta
+            start = self.offsets[i]
+            for j, ((n, _), scale) in enumerate(zip(layer._sizes(), layer.init_scales())):
+                a, z = max(lo, start), min(hi, start + n)
+                if a < z and scale:          # array j of layer i: its own stream
+                    normals((seed, i, j), a - start, z - a, out[a - lo:z - lo], scale)
+                elif a < z:
+                    out[a - lo:z - lo] = 0
+                start += n
+        return out
 
     # -- checks ------------------------------------------------------------------------
     def _ops(self, dtype):

@@ -17,6 +17,7 @@ Python API use, so runs with different P are interchangeable.
 
 from __future__ import annotations
 
+import bisect
 import time
 import weakref
 
@@ -388,35 +389,78 @@ class Identity:
     def to_canonical(self, theta_part):
         return np.asarray(theta_part)
 
+    def take(self, theta, lo, hi, out=None):
+        out = np.empty(hi - lo, dtype=theta.dtype) if out is None else out
+        out[...] = theta[lo:hi]
+        return out
+
+    def init_range(self, net, seed, lo, hi, out=None):
+        return net.init_range(seed, lo, hi, out)
+
 
 class Layout:
     """The partitioned layout of a network's flat vector for P partitions (needs no MPI).
 
-    ``perm[i]`` is the canonical index of partitioned position i; partition q owns the
-    contiguous slice ``ranges[q]`` of the partitioned layout."""
+    Partition q owns the contiguous slice ``ranges[q]`` of the partitioned layout, which
+    is its parameter blocks of every layer in order (each a canonical range).  Only the
+    blocks are kept (a few per layer and partition): any range of either layout is copied
+    block by block, so no rank needs an index array or a copy of the whole vector."""
 
     def __init__(self, full: Network, P: int):
         self.P = P
         self.parts = [[_Part(layer, P, q) for layer in full.layers] for q in range(P)]
         for i in range(1, len(full.layers)):
             _pool_whole_stripe(self.parts[0][i - 1].out_rows, [pq[i] for pq in self.parts])
-        perm, self.ranges, start = [], [], 0
+        self.ranges, pos = [], 0
+        self._pieces = []       # (partitioned start, canonical start, length), in order
         for q in range(P):
+            start = pos
             for i, part in enumerate(self.parts[q]):
-                base = full.offsets[i]
-                perm += [np.arange(base + a, base + z) for a, z in part.blocks]
-            end = start + sum(part.num_params for part in self.parts[q])
-            self.ranges.append((start, end))
-            start = end
-        self.perm = np.concatenate(perm) if perm else np.zeros(0, np.int64)
-        assert len(self.perm) == full.num_params
+                for a, z in part.blocks:
+                    if a < z:
+                        self._pieces.append((pos, full.offsets[i] + a, z - a))
+                        pos += z - a
+            self.ranges.append((start, pos))
+        self._starts = [p for p, _, _ in self._pieces]
+        self.num_params = pos
+        assert pos == full.num_params
+
+    def pieces(self, lo, hi):
+        """The partitioned range [lo, hi) as (offset from lo, canonical start, length)."""
+        out = []
+        k = max(bisect.bisect_right(self._starts, lo) - 1, 0)
+        while k < len(self._pieces) and self._pieces[k][0] < hi:
+            p, c, n = self._pieces[k]
+            a, z = max(p, lo), min(p + n, hi)
+            if a < z:
+                out.append((a - lo, c + a - p, z - a))
+            k += 1
+        return out
+
+    def take(self, theta, lo, hi, out=None):
+        """Partitioned positions [lo, hi) of the canonical vector ``theta`` (an array, or
+        an h5py dataset, read block by block)."""
+        out = np.empty(hi - lo, dtype=theta.dtype) if out is None else out
+        for o, c, n in self.pieces(lo, hi):
+            out[o:o + n] = theta[c:c + n]
+        return out
+
+    def init_range(self, net, seed, lo, hi, out=None):
+        """``to_partitioned(net.init_params(seed))[lo:hi]``, drawing only those values."""
+        out = aligned.empty(hi - lo) if out is None else out
+        for o, c, n in self.pieces(lo, hi):
+            net.init_range(seed, c, c + n, out[o:o + n])
+        return out
 
     def to_partitioned(self, theta):
-        return np.asarray(theta)[self.perm]
+        theta = np.asarray(theta)
+        return self.take(theta, 0, self.num_params)
 
     def to_canonical(self, theta_part):
-        out = np.empty(len(self.perm), dtype=np.asarray(theta_part).dtype)
-        out[self.perm] = theta_part
+        theta_part = np.asarray(theta_part)
+        out = np.empty(self.num_params, dtype=theta_part.dtype)
+        for o, c, n in self.pieces(0, self.num_params):
+            out[c:c + n] = theta_part[o:o + n]
         return out
 
 
@@ -435,7 +479,7 @@ class PartitionedNetwork:
         self.classes, self.l2 = self.full.classes, self.full.l2
         self.input_shape, self.num_params = self.full.input_shape, self.full.num_params
         self.layout = Layout(self.full, self.P)
-        self.parts, self.perm, self.ranges = self.layout.parts, self.layout.perm, self.layout.ranges
+        self.parts, self.ranges = self.layout.parts, self.layout.ranges
         self.mine = self.parts[self.p]
         self.local_range = self.ranges[self.p]
         self.local_size = self.local_range[1] - self.local_range[0]
@@ -459,13 +503,16 @@ class PartitionedNetwork:
         return self.layout.to_canonical(theta_part)
 
     def local(self, theta_canonical):
-        """My slice of a canonical vector."""
+        """My slice of a canonical vector (an array or an h5py dataset), on a cache line
+        as Network's vectors are (dbmpi.aligned)."""
         a, z = self.local_range
-        # on a cache line, as Network's vectors (dbmpi.aligned)
-        return aligned.copy(self.to_partitioned(theta_canonical)[a:z])
+        if not hasattr(theta_canonical, "dtype"):
+            theta_canonical = np.asarray(theta_canonical)
+        return self.layout.take(theta_canonical, a, z, aligned.empty(z - a, theta_canonical.dtype))
 
     def init_local(self, seed: int):
-        return self.local(self.full.init_params(seed))
+        """My slice of ``full.init_params(seed)``, drawn alone."""
+        return self.layout.init_range(self.full, seed, *self.local_range)
 
     @property
     def bytes_sent(self) -> int:
