@@ -132,7 +132,9 @@ def prepare(args):
     check_file(cfg["data"]["path"], net.classes, net.input_shape,
                scan=mpi_size_from_env() == 1)
     if args.resume:
-        resume = load_checkpoint(Path(args.resume) / "checkpoint.h5", net.num_params)
+        # each rank reads the slices it owns when its algorithm restores them
+        resume = load_checkpoint(Path(args.resume) / "checkpoint.h5", net.num_params,
+                                 lazy=True)
         out = Path(args.resume)
     elif args.out:
         out = Path(args.out)

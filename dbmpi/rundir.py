@@ -87,7 +87,11 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def save_checkpoint(path, params: np.ndarray, state: dict, counters: dict, cfg: dict) -> None:
-    """Save parameters, optimizer state arrays and counters atomically to ``path``."""
+    """Save parameters, optimizer state arrays and counters atomically to ``path``.
+
+    A ``state`` value may be a function returning the array: it is called when that array
+    is written, and the array dropped after, so a state of many vectors (Sandblaster's
+    L-BFGS history) is never in memory all at once."""
     import h5py
     path = Path(path)
 
@@ -96,7 +100,7 @@ def save_checkpoint(path, params: np.ndarray, state: dict, counters: dict, cfg: 
             h.create_dataset("params", data=np.asarray(params, dtype=np.float32))
             g = h.create_group("state")
             for k, v in state.items():
-                g.create_dataset(k, data=np.asarray(v))
+                g.create_dataset(k, data=np.asarray(v() if callable(v) else v))
             c = h.create_group("counters")
             for k, v in counters.items():
                 c.attrs[k] = v
@@ -106,19 +110,31 @@ def save_checkpoint(path, params: np.ndarray, state: dict, counters: dict, cfg: 
     _atomic_write(path, write)
 
 
-def load_checkpoint(path, num_params: int | None = None) -> dict:
-    """Read a checkpoint: ``{"params", "state": {...}, "counters": {...}, "config": str}``."""
+def load_checkpoint(path, num_params: int | None = None, lazy: bool = False) -> dict:
+    """Read a checkpoint: ``{"params", "state": {...}, "counters": {...}, "config": str}``.
+
+    ``lazy``: ``params`` and the ``state`` vectors stay in the file (h5py datasets, the file
+    kept open for this process), read where sliced: a resumed rank then reads only the
+    slices it owns (a shard its range, a partition its slice), not every vector of the
+    whole model (Sandblaster's L-BFGS history alone is 2 x lbfgs_history float64 vectors).
+    A checkpoint written meanwhile replaces the file by a rename, so what was opened stays
+    the one read."""
     import h5py
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
-        with h5py.File(path, "r") as h:
-            out = {"params": h["params"][...],
-                   "state": {k: v[...] for k, v in h["state"].items()},
+        h = h5py.File(path, "r")
+        try:
+            vec = (lambda d: d) if lazy else (lambda d: d[...])
+            out = {"params": vec(h["params"]),
+                   "state": {k: vec(v) for k, v in h["state"].items()},
                    "counters": {k: (v.item() if hasattr(v, "item") else v)
                                 for k, v in h["counters"].attrs.items()},
                    "config": str(h.attrs["config"])}
+        finally:
+            if not lazy:
+                h.close()
     except (OSError, KeyError) as e:
         raise CheckpointError(f"{path}: not a readable dbmpi checkpoint ({e})") from None
     if num_params is not None and len(out["params"]) != num_params:

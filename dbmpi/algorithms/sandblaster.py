@@ -31,7 +31,7 @@ from .common import Evaluator, Progress, stop_for_time
 
 __all__ = ["PortionScheduler", "run_sandblaster", "wolfe_line_search"]
 
-TAG_CMD, TAG_REPLY, TAG_WORK = 31, 32, 33
+TAG_CMD, TAG_REPLY, TAG_WORK, TAG_DATA = 31, 32, 33, 35
 
 
 # -- work portions ---------------------------------------------------------------------------
@@ -145,13 +145,9 @@ class SandblasterShard(ShardServer):
             v["x"][:] = v["xe"]
             v["g"][:] = v["gt"]
             return {"sy": float(v[f"s{i}"] @ v[f"y{i}"]), "yy": float(v[f"y{i}"] @ v[f"y{i}"])}
-        elif cmd == "snapshot":
-            return {"vectors": {k: a.copy() for k, a in v.items()}, "applied": self.applied,
-                    "rejected": self.rejected}
-        elif cmd == "restore":
-            for k, a in args[0].items():
-                if k in v:
-                    v[k][:] = a
+        elif cmd == "counts":
+            return {"vectors": list(v), "applied": self.applied, "rejected": self.rejected}
+        elif cmd == "publish":                    # after restoring: x is the point to serve
             with self.seq.writing():
                 self.params[:] = v["x"]
         else:
@@ -179,7 +175,13 @@ def _serve_shard(topo, shard):
             cmd, args = ctrl.recv(source=0, tag=TAG_CMD)
             if cmd == "finish":
                 return
-            ctrl.send(shard.command(cmd, args), dest=0, tag=TAG_REPLY)
+            if cmd == "send_vector":      # raw, no reply: see _Coordinator.gather_vector
+                ctrl.Send(shard.v[args[0]], dest=0, tag=TAG_DATA)
+                continue
+            if cmd == "recv_vector":      # raw, then the usual reply (restore)
+                ctrl.Recv(shard.v[args[0]], source=0, tag=TAG_DATA)
+            ctrl.send(None if cmd == "recv_vector" else shard.command(cmd, args), dest=0,
+                      tag=TAG_REPLY)
             backoff.busy()
         elif busy:
             backoff.busy()
@@ -458,12 +460,11 @@ class _Coordinator:
 
     def save(self, f, it, hist, gamma):
         """Checkpoint at an iteration boundary: every vector, and the coordinator's state."""
-        snaps = self.shards("snapshot")
-        self.pushes_applied = sum(s["applied"] for s in snaps)
-        vecs = [s["vectors"] for s in snaps]
-        to_c = self.layout.to_canonical      # shards hold the partitioned layout
-        params = to_c(np.concatenate([v["x"] for v in vecs])).astype(np.float32)
-        state = {f"lbfgs_{k}": to_c(np.concatenate([v[k] for v in vecs])) for k in vecs[0]}
+        counts = self.shards("counts")
+        self.pushes_applied = sum(s["applied"] for s in counts)
+        params = self.gather_vector("x").astype(np.float32)
+        # every L-BFGS vector, each gathered as it is written (save_checkpoint calls these)
+        state = {f"lbfgs_{k}": (lambda k=k: self.gather_vector(k)) for k in counts[0]["vectors"]}
         save_checkpoint(self.run.checkpoint, params, state, {
             "iterations": it, "evaluations": self.evals, "batch": self.batch, "objective": f,
             "gamma": gamma, "history": json.dumps(hist),
@@ -473,13 +474,16 @@ class _Coordinator:
     def _restore(self):
         """Put the checkpoint's vectors back on the shards; return (f, it, hist, gamma)."""
         c = self.resume["counters"]
-        for s, rank in enumerate(self.topo.shard_ranks):
-            lo, hi = self.ranges[s]
-            vec = {k[len("lbfgs_"):]: self.layout.take(v, lo, hi)
-                   for k, v in self.resume["state"].items() if k.startswith("lbfgs_")}
-            self.topo.ctrl.send(("restore", (vec,)), dest=rank, tag=TAG_CMD)
-        for rank in self.topo.shard_ranks:
-            self.topo.ctrl.recv(source=rank, tag=TAG_REPLY)
+        ctrl, names = self.topo.ctrl, self.shards("counts")[0]["vectors"]
+        for k, v in self.resume["state"].items():     # one shard's slice at a time
+            if not (k.startswith("lbfgs_") and k[len("lbfgs_"):] in names):
+                continue
+            for (lo, hi), rank in zip(self.ranges, self.topo.shard_ranks):
+                ctrl.send(("recv_vector", (k[len("lbfgs_"):],)), dest=rank, tag=TAG_CMD)
+                ctrl.Send(self.layout.take(v, lo, hi).astype(np.float64, copy=False),
+                          dest=rank, tag=TAG_DATA)
+                ctrl.recv(source=rank, tag=TAG_REPLY)
+        self.shards("publish")
         self.evals, self.batch = int(c["evaluations"]), int(c["batch"])
         self.rng.bit_generator.state = json.loads(c["rng"])
         hist = [tuple(h) for h in json.loads(c["history"])]
@@ -571,6 +575,19 @@ class _Coordinator:
         ev = self.evaluate_test(params)
         self.run.log("eval", updates=it, test_loss=ev["loss"], test_accuracy=ev["accuracy"])
         return params, f, it, stop, wall, ev
+
+    def gather_vector(self, name):
+        """Vector ``name`` of the shards (float64), in the canonical layout: each shard's
+        slice goes straight into place, one slice in memory at a time besides the result."""
+        ctrl = self.topo.ctrl
+        for rank in self.topo.shard_ranks:
+            ctrl.send(("send_vector", (name,)), dest=rank, tag=TAG_CMD)
+        out = np.empty(self.net.num_params)
+        for (lo, hi), rank in zip(self.ranges, self.topo.shard_ranks):
+            part = np.empty(hi - lo)
+            ctrl.Recv(part, source=rank, tag=TAG_DATA)
+            self.layout.scatter(part, lo, out)
+        return out
 
     def _eval(self):
         self.client.fetch(self.theta)       # after accept, the published point is x

@@ -63,7 +63,7 @@ def train_sgd(cfg: dict, net, run, resume: dict | None = None, progress: bool = 
     opt = make_optimizer(o, net.num_params)
     step0, position = 0, (0, 0)
     if resume is not None:
-        theta[:] = resume["params"]
+        theta[:] = resume["params"][...]
         for k, v in resume["state"].items():
             if k in opt.state:
                 opt.state[k][:] = v

@@ -397,6 +397,9 @@ class Identity:
     def init_range(self, net, seed, lo, hi, out=None):
         return net.init_range(seed, lo, hi, out)
 
+    def scatter(self, part, lo, out):
+        out[lo:lo + len(part)] = part
+
 
 class Layout:
     """The partitioned layout of a network's flat vector for P partitions (needs no MPI).
@@ -456,11 +459,16 @@ class Layout:
         theta = np.asarray(theta)
         return self.take(theta, 0, self.num_params)
 
+    def scatter(self, part, lo, out):
+        """Write ``part``, partitioned positions [lo, lo + len(part)), into its canonical
+        places in ``out``."""
+        for o, c, n in self.pieces(lo, lo + len(part)):
+            out[c:c + n] = part[o:o + n]
+
     def to_canonical(self, theta_part):
         theta_part = np.asarray(theta_part)
         out = np.empty(self.num_params, dtype=theta_part.dtype)
-        for o, c, n in self.pieces(0, self.num_params):
-            out[c:c + n] = theta_part[o:o + n]
+        self.scatter(theta_part, 0, out)
         return out
 
 
