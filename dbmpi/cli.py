@@ -153,12 +153,13 @@ def cmd_train(args) -> int:
     install_preemption()
     if algo == "sgd" and need == 1 and size == 1:
         from .algorithms import train_sgd
-        from .rundir import RunDir
+        from .rundir import RunDir, add_to_summary, peak_rss_mb
         run = RunDir(out, cfg, append=resume is not None)
         try:
             summary = train_sgd(cfg, net, run, resume, progress=not args.quiet)
         finally:
             run.close()
+        add_to_summary(out, {"peak_rss_mb": {"replicas": [[peak_rss_mb()]]}})
         print(json.dumps({"run_dir": str(out), **summary}))
         return EXIT_PREEMPTED if summary["stop_reason"] == "preempted" else 0
     from .launch import train_mpi

@@ -15,6 +15,7 @@ import sys
 
 from .config import ranks_needed
 from .signals import EXIT_PREEMPTED
+from .rundir import add_to_summary, peak_rss_mb
 
 __all__ = ["train_mpi"]
 
@@ -41,6 +42,25 @@ def _arm_fault(cfg, rank):
                               f"{f['fail_after_s']} s")
     signal.signal(signal.SIGALRM, boom)
     signal.setitimer(signal.ITIMER_REAL, max(f["fail_after_s"], 1e-3))
+
+
+def peaks_by_role(peaks, cfg) -> dict:
+    """Each rank's peak memory (MB, world rank order) as ``{"coordinator": MB, "shards":
+    [MB per shard], "replicas": [[MB per partition] per replica]}``."""
+    from .topology import role_of
+    out = {}
+    for rank, mb in enumerate(peaks):
+        role, index, part = role_of(rank, cfg)
+        if role == "coordinator":
+            out["coordinator"] = mb
+        elif role == "shard":
+            out.setdefault("shards", []).append(mb)
+        else:
+            reps = out.setdefault("replicas", [])
+            if part == 0:
+                reps.append([])
+            reps[index].append(mb)
+    return out
 
 
 def train_mpi(cfg, net, resume, out, quiet=False, guard=None, agree_out=False) -> int:
@@ -90,6 +110,10 @@ def train_mpi(cfg, net, resume, out, quiet=False, guard=None, agree_out=False) -
             summary = train_sgd_partitioned(topo, cfg, out, resume, quiet)
         signal.setitimer(signal.ITIMER_REAL, 0)
         reason = world.bcast(summary.get("stop_reason") if summary else None, root=0)
+        peaks = world.gather(peak_rss_mb(), root=0)
+        if summary is not None:     # rank 0 wrote it
+            summary["peak_rss_mb"] = peaks_by_role(peaks, cfg)
+            add_to_summary(out, {"peak_rss_mb": summary["peak_rss_mb"]})
     except BaseException as e:  # noqa: BLE001 - any failure must end the whole job
         print(f"dbmpi: error on rank {rank} ({topo.describe()}): {type(e).__name__}: {e}",
               file=sys.stderr, flush=True)
@@ -101,7 +125,8 @@ def train_mpi(cfg, net, resume, out, quiet=False, guard=None, agree_out=False) -
         guard.clean_exit()
     if summary is not None:
         print(json.dumps({"run_dir": str(out), **{k: v for k, v in summary.items()
-                                                   if k not in ("replicas", "shards")}}))
+                                                   if k not in ("replicas", "shards",
+                                                                "peak_rss_mb")}}))
     if reason == "diverged":
         if rank == 0:
             print("dbmpi: error: training diverged (non-finite gradients or loss); the "

@@ -11,7 +11,24 @@ import numpy as np
 
 from .config import dumps
 
-__all__ = ["RunDir", "save_checkpoint", "load_checkpoint", "CheckpointError"]
+__all__ = ["RunDir", "save_checkpoint", "load_checkpoint", "CheckpointError", "peak_rss_mb",
+           "add_to_summary"]
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MB."""
+    import resource
+    import sys
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(kb / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
+
+
+def add_to_summary(run_dir, fields: dict) -> None:
+    """Add ``fields`` to the summary.json already written in ``run_dir``."""
+    path = Path(run_dir) / "summary.json"
+    summary = json.loads(path.read_text())
+    summary.update(fields)
+    _atomic_write(path, lambda f: f.write(json.dumps(summary, indent=2).encode() + b"\n"))
 
 
 class CheckpointError(ValueError):

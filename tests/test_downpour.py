@@ -61,6 +61,22 @@ def test_downpour_options_warmstart_fetch_push_sgd(tmp_path, digits_path):
     assert s["final_test_accuracy"] > 0.85
 
 
+def test_warmstart_longer_than_the_run_does_not_hold_the_others(tmp_path, digits_path):
+    """max_steps below warmstart_steps: replica 0 trains all its steps alone, then the
+    others start (they used to wait for a warm-up that never came, until max_time_s)."""
+    out = tmp_path / "run"
+    r = run_mpi(5, "train", _cfg(tmp_path, digits_path), "--out", out, "--quiet",
+                "--set", "optimizer.warmstart_steps=100", "--set", "run.max_steps=30",
+                "--set", "run.max_time_s=100", timeout=90)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["stop_reason"] == "max_steps" and s["wall_time_s"] < 60, s
+    assert [x["steps"] for x in s["replicas"]] == [30, 30]
+    peaks = s["peak_rss_mb"]            # every rank's peak memory, by role
+    assert peaks["coordinator"] > 0 and len(peaks["shards"]) == 2
+    assert [len(p) for p in peaks["replicas"]] == [1, 1]
+
+
 def test_wrong_rank_count_says_which(tmp_path, digits_path):
     r = run_mpi(3, "train", _cfg(tmp_path, digits_path), "--quiet", timeout=60)
     assert r.returncode != 0

@@ -172,6 +172,9 @@ def test_sgd_losses_match_single_partition_for_50_steps(tmp_path, digits_path):
         s = json.loads((tmp_path / d / "summary.json").read_text())
         q1, med, q3 = s["step_ms_quartiles"]
         assert 0 < q1 <= med <= q3 and med >= 0.5 * 1e3 * s["compute_s"] / s["steps"], s
+        # each rank's peak memory: one replica of 1 or 3 partitions
+        assert [len(p) for p in s["peak_rss_mb"]["replicas"]] == [1 if d == "p1" else 3]
+        assert all(mb > 10 for mb in s["peak_rss_mb"]["replicas"][0])
 
 
 @pytest.mark.parametrize("sets,reason", [

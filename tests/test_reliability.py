@@ -90,6 +90,26 @@ def test_checkpoint_survives_kill_during_save(tmp_path):
     assert len([f for f in os.listdir(tmp_path) if f.startswith(".checkpoint")]) <= 1
 
 
+def test_checkpoint_state_written_one_vector_at_a_time_and_read_lazily(tmp_path):
+    """A state vector may come as a function, called when it is written (Sandblaster's
+    coordinator gathers each L-BFGS vector then); a lazy load reads only the slices asked."""
+    from dbmpi.rundir import save_checkpoint
+    made = []
+
+    def vector(i):
+        made.append(i)
+        return np.full(10, float(i))
+    path = tmp_path / "c.h5"
+    save_checkpoint(path, np.arange(10, dtype=np.float32),
+                    {f"v{i}": (lambda i=i: vector(i)) for i in range(3)}, {"step": 4}, {})
+    assert made == [0, 1, 2]
+    ck = load_checkpoint(path, 10, lazy=True)
+    assert not isinstance(ck["params"], np.ndarray)          # still in the file
+    assert np.array_equal(ck["params"][3:6], [3, 4, 5]) and ck["counters"]["step"] == 4
+    assert np.array_equal(ck["state"]["v2"][8:], [2.0, 2.0])
+    assert np.array_equal(load_checkpoint(path)["state"]["v1"], np.ones(10))
+
+
 def test_sgd_sigterm_checkpoints_and_resumes(tmp_path, digits_path):
     out = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1")

@@ -231,7 +231,8 @@ def _run_replica(topo, cfg, net, client, resume=None):
             ctrl.send({"replica": rep, "step": step, "loss": float(loss),
                        "epoch": batches.epoch, "offset": batches.offset}, dest=0,
                       tag=TAGS["LOG"])
-        if lead and warm and rep == 0 and step == warm:
+        if lead and warm and rep == 0 and step == min(warm, r["max_steps"]):
+            # warm (or all its steps done, when they are fewer): the others may start
             ctrl.send(step, dest=0, tag=TAGS["WARM"])
         if lead and ctrl.Iprobe(source=0, tag=TAGS["STOP"]):
             ctrl.recv(source=0, tag=TAGS["STOP"])
