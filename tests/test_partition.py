@@ -101,6 +101,9 @@ def test_layout_roundtrip_and_contiguous_slices():
                    (0, net.num_params)]:
         assert np.array_equal(lay.take(canon, lo, hi), perm[lo:hi])
         assert np.array_equal(lay.init_range(net, 0, lo, hi), lay.to_partitioned(theta)[lo:hi])
+    # back from consecutive slices that cut across partitions (shards' ranges, say)
+    cuts = [0, 7, lay.ranges[1][0] + 1, net.num_params - 2, net.num_params]
+    assert np.array_equal(lay.from_slices([perm[a:b] for a, b in zip(cuts, cuts[1:])]), canon)
 
 
 def test_slices_initialise_without_the_whole_vector(monkeypatch):

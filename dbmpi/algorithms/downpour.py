@@ -290,13 +290,9 @@ class _Coordinator:
         return self.last_snaps
 
     def checkpoint(self, snaps):
-        def canonical(part):                # shards hold the partitioned layout
-            out = np.empty(self.net.num_params, dtype=part(snaps[0]).dtype)
-            for m, (lo, _) in zip(snaps, self.ranges):     # each slice straight into place
-                self.layout.scatter(part(m), lo, out)
-            return out
-        params = canonical(lambda m: m["params"])
-        state = {k: canonical(lambda m, k=k: m["state"][k]) for k in snaps[0]["state"]}
+        to_c = self.layout.from_slices      # shards hold the partitioned layout, in order
+        params = to_c([m["params"] for m in snaps])
+        state = {k: to_c([m["state"][k] for m in snaps]) for k in snaps[0]["state"]}
         counters = {"updates": sum(m["version"] for m in snaps),
                     **{f"shard{m['shard']}_version": m["version"] for m in snaps}}
         for i, (st, ep, off) in self.positions.items():

@@ -179,7 +179,7 @@ def train_sgd_partitioned(topo, cfg, out, resume=None, quiet=False) -> dict | No
 
     def gather_canonical(local):
         parts = comm.gather(local, root=0)
-        return pn.to_canonical(np.concatenate(parts)) if lead else None
+        return pn.layout.from_slices(parts) if lead else None
 
     def checkpoint():
         params = gather_canonical(theta)

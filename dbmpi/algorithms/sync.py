@@ -51,7 +51,7 @@ def run_sync(topo, cfg, net, out, resume=None, quiet=False):
         if P == 1:
             return v
         parts = topo.model.gather(v, root=0)
-        return model.to_canonical(np.concatenate(parts)) if lead else None
+        return model.layout.from_slices(parts) if lead else None
 
     def checkpoint(step):
         if rep != 0:

@@ -400,6 +400,9 @@ class Identity:
     def scatter(self, part, lo, out):
         out[lo:lo + len(part)] = part
 
+    def from_slices(self, slices):
+        return np.concatenate(slices)
+
 
 class Layout:
     """The partitioned layout of a network's flat vector for P partitions (needs no MPI).
@@ -466,9 +469,17 @@ class Layout:
             out[c:c + n] = part[o:o + n]
 
     def to_canonical(self, theta_part):
-        theta_part = np.asarray(theta_part)
-        out = np.empty(self.num_params, dtype=theta_part.dtype)
-        self.scatter(theta_part, 0, out)
+        return self.from_slices([np.asarray(theta_part)])
+
+    def from_slices(self, slices):
+        """The canonical vector from consecutive slices of the partitioned layout (every
+        partition's, or every shard's, in order), each written straight into place."""
+        out = np.empty(self.num_params, dtype=slices[0].dtype)
+        lo = 0
+        for part in slices:
+            self.scatter(part, lo, out)
+            lo += len(part)
+        assert lo == self.num_params, (lo, self.num_params)
         return out
 
 
