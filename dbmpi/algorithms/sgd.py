@@ -177,13 +177,9 @@ def train_sgd_partitioned(topo, cfg, out, resume=None, quiet=False) -> dict | No
     last_eval = last_ckpt = t_start
     step, stop, loss = step0, "max_steps", float("nan")
 
-    def gather_canonical(local):
-        parts = comm.gather(local, root=0)
-        return pn.layout.from_slices(parts) if lead else None
-
     def checkpoint():
-        params = gather_canonical(theta)
-        state = {k: gather_canonical(v) for k, v in opt.state.items()}
+        params = pn.gather_canonical(theta)
+        state = {k: pn.gather_canonical(v) for k, v in opt.state.items()}
         if lead:
             save_checkpoint(run.checkpoint, params, state,
                             {"step": step, "epoch": batches.epoch, "offset": batches.offset}, cfg)

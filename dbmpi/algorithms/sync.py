@@ -50,8 +50,7 @@ def run_sync(topo, cfg, net, out, resume=None, quiet=False):
         """Replica 0's whole vector on world rank 0 (collective over replica 0)."""
         if P == 1:
             return v
-        parts = topo.model.gather(v, root=0)
-        return model.layout.from_slices(parts) if lead else None
+        return model.gather_canonical(v)
 
     def checkpoint(step):
         if rep != 0:

@@ -33,6 +33,7 @@ from .reference import out_size, softmax_xent
 __all__ = ["PartitionedNetwork", "split", "Layout"]
 
 _KERNELS = kernel_ops()
+_GATHER_TAG = 97          # gather_canonical's (exchanges use 100 + 4 i, the logits 90)
 
 
 def split(n: int, parts: int, p: int) -> tuple[int, int]:
@@ -528,6 +529,22 @@ class PartitionedNetwork:
         if not hasattr(theta_canonical, "dtype"):
             theta_canonical = np.asarray(theta_canonical)
         return self.layout.take(theta_canonical, a, z, aligned.empty(z - a, theta_canonical.dtype))
+
+    def gather_canonical(self, local):
+        """Collective over the partitions: every partition's slice ``local`` (this layout's)
+        as the canonical vector on partition 0, None elsewhere.  The slices come as raw
+        buffers, one at a time, each written straight into place."""
+        if self.p != 0:
+            self.comm.Send(np.ascontiguousarray(local), dest=0, tag=_GATHER_TAG)
+            return None
+        out = np.empty(self.num_params, dtype=local.dtype)
+        self.layout.scatter(local, self.ranges[0][0], out)
+        for q in range(1, self.P):
+            lo, hi = self.ranges[q]
+            part = np.empty(hi - lo, dtype=local.dtype)
+            self.comm.Recv(part, source=q, tag=_GATHER_TAG)
+            self.layout.scatter(part, lo, out)
+        return out
 
     def init_local(self, seed: int):
         """My slice of ``full.init_params(seed)``, drawn alone."""
