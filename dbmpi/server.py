@@ -13,8 +13,10 @@ windows made with ``MPI.Win.Allocate`` (MPI-NOTES.md: 5-20x faster than ``Win.Cr
 - *inbox*: one slot per client (replica x partition) whose slice overlaps the shard: an
   int64 header ``(full, fetched_version, offset, length)`` and room for the float32
   gradient of that overlap only (:func:`inbox_slots`), so a shard's inbox holds about
-  ``replicas`` copies of its range whatever the partitioning; none with direct pushes.  A client ``Put``s into its own slot under a shared lock only when it is empty; the shard drains full slots under an exclusive lock and applies each as one
-  update, exactly once.  A replica whose slot is still full keeps accumulating and retries
+  ``replicas`` copies of its range whatever the partitioning; none with direct pushes.
+  A client ``Put``s into its own slot under a shared lock only when it is empty; the
+  shard drains full slots under an exclusive lock and applies each as one update,
+  exactly once.  A replica whose slot is still full keeps accumulating and retries
   at its next push, so replicas never wait for the server.
 
 *Direct* pushes (plain SGD in Downpour, ``PSClient(direct_lr=...)``): the client itself
