@@ -165,14 +165,21 @@ def test_downpour_sigterm_then_resume_matches_uninterrupted(tmp_path, digits_pat
     assert abs(s["final_test_accuracy"] - acc_full) <= 0.01, (s["final_test_accuracy"], acc_full)
 
 
-def test_sandblaster_resume_follows_the_same_trajectory(tmp_path, digits_path):
+@pytest.mark.parametrize("ranks,sets", [
+    (6, []),
+    # partitioned: the shards' L-BFGS vectors go out and back block by block
+    (5, ["--set", "cluster.partitions=2", "--set", "cluster.replicas=1"])])
+def test_sandblaster_resume_follows_the_same_trajectory(tmp_path, digits_path, ranks, sets):
     cfg = _cfg(tmp_path, digits_path, "digits_sandblaster.toml")
     a, b = tmp_path / "a", tmp_path / "b"
-    r = run_mpi(6, "train", cfg, "--out", a, "--quiet", "--set", "run.max_steps=20", timeout=120)
+    r = run_mpi(ranks, "train", cfg, "--out", a, "--quiet", "--set", "run.max_steps=20", *sets,
+                timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
-    r = run_mpi(6, "train", cfg, "--out", b, "--quiet", "--set", "run.max_steps=8", timeout=120)
+    r = run_mpi(ranks, "train", cfg, "--out", b, "--quiet", "--set", "run.max_steps=8", *sets,
+                timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
-    r = run_mpi(6, "train", "--resume", b, "--quiet", "--set", "run.max_steps=20", timeout=120)
+    r = run_mpi(ranks, "train", "--resume", b, "--quiet", "--set", "run.max_steps=20", *sets,
+                timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))
     assert sb["iterations"] == sa["iterations"] == 20
