@@ -95,3 +95,20 @@ def test_missing_truncated_mismatched(digits_path, tmp_path):
         check_file(digits_path, 10, (1, 16, 16))
     with pytest.raises(DataError, match="softmax has 4 classes"):
         check_file(digits_path, 4)
+
+
+def test_ranks_reading_the_same_samples_share_one_cache_per_node(digits_path):
+    """A replica's partitions all read every sample: on one node they hold one cache, in
+    MPI shared memory, read once; what they see is what a private cache holds."""
+    import json
+
+    from conftest import ROOT, run_mpi
+    r = run_mpi(2, ROOT / "tests" / "mpi_shared_cache.py", digits_path, module=False,
+                timeout=60)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert [d["shared"] for d in res] == [True, True]
+    assert all(d["same"] and not d["writable"] for d in res)
+    assert [d["seen"] for d in res] == [1234.5, 1234.5]      # one memory
+    assert [d["uncached_shared"] for d in res] == [False, False]
+    assert res[0]["labels"] == res[1]["labels"]

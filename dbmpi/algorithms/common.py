@@ -56,11 +56,12 @@ class Batches:
     """
 
     def __init__(self, path, batch_size: int, seed: int, replica: int = 0, replicas: int = 1,
-                 cache_mb: float = 1024.0, position=(0, 0)):
+                 cache_mb: float = 1024.0, position=(0, 0), share=None):
         import h5py
         with h5py.File(path, "r") as f:
             n = len(f["train"]["y"])
-        self.split = open_split(path, "train", replica_part(n, replica, replicas), cache_mb)
+        self.split = open_split(path, "train", replica_part(n, replica, replicas), cache_mb,
+                                share)      # share: see Split
         if len(self.split) < batch_size:
             raise ValueError(f"optimizer.batch_size = {batch_size} is larger than replica "
                              f"{replica}'s part of the training set ({len(self.split)} samples)")

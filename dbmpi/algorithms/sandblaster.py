@@ -206,7 +206,8 @@ def _run_replica(topo, cfg, client):
     P, lead = topo.partitions, topo.partition == 0
     net = PartitionedNetwork(spec, topo.model) if P > 1 else build(spec)
     size = net.local_size if P > 1 else net.num_params
-    split = open_split(cfg["data"]["path"], "train", cache_mb=cfg["data"]["cache_mb"])
+    split = open_split(cfg["data"]["path"], "train", cache_mb=cfg["data"]["cache_mb"],
+                       share=topo.model if P > 1 else None)   # one cache per node (Split)
     ps = o["portion_size"]
     slow = cfg["faults"]["slow_factor"] if cfg["faults"]["slow_replica"] == topo.index else 1.0
     theta = aligned.empty(size)             # parameters and gradients on cache lines

@@ -162,9 +162,10 @@ def train_sgd_partitioned(topo, cfg, out, resume=None, quiet=False) -> dict | No
         step0 = int(resume["counters"].get("step", 0))
         position = (int(resume["counters"].get("epoch", 0)),
                     int(resume["counters"].get("offset", 0)))
+    # the partitions on a node share one cache of the data (they all read every sample)
     batches = Batches(cfg["data"]["path"], o["batch_size"], o["seed"],
-                      cache_mb=cfg["data"]["cache_mb"], position=position)
-    test = open_split(cfg["data"]["path"], "test")
+                      cache_mb=cfg["data"]["cache_mb"], position=position, share=comm)
+    test = open_split(cfg["data"]["path"], "test", share=comm)
     tx, ty = test.all()
     test.close()
     run = RunDir(out, cfg, append=resume is not None) if lead else None

@@ -39,7 +39,7 @@ def run_sync(topo, cfg, net, out, resume=None, quiet=False):
                 opt.state[k][:] = local(v)
         step0 = int(resume["counters"].get("step", 0))
     batches = Batches(cfg["data"]["path"], o["batch_size"], o["seed"], rep, R,
-                      cfg["data"]["cache_mb"])
+                      cfg["data"]["cache_mb"], share=topo.model if P > 1 else None)
     world, peers = topo.ctrl, topo.peers
     lead = world.Get_rank() == 0
     run = RunDir(out, cfg, append=resume is not None) if lead else None

@@ -126,10 +126,14 @@ class Split:
     """One split of a dataset file, read by sample index.
 
     The samples a reader asks for (``indices``, default all) are cached in memory when they fit
-    in ``cache_mb``; otherwise each batch is read from the file.
+    in ``cache_mb``; otherwise each batch is read from the file.  ``share``: a communicator
+    of ranks that read the same samples (a replica's partitions), collective then: those on
+    one node hold one cache between them, in MPI shared memory, read from the file once.
     """
 
-    def __init__(self, path, split: str, indices=None, cache_mb: float = 1024.0):
+    _CHUNK = 4096            # samples read at a time into a shared cache
+
+    def __init__(self, path, split: str, indices=None, cache_mb: float = 1024.0, share=None):
         h5py = _h5()
         self.path, self.split = Path(path), split
         self._file = h5py.File(self.path, "r")
@@ -138,9 +142,50 @@ class Split:
         self.indices = np.arange(n) if indices is None else np.asarray(indices, dtype=np.int64)
         self.sample_shape = tuple(self._x.shape[1:])
         nbytes = len(self.indices) * int(np.prod(self.sample_shape)) * 4
-        self._cache = None
+        self._cache = self._win = None
         if nbytes <= cache_mb * 2**20:
-            self._cache = self._read(self.indices)
+            if share is not None and share.Get_size() > 1:
+                self._cache = self._shared_cache(share, nbytes)
+            if self._cache is None:
+                self._cache = self._read(self.indices)
+
+    def _shared_cache(self, share, nbytes):
+        """(x, y) in memory shared by the ranks of ``share`` on this node, read by the first
+        of them; None (for all of them) where a rank is alone on its node or /dev/shm has
+        too little room (writing past a full tmpfs would crash the reader)."""
+        import os
+        from mpi4py import MPI
+        node = share.Split_type(MPI.COMM_TYPE_SHARED)
+        try:
+            n = len(self.indices)
+            total = 8 * n + nbytes                   # y (int64) first: both stay aligned
+            try:
+                st = os.statvfs("/dev/shm")
+                room = st.f_bavail * st.f_frsize > 2 * total
+            except OSError:                          # no /dev/shm: MPI finds its own way
+                room = True
+            if node.Get_size() == 1 or not node.allreduce(room, op=MPI.LAND):
+                return None
+            lead = node.Get_rank() == 0
+            win = MPI.Win.Allocate_shared(total if lead else 0, 1, comm=node)
+            mem = np.frombuffer(win.Shared_query(0)[0], dtype=np.uint8)
+            y = mem[:8 * n].view(np.int64)
+            x = mem[8 * n:].view(np.float32).reshape((n,) + self.sample_shape)
+            if lead:
+                for i in range(0, n, self._CHUNK):
+                    x[i:i + self._CHUNK], y[i:i + self._CHUNK] = self._read(
+                        self.indices[i:i + self._CHUNK])
+            node.Barrier()
+            x.flags.writeable = y.flags.writeable = False
+            self._win = win             # kept for the life of the run (freed at exit)
+            return x, y
+        finally:
+            node.Free()
+
+    @property
+    def shared(self) -> bool:
+        """Whether the cache is in memory shared with other ranks on this node."""
+        return self._win is not None
 
     def __len__(self):
         return len(self.indices)
@@ -167,7 +212,8 @@ class Split:
         return self._read(self.indices[positions])
 
     def all(self):
-        return self.take(np.arange(len(self)))
+        """Every sample: the cache itself where there is one (read-only where shared)."""
+        return self._cache if self._cache is not None else self.take(np.arange(len(self)))
 
     def close(self):
         if self._file is not None:
@@ -175,5 +221,5 @@ class Split:
             self._file = None
 
 
-def open_split(path, split: str, indices=None, cache_mb: float = 1024.0) -> Split:
-    return Split(path, split, indices, cache_mb)
+def open_split(path, split: str, indices=None, cache_mb: float = 1024.0, share=None) -> Split:
+    return Split(path, split, indices, cache_mb, share)
