@@ -86,7 +86,7 @@ LAYER_KEYS: dict[str, dict[str, tuple]] = {
     "max_pool": {"size": (2, (int, 1)), "stride": (None, (int, 1))},
     "l2_pool": {"size": (2, (int, 1)), "stride": (None, (int, 1))},
     "lcn": {"size": (5, (int, 1)), "eps": (1e-2, (float, 0.0))},
-    "softmax": {"classes": (None, (int, 2))},
+    "softmax": {"classes": (None, (int, 2)), "split": ("auto", ("auto", "units", "inputs"))},
 }
 
 

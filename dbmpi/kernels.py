@@ -185,6 +185,9 @@ def fc_forward_blocks(blocks, w, b, act):
         K.fc_product(_flat(x, "x"), wf, c0, d, y.reshape(-1), yt, n, x.shape[1], u,
                      0.0 if first else 1.0)
         first = False
+    if first:                            # no columns at all (a partition's empty share)
+        y[...] = 0
+        yt[...] = 0
     K.fc_finish(_flat(b, "b"), y.reshape(-1), yt, n, u, _ACT[act])
     return y
 

@@ -54,6 +54,17 @@ NETS = {
     "thin_fc": {"input_shape": [1, 3, 3], "l2": 1e-3, "layers": [
         {"type": "fully_connected", "units": 2, "activation": "tanh"},
         {"type": "softmax", "classes": 3}]},
+    # the softmax split by inputs where auto would not: at P = 3 and 4 some partitions have
+    # none of its input columns (partition 0 then only the bias), and a first layer
+    "thin_fc_inputs": {"input_shape": [1, 3, 3], "l2": 1e-3, "layers": [
+        {"type": "fully_connected", "units": 2, "activation": "tanh"},
+        {"type": "softmax", "classes": 3, "split": "inputs"}]},
+    "softmax_inputs": {"input_shape": [1, 8, 8], "layers": [
+        {"type": "softmax", "classes": 10, "split": "inputs"}]},
+    # and by units where auto would split it by inputs
+    "lc_units": {"input_shape": [2, 11, 9], "layers": [
+        {"type": "locally_connected", "channels": 3, "kernel": 3, "stride": 1, "padding": 1},
+        {"type": "softmax", "classes": 7, "split": "units"}]},
 }
 for name in ("digits_sgd", "digits_downpour", "digits_sandblaster"):
     NETS[name] = load(ROOT / "jobs" / f"{name}.toml")["model"]
@@ -103,7 +114,9 @@ def main():
                          # the blocks that arrive (no region assembled), where it has units
                          "fc_columns": all(ex.columns is not None
                                            for ex, part in zip(pn.exchanges[1:], pn.mine[1:])
-                                           if not part.spatial and part.chans[0] < part.chans[1]),
+                                           if not part.spatial and not part.by_inputs
+                                           and part.chans[0] < part.chans[1]),
+                         "softmax_by_inputs": pn.mine[-1].by_inputs,
                          "step_diff": float(np.abs(pn.to_canonical(np.concatenate(steps))
                                                    - (theta - lr * g1)).max()),
                          "step_loss_diff": abs(ls - lp),

@@ -33,6 +33,7 @@ def test_defaults_and_ranks():
     ({"model": {"input_shape": [1, 8, 8], "layers": [{"type": "fully_connected", "units": 3}]}}, "last layer must be"),
     ({"model": {"input_shape": [1, 8, 8], "layers": [{"type": "locally_connected", "kernel": 3}, {"type": "softmax", "classes": 2}]}}, r"layers\[0\].channels' is required"),
     ({"model": {"input_shape": [1, 8, 8], "layers": [{"type": "softmax", "classes": 2, "units": 3}]}}, r"unknown key 'model.layers\[0\].units'"),
+    ({"model": {"input_shape": [1, 8, 8], "layers": [{"type": "softmax", "classes": 2, "split": "rows"}]}}, r"model.layers\[0\].split' = 'rows' is not allowed; use one of auto, units, inputs"),
     ({}, "\\[model\\] table is missing"),
 ])
 def test_bad_config(raw, match):

@@ -113,6 +113,14 @@ def test_fully_connected_input_in_column_blocks(ops, u, act):
     with pytest.raises(ValueError, match="do not tile"):
         ops.fc_forward_blocks(blocks[::-1], w, b, act) if ops is KO else KO.fc_forward_blocks(
             blocks[:2] + blocks[3:], w, b, act)
+    # a layer with no input columns at all (a partition's share of a softmax split by
+    # inputs, where it has none of the input): act(b), whatever the buffers held
+    empty = [(np.zeros((n, 0), np.float32), 0)]
+    for _ in range(2):
+        y0 = ops.fc_forward_blocks(empty, np.zeros((u, 0), np.float32), b, act)
+        np.testing.assert_allclose(y0, RO.fc_forward(np.zeros((n, 1), np.float32),
+                                                     np.zeros((u, 1), np.float32), b, act),
+                                   atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["max", "l2"])

@@ -12,6 +12,7 @@ from dbmpi.model import build
 from dbmpi.model.partition import Layout, split
 
 CHECK = ["lc", "lc_stride", "lc_deep", "pools", "lcn", "fc", "softmax", "thin", "thin_fc",
+         "thin_fc_inputs", "softmax_inputs", "lc_units",
          "digits_sgd", "digits_downpour", "digits_sandblaster"]
 
 
@@ -34,16 +35,30 @@ def _rows_read(layer, o):
     return range(max(o * layer.stride - pad, 0), min(o * layer.stride - pad + k, h))
 
 
+def by_inputs(spec, P):
+    """The softmax's split, from README's rule: by inputs where asked, or (auto) where it
+    is not the first layer and classes x (P - 1) < 2 x inputs."""
+    net = build(spec)
+    last = net.layers[-1]
+    mode = spec["layers"][-1].get("split", "auto")
+    if P == 1 or mode == "units":
+        return False
+    return mode == "inputs" or (len(net.layers) > 1 and last.units * (P - 1) < 2 * last.inputs)
+
+
 def cut_edge_bytes(spec, P, batch):
     """Bytes partition p sends per step, counted from the network's edges: every input
     activation owned by p that some output unit owned by q != p reads goes from p to q once
     in the forward pass, and its gradient from q back to p once in the backward pass; plus
-    the logits slice each partition shares with the others."""
+    the logits slice each partition shares with the others.  A softmax split by inputs
+    has no edge that crosses (each partition's weights meet only its own inputs): every
+    partition sends its partial logits, all classes, to each other partition instead."""
     net = build(spec)
     out = [0] * P
+    inputs_split = by_inputs(spec, P)
     for i, layer in enumerate(net.layers):
         spatial = layer.spec["type"] in ("locally_connected", "max_pool", "l2_pool", "lcn")
-        if i > 0:
+        if i > 0 and not (inputs_split and i == len(net.layers) - 1):
             prev = net.layers[i - 1]
             prev_spatial = prev.spec["type"] in ("locally_connected", "max_pool", "l2_pool", "lcn")
             h, w, c = layer.in_shape
@@ -64,8 +79,8 @@ def cut_edge_bytes(spec, P, batch):
                         n = len(rows) * (z - a)
                     out[p] += n * batch * 4      # activations, p -> q
                     out[q] += n * batch * 4      # their gradients, q -> p
-    for p in range(P):                   # the logits slices, to every other partition
-        a, z = split(net.classes, P, p)
+    for p in range(P):                   # the logits (slices or partial sums), to every other
+        a, z = (0, net.classes) if inputs_split else split(net.classes, P, p)
         out[p] += (P - 1) * (z - a) * batch * 4
     return out
 
@@ -80,6 +95,7 @@ def test_partitioned_loss_grad_and_traffic(P):
         assert r["loss_diff"] < 1e-6 and r["grad_diff"] < 2e-6, (name, r)
         assert r["step_diff"] < 2e-6 and r["step_loss_diff"] == 0, (name, r)
         assert r["bytes_sent"] == cut_edge_bytes(NETS[name], P, 5), name
+        assert r["softmax_by_inputs"] == by_inputs(NETS[name], P), name
         assert all(r["local_aligned"]), (name, r["local_aligned"])   # each partition's slice
         assert r["fc_columns"], name
         assert r["l2_term"][0] == 2e6 * P and r["l2_term"][1] < 64 * 1024, (name, r["l2_term"])

@@ -30,7 +30,7 @@ from . import ops_reference
 from .network import Network, _accumulate_beta, _grad_buffer, kernel_ops
 from .reference import out_size, softmax_xent
 
-__all__ = ["PartitionedNetwork", "split", "Layout"]
+__all__ = ["PartitionedNetwork", "split", "Layout", "softmax_by_inputs"]
 
 _KERNELS = kernel_ops()
 _GATHER_TAG = 97          # gather_canonical's (exchanges use 100 + 4 i, the logits 90)
@@ -304,16 +304,52 @@ def _startall(reqs):
         MPI.Prequest.Startall(reqs)
 
 
-class _Part:
-    """One layer's share on this partition: output block, needed input rows, parameters."""
+def softmax_by_inputs(layer, P: int, first: bool) -> bool:
+    """Whether the softmax layer ``layer`` is split by its inputs on P partitions.
 
-    def __init__(self, layer, P, p):
+    Split by output units (``split = "units"``), every partition with classes reads the
+    whole input: the other partitions' blocks of it arrive each step and their gradients
+    go back, about 2 x inputs x (P - 1) / P values a sample, for a layer that may have only
+    10 units.  Split by inputs (``"inputs"``), each partition multiplies the block of the
+    input it already holds by its columns of the weights, and the partial logits, classes
+    x (P - 1) values a sample, are summed on every partition: no activation or gradient
+    of the layer's input travels.  ``"auto"`` (the default) takes whichever moves fewer
+    values, ``classes x (P - 1) < 2 x inputs``; a first layer, whose input every
+    partition already has whole, stays split by units."""
+    mode = layer.spec.get("split", "auto")
+    if layer.spec["type"] != "softmax" or P == 1 or mode == "units":
+        return False
+    if mode == "inputs":
+        return True
+    return not first and layer.units * (P - 1) < 2 * layer.inputs
+
+
+class _Part:
+    """One layer's share on this partition: output block, needed input rows, parameters.
+
+    ``prev``: the previous layer's _Part on this partition (None for the first layer); a
+    softmax split by inputs (``by_inputs``) takes the block of its input that the previous
+    layer's partition q produced, ``cols[q]``, a range of the flattened input."""
+
+    def __init__(self, layer, P, p, prev=None):
         self.layer = layer
         h, w, c = layer.in_shape
         ho, wo, co = layer.out_shape
         kind = layer.spec["type"]
         self.spatial = kind in ("locally_connected", "max_pool", "l2_pool", "lcn")
-        if self.spatial:
+        self.first = prev is None
+        self.by_inputs = softmax_by_inputs(layer, P, self.first)
+        if self.by_inputs:
+            # every partition: partial sums of every class, from its own block of the input
+            self.out_rows, self.out_chans = [(0, 1)] * P, [(0, co)] * P
+            self.need = [(0, 0)] * P         # no exchange: nothing beyond its own block
+            if prev is None:
+                self.cols = [split(layer.inputs, P, q) for q in range(P)]
+            elif prev.spatial:
+                self.cols = [(a * w * c, z * w * c) for a, z in prev.out_rows]
+            else:
+                self.cols = list(prev.out_chans)
+        elif self.spatial:
             self.out_rows = [split(ho, P, q) for q in range(P)]
             self.out_chans = [(0, co)] * P
             self.need = []
@@ -336,7 +372,15 @@ class _Part:
         self.rows, self.chans = self.out_rows[p], self.out_chans[p]
         # parameter blocks (canonical offsets within the layer) this partition owns
         self.blocks = []
-        if kind == "locally_connected":
+        if self.by_inputs:        # my columns of every class's weights; the bias on 0
+            u, d = layer.param_shapes[0]
+            c0, c1 = self.cols[p]
+            self.blocks = [(j * d + c0, j * d + c1) for j in range(u)]
+            self.pshapes = ((u, c1 - c0),)
+            if p == 0:
+                self.blocks.append((u * d, u * d + u))
+                self.pshapes += ((u,),)
+        elif kind == "locally_connected":
             ho_, wo_, kkc, f = layer.param_shapes[0]
             a, z = self.rows
             row_w, row_b = wo_ * kkc * f, wo_ * f
@@ -415,7 +459,13 @@ class Layout:
 
     def __init__(self, full: Network, P: int):
         self.P = P
-        self.parts = [[_Part(layer, P, q) for layer in full.layers] for q in range(P)]
+        self.parts = []
+        for q in range(P):
+            prev, row = None, []
+            for layer in full.layers:
+                prev = _Part(layer, P, q, prev)
+                row.append(prev)
+            self.parts.append(row)
         for i in range(1, len(full.layers)):
             _pool_whole_stripe(self.parts[0][i - 1].out_rows, [pq[i] for pq in self.parts])
         self.ranges, pos = [], 0
@@ -506,6 +556,9 @@ class PartitionedNetwork:
         # exchanges, planned once: layer i's input is owned as layer i-1's output
         self.exchanges = [None]
         for i in range(1, len(self.full.layers)):
+            if self.mine[i].by_inputs:         # reads only its own block: no exchange
+                self.exchanges.append(None)
+                continue
             prev = [(pq[i - 1].out_rows[q], pq[i - 1].out_chans[q])
                     for q, pq in enumerate(self.parts)]
             need = self.mine[i].need                  # need[q] for every partition q
@@ -514,6 +567,11 @@ class PartitionedNetwork:
                                             columns=not self.mine[i].spatial))
         self.logit_bytes = 0
         self._comm_s = 0.0      # the logits' exchange and the l2 term's allreduce
+        last = self.mine[-1]
+        # a softmax split by inputs has its bias on partition 0; the others add zeros
+        # and write the bias gradient into a scratch
+        self._bias_standin = ((np.zeros(self.classes, np.float32), np.zeros(self.classes, np.float32))
+                              if last.by_inputs and self.p != 0 else None)
 
     # -- layouts -------------------------------------------------------------------------
     def to_partitioned(self, theta):
@@ -552,20 +610,24 @@ class PartitionedNetwork:
 
     @property
     def bytes_sent(self) -> int:
-        return sum(e.bytes_sent for e in self.exchanges[1:]) + self.logit_bytes
+        return sum(e.bytes_sent for e in self.exchanges[1:] if e) + self.logit_bytes
 
     @property
     def exchange_seconds(self) -> float:
         """Time spent exchanging with the other partitions: copies, transfers and waiting for
         peers (load imbalance and jitter included); the rest of a step is computation."""
-        return sum(e.seconds for e in self.exchanges[1:]) + self._comm_s
+        return sum(e.seconds for e in self.exchanges[1:] if e) + self._comm_s
 
     # -- compute ---------------------------------------------------------------------------
-    def _params(self, theta_local):
+    def _params(self, theta_local, grads=False):
+        """Views of my slice (parameters, or their gradients where ``grads``) by layer."""
         out, o = [], 0
         for part in self.mine:
             out.append(part.views(theta_local[o:o + part.num_params]))
             o += part.num_params
+        if self._bias_standin is not None:
+            b = self._bias_standin[1 if grads else 0]
+            out[-1].append(b.astype(theta_local.dtype, copy=False))
         return out
 
     def _forward(self, theta_local, x):
@@ -578,8 +640,11 @@ class PartitionedNetwork:
         last = len(self.mine) - 1
         for i, part in enumerate(self.mine):
             lo, hi = part.need[self.p]
-            region = a[:, lo:hi] if i == 0 else self.exchanges[i].forward(n, a, a.dtype)
-            out = None if i == last else self.exchanges[i + 1].own_view(n, a.dtype)
+            ex = self.exchanges[i]
+            region = (a if part.by_inputs else a[:, lo:hi] if i == 0
+                      else ex.forward(n, a, a.dtype))
+            nxt = None if i == last else self.exchanges[i + 1]
+            out = None if nxt is None else nxt.own_view(n, a.dtype)
             y, cache = self._local_forward(part, region, params[i], ops, n, out)
             caches.append(cache)
             a = y
@@ -614,6 +679,13 @@ class PartitionedNetwork:
             y, aux = ops.lcn_forward(region, layer.size, layer.eps)
             off = a - self._need_lo(part)
             return np.ascontiguousarray(y[:, off:off + (z - a)]), (aux, off, z - a, region.shape)
+        if part.by_inputs:                # partial logits from my block of the input
+            x2 = np.ascontiguousarray(region).reshape(n, -1)
+            if part.first:                # every partition has the whole input: my columns
+                c0, c1 = part.cols[self.p]
+                x2 = np.ascontiguousarray(x2[:, c0:c1])
+            y = ops.fc_forward(x2, params[0], params[1], layer.act)
+            return y.reshape(n, 1, 1, z - a), (x2, y, region.shape)
         if isinstance(region, list):      # column blocks, as they came (_Exchange.columns)
             y = ops.fc_forward_blocks(region, params[0], params[1], layer.act)
             return y.reshape(n, 1, 1, z - a), (region, y, None)
@@ -667,7 +739,10 @@ class PartitionedNetwork:
         return None if dx is None else dx.reshape(shape)
 
     def _all_logits(self, z_local):
-        """Every partition's slice of the logits, assembled on every partition."""
+        """Every partition's slice of the logits, assembled on every partition (or, for a
+        softmax split by inputs, every partition's partial logits summed)."""
+        if self.mine[-1].by_inputs:
+            return self._sum_logits(z_local)
         t = time.perf_counter()
         n = z_local.shape[0]
         chans = [pq[-1].chans for pq in self.parts]
@@ -693,6 +768,26 @@ class PartitionedNetwork:
         self._comm_s += time.perf_counter() - t
         return full
 
+    def _sum_logits(self, z_local):
+        """The sum of every partition's partial logits, on every partition, added in
+        partition order: the same bits everywhere, so every partition takes the same
+        loss and top gradient."""
+        t = time.perf_counter()
+        n = z_local.shape[0]
+        mine = np.ascontiguousarray(z_local.reshape(n, self.classes))
+        parts = [mine if q == self.p else np.empty_like(mine) for q in range(self.P)]
+        reqs = [self.comm.Irecv(parts[q], source=q, tag=90) for q in range(self.P) if q != self.p]
+        for q in range(self.P):
+            if q != self.p:
+                reqs.append(self.comm.Isend(mine, dest=q, tag=90))
+                self.logit_bytes += mine.nbytes
+        wait(reqs)
+        full = parts[0].copy()
+        for part in parts[1:]:
+            full += part
+        self._comm_s += time.perf_counter() - t
+        return full
+
     def logits(self, theta_local, x):
         z, _, _, _ = self._forward(np.asarray(theta_local), x)
         return self._all_logits(z)
@@ -714,7 +809,7 @@ class PartitionedNetwork:
         if self.l2:
             loss += 0.5 * self.l2 * self._sum_sq(theta_local)
         beta, inplace = _accumulate_beta(grad, theta_local, accumulate, scale, self.l2)
-        gviews = self._params(grad)
+        gviews = self._params(grad, grads=True)
         d = np.ascontiguousarray(dz_full[:, a:b]).reshape(n, 1, 1, b - a)
         for i in range(len(self.mine) - 1, -1, -1):
             part = self.mine[i]
@@ -722,7 +817,8 @@ class PartitionedNetwork:
                                            i > 0, n, theta_local.dtype, beta,
                                            self.exchanges[i] if i > 0 else None)
             if i > 0:
-                d = self.exchanges[i].backward(dregion, theta_local.dtype)
+                ex = self.exchanges[i]
+                d = dregion if ex is None else ex.backward(dregion, theta_local.dtype)
         if self.l2 and not inplace:
             grad += (scale * self.l2) * theta_local
         return loss, grad
