@@ -87,7 +87,8 @@ def cmd_validate(args) -> int:
     cfg = load(args.config, args.set)
     net = build(cfg["model"])
     out = {"ok": True, "algorithm": cfg["optimizer"]["algorithm"], "ranks": ranks_needed(cfg),
-           "num_params": net.num_params, "layers": _model_summary(net)}
+           "num_params": net.num_params, "layers": _model_summary(net),
+           "data_path": str(cfg["data"]["path"])}
     if not args.no_data:
         out["data"] = check_file(cfg["data"]["path"], net.classes, net.input_shape)
     print(json.dumps(out))

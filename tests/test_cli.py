@@ -14,6 +14,29 @@ def test_validate_prints_ranks_and_params(tmp_path, digits_path):
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["ranks"] == 1 and out["num_params"] > 0 and out["data"]["train"] == 1348
+    assert out["data_path"] == str(digits_path)
+
+
+def test_data_make_script(tmp_path):
+    """data/make.sh makes the named datasets (valid files), skips those that exist, and
+    refuses an unknown name with the names it knows."""
+    import os
+    import subprocess
+    import sys
+    from conftest import ROOT
+    from dbmpi.data import check_file
+    env = dict(os.environ, DATA_DIR=str(tmp_path), PYTHON=sys.executable)
+    run = lambda *a: subprocess.run(["bash", str(ROOT / "data" / "make.sh"), *a], env=env,
+                                    capture_output=True, text=True, timeout=300)
+    r = run("--count", "150", "synth32", "digits")
+    assert r.returncode == 0, r.stderr
+    info = check_file(tmp_path / "synth32.h5", 10, (1, 32, 32))
+    assert info["train"] == 150 and info["test"] == 100, info
+    assert check_file(tmp_path / "digits.h5", 10, (1, 8, 8))["train"] == 1348
+    r = run("synth32")
+    assert r.returncode == 0 and "synth32.h5 exists" in r.stderr
+    r = run("mnist")
+    assert r.returncode == 2 and "unknown dataset 'mnist'; use digits, synth32, synth64 or all" in r.stderr
 
 
 def test_errors_are_one_line(tmp_path, digits_path):
