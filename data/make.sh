@@ -28,7 +28,14 @@ done
 for name in "${names[@]}"; do
   out="$DATA_DIR/$name.h5"
   if [ -f "$out" ]; then
-    echo "$out exists" >&2
+    have=$("$PYTHON" -c 'import sys; from dbmpi.data import check_file
+print(check_file(sys.argv[1], scan=False)["train"])' "$out" 2>/dev/null) || have="unreadable"
+    case "$name" in
+      digits) echo "$out exists" >&2 ;;
+      *) if [ "$have" = "$count" ]; then echo "$out exists ($have training images)" >&2
+         else echo "$out exists ($have training images, not $count): delete it to remake it" >&2
+         fi ;;
+    esac
     continue
   fi
   case "$name" in

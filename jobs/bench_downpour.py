@@ -12,17 +12,12 @@ coordinator and the shard ranks share the cores with the replicas (on this 2-cor
 """
 
 import argparse
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-PY = sys.executable
-sys.path.insert(0, str(ROOT / "jobs"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import studylib as S  # noqa: E402
-
-ENV = S.ENV
 
 MODEL = """
 [model]
@@ -52,12 +47,12 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--data", default=str(ROOT / "data" / "synth32.h5"))
+    p.add_argument("--data", default=None,
+                   help=f"HDF5 of 32x32 images (default: data/synth32-{S.STUDY_COUNT}.h5, made "
+                        "if missing)")
     p.add_argument("--optimizers", default="sgd,adagrad")
     args = p.parse_args()
-    if not Path(args.data).exists():
-        subprocess.run([PY, "-m", "dbmpi", "data", "synthetic", "--size", "32", "--count",
-                        "4000", "--out", args.data], check=True, cwd=ROOT, env=ENV)
+    args.data = args.data or str(S.ensure_data("synth32"))
     print(f"batch {args.batch}, {args.steps} steps per replica, n_fetch = n_push = 1")
     for opt in args.optimizers.split(","):
         ada = opt == "adagrad"

@@ -24,22 +24,13 @@ Launcher: MPIEXEC (default: the mpiexec beside this Python).
 
 import argparse
 import os
-import subprocess
-import sys
 import tempfile
-from pathlib import Path
 
-
-ROOT = Path(__file__).resolve().parents[1]
-PY = sys.executable
-
-import studylib as S  # noqa: E402
+import studylib as S
 from study_partitions import NETS as _STUDY, sgd_run   # the study's networks and runs
 
-ENV = S.ENV
-
-NETS = {"lc64": ("synth64.h5", 64, _STUDY["locally connected, 64x64 images"][1]),
-        "speech": ("synth32.h5", 32, _STUDY["fully connected, speech-like"][1])}
+NETS = {"lc64": ("synth64", _STUDY["locally connected, 64x64 images"][1]),
+        "speech": ("synth32", _STUDY["fully connected, speech-like"][1])}
 
 
 def main():
@@ -62,12 +53,8 @@ def main():
     if len(cores) > 1:     # the machine's own ceiling for P partitions on these cores
         print(S.pace_together_line(S.pace_together(cores)))
     for name in args.nets.split(","):
-        fname, size, model = NETS[name]
-        data = ROOT / "data" / fname
-        if not data.exists():
-            subprocess.run([PY, "-m", "dbmpi", "data", "synthetic", "--size", str(size),
-                            "--count", "3000", "--out", str(data)], check=True, cwd=ROOT,
-                           env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        dataset, model = NETS[name]
+        data = S.ensure_data(dataset)
         with tempfile.TemporaryDirectory() as tmp:
             res, best, med = S.interleaved(
                 lambda P, rep: sgd_run(data, model, P, args.steps, args.batch, tmp,

@@ -33,8 +33,10 @@ def test_data_make_script(tmp_path):
     info = check_file(tmp_path / "synth32.h5", 10, (1, 32, 32))
     assert info["train"] == 150 and info["test"] == 100, info
     assert check_file(tmp_path / "digits.h5", 10, (1, 8, 8))["train"] == 1348
-    r = run("synth32")
-    assert r.returncode == 0 and "synth32.h5 exists" in r.stderr
+    r = run("--count", "150", "synth32")
+    assert r.returncode == 0 and "synth32.h5 exists (150 training images)" in r.stderr
+    r = run("synth32")       # a set of another size under the name is pointed out
+    assert r.returncode == 0 and "exists (150 training images, not 20000): delete it" in r.stderr
     r = run("mnist")
     assert r.returncode == 2 and "unknown dataset 'mnist'; use digits, synth32, synth64 or all" in r.stderr
 

@@ -1,7 +1,9 @@
 """Model parallelism: one network across the P ranks of a model-partition communicator.
 
 Every layer's output is split across partitions: spatial layers (locally connected,
-pooling, LCN) by output rows (stripes), fully connected and softmax layers by output units.
+pooling, LCN) by output rows (stripes), fully connected layers by output units, and the
+softmax by output units or, where that moves fewer bytes, by its inputs (each partition's
+partial logits from the block of the input it holds, summed on every partition).
 A layer's partition needs a region of the layer's input (the rows its receptive fields
 cover; all of it for a fully connected layer); the parts of that region other partitions
 own arrive point to point (Isend/Irecv) on buffers planned once, and in the backward pass
@@ -570,8 +572,8 @@ class PartitionedNetwork:
         last = self.mine[-1]
         # a softmax split by inputs has its bias on partition 0; the others add zeros
         # and write the bias gradient into a scratch
-        self._bias_standin = ((np.zeros(self.classes, np.float32), np.zeros(self.classes, np.float32))
-                              if last.by_inputs and self.p != 0 else None)
+        self._bias_standin = (None if not last.by_inputs or self.p == 0 else
+                              (np.zeros(self.classes, np.float32), np.zeros(self.classes, np.float32)))
 
     # -- layouts -------------------------------------------------------------------------
     def to_partitioned(self, theta):
