@@ -27,15 +27,15 @@ done
 [ ${#names[@]} -gt 0 ] || { sed -n '2,10p' "$0"; exit 2; }
 for name in "${names[@]}"; do
   out="$DATA_DIR/$name.h5"
-  if [ -f "$out" ]; then
+  if [ -f "$out" ] && [ "$name" = digits ]; then
+    echo "$out exists" >&2
+    continue
+  elif [ -f "$out" ]; then    # a set of another size under the name would stand in silently
     have=$("$PYTHON" -c 'import sys; from dbmpi.data import check_file
 print(check_file(sys.argv[1], scan=False)["train"])' "$out" 2>/dev/null) || have="unreadable"
-    case "$name" in
-      digits) echo "$out exists" >&2 ;;
-      *) if [ "$have" = "$count" ]; then echo "$out exists ($have training images)" >&2
-         else echo "$out exists ($have training images, not $count): delete it to remake it" >&2
-         fi ;;
-    esac
+    if [ "$have" = "$count" ]; then echo "$out exists ($have training images)" >&2
+    else echo "$out exists ($have training images, not $count): delete it to remake it" >&2
+    fi
     continue
   fi
   case "$name" in
