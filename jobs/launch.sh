@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Usage: bash jobs/launch.sh CONFIG [--out RUN_DIR | --resume RUN_DIR] [--set KEY=VALUE ...]
 # Runs `train` with as many ranks as CONFIG needs (python -m dbmpi validate says how many),
+# after making CONFIG's dataset if it is one of data/make.sh's and missing,
 # one BLAS thread per rank, through python -m mpi4py so an error on any rank ends the job.
 # Overridable: MPIEXEC (default .venv/bin/mpiexec), MPIEXEC_ARGS (e.g. "--bind-to core"),
 # PYTHON (default .venv/bin/python).  Exit codes: 0 done, 2 bad input, 3 diverged,
@@ -10,13 +11,18 @@ cd "$(dirname "$0")/.."
 : "${PYTHON:=.venv/bin/python}"
 : "${MPIEXEC:=.venv/bin/mpiexec}"
 : "${MPIEXEC_ARGS:=}"
-[ $# -ge 1 ] || { sed -n '2,7p' "$0"; exit 2; }
+[ $# -ge 1 ] || { sed -n '2,8p' "$0"; exit 2; }
 config=$1
 shift
 sets=()
 for a in "$@"; do case "$a" in --set|--out|--resume|--quiet) ;; *=*) sets+=(--set "$a") ;; esac; done
-ranks=$("$PYTHON" -m dbmpi validate "$config" --no-data "${sets[@]}" \
-        | "$PYTHON" -c 'import json,sys; print(json.load(sys.stdin)["ranks"])')
+info=$("$PYTHON" -m dbmpi validate "$config" --no-data "${sets[@]}") || exit $?  # it said why
+read -r ranks data <<< "$("$PYTHON" -c 'import json,sys; v = json.loads(sys.argv[1])
+print(v["ranks"], v["data_path"])' "$info")"
+case "$data" in        # the jobs' own datasets are made where missing (data/make.sh)
+  data/digits.h5|data/synth32.h5|data/synth64.h5)
+    [ -f "$data" ] || PYTHON="$PYTHON" bash data/make.sh "$(basename "$data" .h5)" ;;
+esac
 export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
 if [ "$ranks" = "1" ]; then
   exec "$PYTHON" -m dbmpi train "$config" "$@"

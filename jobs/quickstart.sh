@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Usage: bash jobs/quickstart.sh [CONFIG] [--set KEY=VALUE ...]
-# The main job: installs dbmpi into ./.venv if needed, makes CONFIG's dataset if it is
-# missing and data/make.sh knows it (data/digits.h5, synth32.h5, synth64.h5), and trains
-# CONFIG (default jobs/digits_downpour.toml: Downpour SGD, 5 ranks) into runs/ through
-# jobs/launch.sh (launcher: MPIEXEC, default .venv/bin/mpiexec).
+# The main job: installs dbmpi into ./.venv if needed and trains CONFIG (default
+# jobs/digits_downpour.toml: Downpour SGD, 5 ranks) into runs/ through jobs/launch.sh, which
+# makes CONFIG's dataset if it is missing and data/make.sh knows it (data/digits.h5,
+# synth32.h5, synth64.h5); launcher: MPIEXEC, default .venv/bin/mpiexec.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash jobs/install.sh
@@ -11,14 +11,6 @@ export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
 PY=.venv/bin/python
 config="${1:-jobs/digits_downpour.toml}"
 [ $# -gt 0 ] && shift
-sets=()
-for a in "$@"; do case "$a" in --set|--out|--resume|--quiet) ;; *=*) sets+=(--set "$a") ;; esac; done
-data=$($PY -m dbmpi validate "$config" --no-data "${sets[@]}" \
-       | $PY -c 'import json,sys; print(json.load(sys.stdin)["data_path"])')
-case "$data" in
-  data/digits.h5|data/synth32.h5|data/synth64.h5)
-    [ -f "$data" ] || bash data/make.sh "$(basename "$data" .h5)" ;;
-esac
 out="runs/$(basename "$config" .toml)-$(date +%Y%m%d-%H%M%S)"
 bash jobs/launch.sh "$config" --out "$out" "$@"
 $PY -m dbmpi evaluate "$out"

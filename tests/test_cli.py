@@ -90,3 +90,20 @@ def test_digits_sgd_reaches_97_percent(tmp_path, digits_path):
     assert r.returncode == 0, r.stderr
     s = json.loads((out / "summary.json").read_text())
     assert s["final_test_accuracy"] >= 0.97 and s["wall_time_s"] <= 60
+
+
+def test_launch_script_bad_config_is_one_clear_line(tmp_path):
+    """jobs/launch.sh with a config it cannot read, or a bad --set: validate's one-line error
+    and exit code 2, no traceback from the script's own parsing."""
+    import os
+    import subprocess
+    import sys
+    from conftest import ROOT
+    env = dict(os.environ, PYTHON=sys.executable)
+    for args, msg in [([str(tmp_path / "none.toml")], "config file not found"),
+                      ([str(ROOT / "jobs" / "digits_sgd.toml"), "--set", "optimizer.learnig_rate=1"],
+                       "did you mean 'learning_rate'")]:
+        r = subprocess.run(["bash", str(ROOT / "jobs" / "launch.sh"), *args], env=env,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and msg in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
