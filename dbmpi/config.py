@@ -40,6 +40,7 @@ DEFAULTS: dict[str, dict[str, tuple]] = {
         "ps_shards": (1, (int, 1)),
         "replicas": (1, (int, 1)),
         "partitions": (1, (int, 1)),
+        "ps_progress": ("auto", ("auto", "passive", "attended")),
     },
     "optimizer": {
         "algorithm": ("sgd", ALGORITHMS),

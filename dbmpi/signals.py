@@ -64,6 +64,12 @@ class Guard:
     """
 
     def __init__(self, rank: int, role: str):
+        mpi = sys.modules.get("mpi4py.MPI")
+        if mpi is not None and mpi.Is_initialized():
+            raise RuntimeError("MPI was initialised before dbmpi's rank guard forked (a fork "
+                               "after MPI_Init is undefined behaviour): start the job as "
+                               "`mpiexec ... python -m mpi4py -m dbmpi train ...`, and import "
+                               "nothing that imports mpi4py.MPI before it")
         r, w = os.pipe()
         parent = os.getpid()
         pid = os.fork()

@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from dbmpi.mpienv import launcher_env
+
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 MPIEXEC = os.environ.get("MPIEXEC", str(Path(PY).parent / "mpiexec"))
@@ -32,7 +34,7 @@ def main():
     if not (ROOT / "data" / "digits.h5").exists():
         subprocess.run([PY, "-m", "dbmpi", "data", "digits", "--out", "data/digits.h5"],
                        check=True, cwd=ROOT)
-    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    env = launcher_env()
     sets = ["optimizer.n_push=1000000000", "optimizer.n_fetch=1000000000",
             "optimizer.warmstart_steps=1000000000", "run.max_steps=1000000000",
             "run.eval_every_s=100000", "run.checkpoint_every_s=100000",

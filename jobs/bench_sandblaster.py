@@ -15,10 +15,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+from dbmpi.mpienv import launcher_env
+
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 MPIEXEC = os.environ.get("MPIEXEC", str(Path(PY).parent / "mpiexec"))
-ENV = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+ENV = launcher_env()   # one BLAS thread a rank, Open MPI settings, DBMPI_TRANSPORT
 
 
 def run(cfg, out, sets):

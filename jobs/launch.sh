@@ -4,7 +4,7 @@
 # after making CONFIG's dataset if it is one of data/make.sh's and missing,
 # one BLAS thread per rank, through python -m mpi4py so an error on any rank ends the job.
 # Overridable: MPIEXEC (default .venv/bin/mpiexec), MPIEXEC_ARGS (e.g. "--bind-to core"),
-# PYTHON (default .venv/bin/python).  Exit codes: 0 done, 2 bad input, 3 diverged,
+# PYTHON (default .venv/bin/python), DBMPI_TRANSPORT=tcp (every message over TCP).  Exit codes: 0 done, 2 bad input, 3 diverged,
 # 75 preempted (checkpointed; run again with --resume RUN_DIR).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,7 +23,7 @@ case "$data" in        # the jobs' own datasets are made where missing (data/mak
   data/digits.h5|data/synth32.h5|data/synth64.h5)
     [ -f "$data" ] || PYTHON="$PYTHON" bash data/make.sh "$(basename "$data" .h5)" ;;
 esac
-export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
+eval "$("$PYTHON" -m dbmpi.mpienv)"   # one BLAS thread a rank; Open MPI's settings; DBMPI_TRANSPORT
 if [ "$ranks" = "1" ]; then
   exec "$PYTHON" -m dbmpi train "$config" "$@"
 fi

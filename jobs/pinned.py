@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Usage: [MPIEXEC -n N python -m mpi4py] jobs/pinned.py CORES (-m MODULE | -c CODE) [ARGS...]
 
-Runs ``python -m MODULE ARGS`` (or ``python -c CODE ARGS``) with rank r of MPI_COMM_WORLD
-pinned to the r-th core of CORES, a comma-separated list of CPU numbers (cycled when the
+Runs ``python -m MODULE ARGS`` (or ``python -c CODE ARGS``) with rank r of the job (as the
+launcher's environment says, without starting MPI) pinned to the r-th core of CORES, a comma-separated list of CPU numbers (cycled when the
 ranks outnumber it); a single process is rank 0.  The benchmarks use it for ``--cores``:
 on a VM, two virtual CPUs can be the two hardware threads of one physical core, and the
 launcher's own binding (``-bind-to core``, ``--cpu-bind=cores``) cannot know which; the
@@ -38,8 +38,11 @@ def main(argv: list[str]) -> None:
     if len(argv) < 3 or argv[1] not in ("-m", "-c"):
         raise SystemExit(__doc__.splitlines()[0])
     cores = parse_cores(argv[0])
-    from mpi4py import MPI                       # initialized already under python -m mpi4py
-    rank = MPI.COMM_WORLD.Get_rank()
+    # the rank as the launcher advertises it: importing mpi4py here would initialise MPI
+    # before dbmpi's rank guard forks, and a fork after MPI_Init is undefined (Open MPI
+    # ranks died of it)
+    from dbmpi.cli import mpi_rank_from_env
+    rank = mpi_rank_from_env()
     os.sched_setaffinity(0, {cores[rank % len(cores)]})
     sys.path[0] = os.getcwd()                    # as `python -m` and `python -c` have it
     if argv[1] == "-m":

@@ -17,9 +17,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from dbmpi.mpienv import launcher_env
+
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
-ENV = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+ENV = launcher_env()   # one BLAS thread a rank, Open MPI settings, DBMPI_TRANSPORT
 
 DIGITS_MODEL = """
 [model]

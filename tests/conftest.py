@@ -5,9 +5,12 @@ from pathlib import Path
 
 import pytest
 
+from dbmpi.mpienv import launcher_env
+
 ROOT = Path(__file__).resolve().parents[1]
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+# one BLAS thread a rank, what Open MPI needs, and DBMPI_TRANSPORT (tcp: every message of
+# every multi-rank test over TCP); every process the tests start inherits it
+os.environ.update(launcher_env())
 
 
 @pytest.fixture(scope="session")
@@ -42,7 +45,7 @@ def run_mpi(n, *args, timeout=120, module=True):
     """``mpiexec -n N python -m mpi4py [-m dbmpi] ARGS`` under a timeout; the whole process
     group is killed if it runs over, so a hang fails the test instead of the suite."""
     import signal
-    e = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    e = dict(os.environ)
     cmd = [MPIEXEC, "-n", str(n), sys.executable, "-m", "mpi4py"]
     cmd += (["-m", "dbmpi"] if module else []) + [str(a) for a in args]
     p = subprocess.Popen(cmd, cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

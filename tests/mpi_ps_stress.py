@@ -2,11 +2,13 @@
 servers with random delays and check every fetch for torn shards; the coordinator drains
 the shards and prints JSON with the final parameters' exactness.
 
-Usage: mpiexec -n (1 + SHARDS + REPLICAS) python tests/mpi_ps_stress.py SHARDS REPLICAS PUSHES N [NAN_EVERY [MODE]]
+Usage: mpiexec -n (1 + SHARDS + REPLICAS) python tests/mpi_ps_stress.py SHARDS REPLICAS PUSHES N [NAN_EVERY [MODE [PROGRESS]]]
 
 With NAN_EVERY > 0, replica 0 also pushes, on its own, a gradient holding a NaN every
 NAN_EVERY pushes: each must be rejected whole and leave the parameters unchanged.  MODE is
-``direct`` (replicas Accumulate into the shards themselves) or ``inbox`` (the shards apply).
+``direct`` (replicas Accumulate into the shards themselves) or ``inbox`` (the shards apply);
+PROGRESS is ``cluster.ps_progress`` (auto, passive or attended: replicas ring the shards and
+push through their inboxes even in direct mode).
 """
 
 import json
@@ -19,8 +21,8 @@ from mpi4py import MPI
 from dbmpi.algorithms.downpour import (TAGS, _poll_recv, direct_pushes, make_shard,
                                       request_snapshots, serve_shard)
 from dbmpi.config import parse
-from dbmpi.server import PSClient, create_windows
-from dbmpi.topology import Topology, shard_ranges
+from dbmpi.server import PSSetup
+from dbmpi.topology import Topology
 
 
 class ZeroNet:
@@ -42,27 +44,23 @@ def main():
     S, R, pushes, n = map(int, sys.argv[1:5])
     nan_every = int(sys.argv[5]) if len(sys.argv) > 5 else 0
     mode = sys.argv[6] if len(sys.argv) > 6 else "direct"
+    progress = sys.argv[7] if len(sys.argv) > 7 else "auto"
     cfg = parse({"model": {"input_shape": [1, 1, 1], "layers": [{"type": "softmax", "classes": 2}]},
                  "optimizer": {"algorithm": "downpour", "learning_rate": 1.0,
                                "direct_push": mode == "direct"},
-                 "cluster": {"ps_shards": S, "replicas": R}})
+                 "cluster": {"ps_shards": S, "replicas": R, "ps_progress": progress}})
     world = MPI.COMM_WORLD
     topo = Topology.split(world, cfg)
     net = ZeroNet(n)
-    ranges = shard_ranges(n, S)
-    # every replica pushes the whole vector (no partitions); none with direct pushes
-    clients = [] if direct_pushes(cfg) else [(0, n)] * R
-    pw, iw = create_windows(topo.rma, ranges, clients, topo.index if topo.role == "shard" else None)
+    ps = PSSetup(topo, net, 1.0 if direct_pushes(cfg) else None, progress)
+    ranges = ps.ranges
     if topo.role == "shard":
-        server = make_shard(topo, cfg, net, pw, iw, ranges, clients)
-        topo.rma.Barrier()
+        server = make_shard(topo, cfg, net, ps)
+        ps.start(topo)
         serve_shard(topo, server)
     else:
-        client = PSClient(pw, iw, ranges, topo.shard_ranks, topo.index,
-                          direct_lr=1.0 if direct_pushes(cfg) and topo.role == "replica" else None,
-                          client_ranges=clients if topo.role == "replica" else None)
-        topo.rma.Barrier()
-        client.warm_up()
+        client = ps.client
+        ps.start(topo)
         if topo.role == "replica":
             rng = np.random.default_rng(topo.index)
             acc = np.zeros(n, np.float32)
@@ -109,9 +107,9 @@ def main():
                 "pushes_applied": sum(m["applied"] for m in snaps),
                 "pushes_rejected": (sum(m["rejected"] for m in snaps)
                                     + sum(d["rejected"] for d in done)),
-                "nan_pushes": sum(d["nans"] for d in done) * S}))
-    for w in pw + iw:
-        w.free()
+                "nan_pushes": sum(d["nans"] for d in done) * S,
+                "attended_pairs": ps.attended_pairs}))
+    ps.free()
 
 
 if __name__ == "__main__":

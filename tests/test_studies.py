@@ -80,6 +80,27 @@ def test_pinned_puts_rank_r_on_the_rth_core_listed():
     assert r.returncode == 0 and "train" in r.stdout, r.stderr[-2000:]
 
 
+@pytest.mark.skipif(len(CPUS) < 2, reason="needs CPU affinity and two CPUs")
+def test_pinned_training_forks_its_guard_before_mpi_starts(tmp_path, digits_path):
+    """A partitioned run through pinned.py: each rank's guard forks before MPI_Init (the
+    guard refuses to fork after it), so the run ends well on any MPI."""
+    from conftest import job_config
+    cfg = job_config(tmp_path, digits_path, "digits_sgd.toml")
+    r = run_mpi(2, ROOT / "jobs" / "pinned.py", f"{CPUS[0]},{CPUS[-1]}", "-m", "dbmpi",
+                "train", cfg, "--out", tmp_path / "run", "--quiet", "--set",
+                "cluster.partitions=2", "--set", "run.max_steps=30", module=False, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "run" / "summary.json").exists()
+
+
+def test_guard_refuses_to_fork_after_mpi_init():
+    code = ("from mpi4py import MPI; from dbmpi.signals import Guard\n"
+            "try:\n    Guard(0, 'x')\nexcept RuntimeError as e:\n    print('refused:', e)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0 and "refused: MPI was initialised before" in r.stdout, r.stderr
+
+
 @pytest.mark.parametrize("cores,message", [
     ("a,b", "comma-separated list of CPU numbers"),
     ("4096", "[4096] are not available to this process"),

@@ -18,7 +18,8 @@ from .. import aligned
 from ..mpiwait import wait
 from ..optim import all_finite, make_optimizer
 from ..rundir import RunDir, save_checkpoint
-from ..server import Backoff, PSSetup, ShardServer
+from ..mpiwait import Backoff
+from ..server import PSSetup, ShardServer
 from .common import Batches, Evaluator, Progress, stop_for_time
 
 __all__ = ["run_downpour", "TAGS"]
@@ -48,19 +49,16 @@ def direct_pushes(cfg) -> bool:
     return not cfg["optimizer"]["adagrad"] and cfg["optimizer"]["direct_push"]
 
 
-def make_shard(topo, cfg, net, pw, iw, ranges, client_ranges, resume=None, layout=None):
+def make_shard(topo, cfg, net, ps, resume=None):
     """Shard ``topo.index``'s server, its window memory initialised (call before the start
-    barrier, so no client reads or writes it first); ``client_ranges`` as for
-    server.create_windows."""
-    from ..model.partition import Identity
-    layout = layout or Identity()
-    s = topo.index
-    lo, hi = ranges[s]
+    barrier, so no client reads or writes it first)."""
+    s, layout = topo.index, ps.layout
+    lo, hi = ps.ranges[s]
     opt = make_optimizer(cfg["optimizer"], hi - lo)
     init = layout.init_range(net, cfg["optimizer"]["seed"], lo, hi)    # my range alone
-    server = ShardServer(pw[s], iw[s], lo, hi, client_ranges, opt, init,
+    server = ShardServer(ps.pw[s], ps.iw[s], topo.shard_ranks[s], lo, hi, ps.slot_ranges[s],
+                         opt, init, bell=ps.bell, landing=ps.landing,
                          direct=direct_pushes(cfg))
-    server.rank = topo.shard_ranks[s]
     if resume is not None:
         server.restore(layout.take(resume["params"], lo, hi),
                        {k: layout.take(v, lo, hi) for k, v in resume["state"].items()},
@@ -76,7 +74,7 @@ def serve_shard(topo, server):
     cpu0, idle_s = time.process_time(), 0.0
     seen, warned = (0, 0), False
     while True:
-        applied = server.poll()
+        applied = server.serve()
         if applied and not warned:
             if server.applied != seen[0]:
                 seen = (server.applied, server.rejected)      # a good push resets the run
@@ -99,16 +97,15 @@ def serve_shard(topo, server):
                        "version": version,
                        "applied": server.applied, "rejected": server.rejected,
                        "staleness": server.staleness.tolist(),
-                       "cpu_s": time.process_time() - cpu0, "idle_s": idle_s},
+                       "cpu_s": time.process_time() - cpu0, "idle_s": idle_s,
+                       "attended_s": server.attended_s},
                       dest=0, tag=TAGS["SNAP"])
             for _, v in vectors:
                 ctrl.Send(v, dest=0, tag=TAGS["SNAP_DATA"])
             del params, state, vectors
-        elif applied:
-            backoff.busy()
         else:
             t = time.perf_counter()
-            backoff.idle()
+            server.pause(applied, backoff)
             idle_s += time.perf_counter() - t
 
 
@@ -166,7 +163,7 @@ def _run_replica(topo, cfg, net, client, resume=None):
     batches = Batches(cfg["data"]["path"], o["batch_size"], o["seed"], rep, topo.replicas,
                       cfg["data"]["cache_mb"], position=position,
                       share=topo.model if P > 1 else None)   # one cache per node (Split)
-    theta = aligned.empty(size)             # parameters and gradients on cache lines
+    theta = client.theta                    # fetches land here (MPI memory)
     acc, acc_empty = aligned.zeros(size), True
     accbuf, gbuf = acc, aligned.empty(size)    # one buffer each, every step
     lr = np.float32(o["learning_rate"])
@@ -272,12 +269,13 @@ def _run_replica(topo, cfg, net, client, resume=None):
 # -- coordinator ---------------------------------------------------------------------------
 
 class _Coordinator:
-    def __init__(self, topo, cfg, net, client, ranges, run, quiet, resume):
-        self.topo, self.cfg, self.net, self.client = topo, cfg, net, client
-        self.ranges, self.run = ranges, run
+    def __init__(self, topo, cfg, net, ps, run, quiet, resume):
+        self.topo, self.cfg, self.net, self.client = topo, cfg, net, ps.client
+        self.layout, self.run = ps.layout, run
+        self.attended_pairs = ps.attended_pairs
         self.evaluate = Evaluator(net, cfg["data"]["path"])
         self.say = Progress(enabled=not quiet)
-        self.theta = aligned.empty(net.num_params)
+        self.theta = self.client.theta      # fetches land here (MPI memory)
         self.done: dict[int, dict] = {}
         self.last_snaps = None
         c = resume["counters"] if resume else {}
@@ -409,20 +407,21 @@ class _Coordinator:
                           "pushes_sent": d["pushes_sent"]} for d in reps],
             "shards": [{"shard": m["shard"], "applied": m["applied"],
                         "rejected": m["rejected"], "cpu_s": m["cpu_s"],
+                        "attended_s": m["attended_s"],
                         "cpu_fraction": m["cpu_s"] / wall if wall else 0.0} for m in snaps],
             "config": {"replicas": self.topo.replicas, "ps_shards": self.topo.shards,
                        "n_fetch": o["n_fetch"], "n_push": o["n_push"],
                        "adagrad": o["adagrad"], "batch_size": o["batch_size"],
-                       "pushes": "direct" if direct_pushes(self.cfg) else "inbox"},
+                       "pushes": "direct" if direct_pushes(self.cfg) else "inbox",
+                       "attended_pairs": self.attended_pairs},
         }
 
 
 def run_downpour(topo, cfg, net, out, resume=None, quiet=False):
     """Every rank calls this; each plays its role.  Returns the summary on the coordinator."""
-    ps = PSSetup(topo, net, cfg["optimizer"]["learning_rate"] if direct_pushes(cfg) else None)
-    server = (make_shard(topo, cfg, net, ps.pw, ps.iw, ps.ranges, ps.client_ranges, resume,
-                         ps.layout)
-              if topo.role == "shard" else None)
+    ps = PSSetup(topo, net, cfg["optimizer"]["learning_rate"] if direct_pushes(cfg) else None,
+                 cfg["cluster"]["ps_progress"])
+    server = make_shard(topo, cfg, net, ps, resume) if topo.role == "shard" else None
     ps.start(topo)                 # every shard's memory is initialised before anyone uses it
     if server is not None:
         serve_shard(topo, server)
@@ -432,8 +431,7 @@ def run_downpour(topo, cfg, net, out, resume=None, quiet=False):
     elif topo.role == "coordinator":
         run = RunDir(out, cfg, append=resume is not None)
         try:
-            co = _Coordinator(topo, cfg, net, ps.client, ps.ranges, run, quiet, resume)
-            co.layout = ps.layout
+            co = _Coordinator(topo, cfg, net, ps, run, quiet, resume)
             summary = co.loop()
             run.write_summary(summary)
         finally:

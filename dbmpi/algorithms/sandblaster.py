@@ -26,7 +26,8 @@ from .. import aligned
 from ..config import check_model
 from ..model import build
 from ..rundir import RunDir, save_checkpoint
-from ..server import Backoff, PSSetup, ShardServer
+from ..mpiwait import Backoff
+from ..server import PSSetup, ShardServer
 from .common import Evaluator, Progress, stop_for_time
 
 __all__ = ["PortionScheduler", "run_sandblaster", "wolfe_line_search"]
@@ -99,8 +100,10 @@ class PortionScheduler:
 class SandblasterShard(ShardServer):
     """A shard's slice of every L-BFGS vector, and the commands that operate on them."""
 
-    def __init__(self, params_win, inbox_win, lo, hi, client_ranges, history, init):
-        super().__init__(params_win, inbox_win, lo, hi, client_ranges, None, init)
+    def __init__(self, params_win, inbox_win, rank, lo, hi, slot_ranges, history, init,
+                 bell, landing):
+        super().__init__(params_win, inbox_win, rank, lo, hi, slot_ranges, None, init,
+                         bell=bell, landing=landing)
         n = hi - lo
         self.v = {k: np.zeros(n) for k in ("x", "g", "d", "xe", "gt", "q")}
         self.v["x"][:] = init
@@ -109,7 +112,7 @@ class SandblasterShard(ShardServer):
             self.v[f"y{i}"] = np.zeros(n)
         self.acc = np.zeros(n)
 
-    def _apply(self, grad, fetched, off=0):
+    def _apply(self, grad, fetched, off=0, update=False):
         self.acc[off:off + len(grad)] += grad
         self.applied += 1
 
@@ -155,22 +158,21 @@ class SandblasterShard(ShardServer):
         return None
 
 
-def _make_shard(topo, cfg, net, pw, iw, ranges, client_ranges, layout):
+def _make_shard(topo, cfg, net, ps):
     """The shard's vectors and window memory, initialised before the start barrier."""
     s = topo.index
-    lo, hi = ranges[s]
-    init = layout.init_range(net, cfg["optimizer"]["seed"], lo, hi)    # my range alone
-    shard = SandblasterShard(pw[s], iw[s], lo, hi, client_ranges,
-                             cfg["optimizer"]["lbfgs_history"], init.astype(np.float64))
-    shard.rank = topo.shard_ranks[s]
-    return shard
+    lo, hi = ps.ranges[s]
+    init = ps.layout.init_range(net, cfg["optimizer"]["seed"], lo, hi)    # my range alone
+    return SandblasterShard(ps.pw[s], ps.iw[s], topo.shard_ranks[s], lo, hi,
+                            ps.slot_ranges[s], cfg["optimizer"]["lbfgs_history"],
+                            init.astype(np.float64), ps.bell, ps.landing)
 
 
 def _serve_shard(topo, shard):
     from mpi4py import MPI
     ctrl, st, backoff = topo.ctrl, MPI.Status(), Backoff(lo=5e-5, hi=1e-3)
     while True:
-        busy = shard.poll()
+        busy = shard.serve()
         if ctrl.Iprobe(source=0, tag=TAG_CMD, status=st):
             cmd, args = ctrl.recv(source=0, tag=TAG_CMD)
             if cmd == "finish":
@@ -183,10 +185,8 @@ def _serve_shard(topo, shard):
             ctrl.send(None if cmd == "recv_vector" else shard.command(cmd, args), dest=0,
                       tag=TAG_REPLY)
             backoff.busy()
-        elif busy:
-            backoff.busy()
         else:
-            backoff.idle()
+            shard.pause(busy, backoff)
 
 
 # -- replica ---------------------------------------------------------------------------------
@@ -210,7 +210,7 @@ def _run_replica(topo, cfg, client):
                        share=topo.model if P > 1 else None)   # one cache per node (Split)
     ps = o["portion_size"]
     slow = cfg["faults"]["slow_factor"] if cfg["faults"]["slow_replica"] == topo.index else 1.0
-    theta = aligned.empty(size)             # parameters and gradients on cache lines
+    theta = client.theta                    # fetches land here (MPI memory)
     acc = aligned.zeros(size)
     ctrl, rep = topo.ctrl, topo.index
     batch, accepted, pushed, pending = -1, 0, 0, None
@@ -401,7 +401,7 @@ class _Coordinator:
         self.batch_times: list[float] = []
         self.evals = 0
         self.copies = 0
-        self.theta = aligned.empty(net.num_params)
+        self.theta = self.client.theta      # fetches land here (MPI memory)
 
     def _portions(self):
         frac = self.cfg["optimizer"]["batch_fraction"]
@@ -600,10 +600,9 @@ class _Coordinator:
 
 def run_sandblaster(topo, cfg, net, out, resume=None, quiet=False):
     """Every rank calls this; each plays its role.  Returns the summary on the coordinator."""
-    ps = PSSetup(topo, net)
+    ps = PSSetup(topo, net, progress=cfg["cluster"]["ps_progress"])
     layout, ranges, client = ps.layout, ps.ranges, ps.client
-    shard = (_make_shard(topo, cfg, net, ps.pw, ps.iw, ranges, ps.client_ranges, layout)
-             if topo.role == "shard" else None)
+    shard = _make_shard(topo, cfg, net, ps) if topo.role == "shard" else None
     ps.start(topo)                 # every shard's memory is initialised before anyone uses it
     summary = None
     if shard is not None:

@@ -428,7 +428,11 @@ def _pool_whole_stripe(owned_rows, parts):
 
 
 class Identity:
-    """The layout of an unpartitioned network (P = 1): partitioned = canonical."""
+    """The layout of an unpartitioned vector of ``n`` parameters (P = 1): partitioned =
+    canonical."""
+
+    def __init__(self, n: int):
+        self.P, self.num_params, self.ranges = 1, n, [(0, n)]
 
     def to_partitioned(self, theta):
         return np.asarray(theta)

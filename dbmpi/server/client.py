@@ -1,0 +1,216 @@
+"""A client of the parameter server (a replica's partition, or the coordinator): fetches
+its slice of the parameters and pushes its accumulated gradient.
+
+Two ways to reach a shard, chosen per client-shard pair at start-up
+(:func:`~dbmpi.server.rma.probe_progress`):
+
+- *passive*: the transport carries RMA without the shard's help (shared memory, RDMA).
+  Fetches read under the shard's seqlock; plain-SGD pushes (``direct_lr``) are applied by
+  the client itself with ``Accumulate`` inside the seqlock's write section, so the shard
+  computes nothing; Adagrad pushes go through the inbox.
+- *attended*: the shard's MPI library does the RMA work in software (TCP).  The client
+  rings the shard's bell before a push and after it, so the shard drives progress for
+  exactly that long; every push goes through the inbox as a ``Put`` (plain SGD sends the
+  update itself, ``-lr x gradient``, which the shard adds), never as a software
+  ``Accumulate``, which runs at a tenth of a ``Put``'s speed there.  A fetch asks the
+  shard to ``Put`` its slice into this client's landing window (``theta``), and waits for
+  its answer, driving progress meanwhile: over TCP a ``Get`` runs at a quarter of a
+  ``Put``'s speed.
+
+Either way a fetch of shard s sees one version of it (never half an update), and each push
+a shard takes is applied exactly once, as one update.  Staleness of a push = the shard's
+version when it is applied minus the version the client fetched.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import numpy as np
+
+from ..optim import all_finite
+from .rma import FLAG, HEADER, Atomics, SeqLock, inbox_slots, settle
+from .shard import BELL_ATTEND, BELL_FETCH, BELL_FETCHED, BELL_RELEASE, GRADIENT, UPDATE
+
+__all__ = ["PSClient"]
+
+
+def _mpi():
+    from mpi4py import MPI
+    return MPI
+
+
+class PSClient:
+    """Client ``client`` (its index among the inbox slots: replica x partitions + partition)
+    of the shards, reading and writing ``[lo, hi)`` of the flat vector.
+
+    Parameters
+    ----------
+    params_wins, inbox_wins : every shard's windows
+    ranges : every shard's range; ``shard_ranks`` their ranks in the RMA communicator
+    rank : this client's rank there (its seqlock token is rank + 1)
+    slot_ranges : per shard, the ranges given to its inbox (None: I push through no inbox)
+    direct_lr : set for plain SGD: pushes carry ``-lr x gradient``
+    attended : indices of the shards I must ring (see the module doc); ``bell`` their bell
+    landing : my landing window, ``4 x (hi - lo)`` bytes: :attr:`theta` lives there
+    """
+
+    def __init__(self, params_wins, inbox_wins, ranges, shard_ranks, rank: int, client: int,
+                 lo: int = 0, hi: int | None = None, slot_ranges=None,
+                 direct_lr: float | None = None, attended=frozenset(), bell=None,
+                 landing=None, max_staleness_bins: int = 64):
+        self.pw, self.iw = params_wins, inbox_wins
+        self.direct_lr = direct_lr
+        self.ranges, self.shard_ranks = ranges, shard_ranks
+        self.client = client
+        self.lo, self.hi = lo, ranges[-1][1] if hi is None else hi
+        self.attended, self.bell = frozenset(attended), bell
+        # (shard, offset in shard, offset in my slice, length) for each overlapping shard
+        self.parts = []
+        for s, (a, b) in enumerate(ranges):
+            x, y = max(a, self.lo), min(b, self.hi)
+            if x < y:
+                self.parts.append((s, x - a, x - self.lo, y - x))
+        # my inbox slot's byte offset in each shard I push to through its inbox
+        self.slot = {}
+        for s, *_ in self.parts:
+            if slot_ranges is not None and slot_ranges[s] is not None:
+                off, n = inbox_slots(ranges[s], slot_ranges[s])[0][client]
+                if n:
+                    self.slot[s] = off
+        self.fetched_version = {s: 0 for s, *_ in self.parts}
+        self.pushes_sent = 0
+        self.push_attempts = 0
+        self.rejected = 0             # direct pushes holding NaN/Inf, dropped here
+        self.staleness = np.zeros(max_staleness_bins, dtype=np.int64)   # of direct pushes
+        self._meta = np.zeros(3, dtype=np.int64)
+        self._scaled = None
+        self._bell = np.zeros(3, dtype=np.int64)
+        self._asks = {s: np.zeros(3, dtype=np.int64) for s in self.attended}
+        self._answers = {s: np.zeros(1, dtype=np.int64) for s in self.attended}
+        self.landing = landing
+        # my copy of the parameters: fetches land here (in MPI memory when I have a window)
+        self.theta = (landing.view(0, self.hi - self.lo, np.float32) if landing is not None
+                      else np.empty(self.hi - self.lo, dtype=np.float32))
+        for w in list(params_wins) + list(inbox_wins):
+            w.lock_all()
+        self._seq = {s: SeqLock(self.pw[s], shard_ranks[s], rank + 1) for s, *_ in self.parts}
+        self._flags = {s: Atomics(self.iw[s], shard_ranks[s], yielding=s in self.attended)
+                       for s in self.slot}
+
+    @property
+    def paths(self) -> dict:
+        """How many of my shards I reach each way."""
+        att = sum(s in self.attended for s, *_ in self.parts)
+        return {"passive": len(self.parts) - att, "attended": att}
+
+    @contextmanager
+    def _attend(self, shards):
+        """Ring the attended ones among ``shards`` for the length of the block (a push)."""
+        ring = [self.shard_ranks[s] for s in shards if s in self.attended]
+        if not ring:
+            yield
+            return
+        MPI = _mpi()
+        reqs = [self.bell.Isend(self._bell, dest=r, tag=BELL_ATTEND) for r in ring]
+        try:
+            yield
+        finally:
+            reqs += [self.bell.Isend(self._bell, dest=r, tag=BELL_RELEASE) for r in ring]
+            MPI.Request.Waitall(reqs)      # tiny messages: sent at once
+
+    def fetch(self, out: np.ndarray | None = None) -> np.ndarray:
+        """Read my slice of the parameters into :attr:`theta` (and copy it to ``out`` if
+        given); each shard's part is one version of it.  Returns what was filled."""
+        from ..mpiwait import wait
+        MPI = _mpi()
+        theta = self.theta
+        asked = [p for p in self.parts if p[0] in self.attended]
+        reqs = []
+        for s, off, mine, n in asked:         # every attended shard starts at once
+            self._asks[s][:] = (off, mine, n)
+            rank = self.shard_ranks[s]
+            reqs.append(self.bell.Irecv(self._answers[s], source=rank, tag=BELL_FETCHED))
+            reqs.append(self.bell.Isend(self._asks[s], dest=rank, tag=BELL_FETCH))
+        for s, off, mine, n in self.parts:
+            if s not in self.attended:
+                rank, win = self.shard_ranks[s], self.pw[s].win
+                self.fetched_version[s] = self._seq[s].read(
+                    lambda: win.Get(theta[mine:mine + n], rank,
+                                    target=(HEADER + 4 * off, n, MPI.FLOAT)))
+        wait(reqs, yield_s=1.0)               # drives my side of the shards' Puts
+        for s, *_ in asked:
+            self.fetched_version[s] = int(self._answers[s][0])
+        if out is not None and out is not theta:
+            out[...] = theta
+            return out
+        return theta
+
+    def push(self, acc: np.ndarray, finite: bool = False, update: bool = False) -> bool:
+        """Offer my accumulated gradient slice to every shard.
+
+        Returns True when every shard took its part (the caller may then treat ``acc`` as
+        empty without zeroing it); otherwise zeroes the parts that were taken, so the rest
+        goes with the next push, and returns False.  Direct pushes are always taken.
+        ``finite``: the caller has checked that acc holds no NaN/Inf (saves a pass);
+        ``update`` (plain SGD): acc is already ``-lr x gradient`` (saves another)."""
+        send = acc
+        if self.direct_lr is not None and not update:
+            if self._scaled is None:
+                self._scaled = np.empty(self.hi - self.lo, dtype=np.float32)
+            send, update = self._scaled, True
+            np.multiply(acc, np.float32(-self.direct_lr), out=send)
+        taken = []
+        with self._attend([p[0] for p in self.parts]):
+            for s, off, mine, n in self.parts:
+                part = send[mine:mine + n]
+                self.push_attempts += 1
+                if s in self.slot:
+                    ok = self._push_inbox(s, off, part, UPDATE if update else GRADIENT)
+                elif not update:
+                    raise RuntimeError(f"client {self.client} has no inbox slot at shard "
+                                       f"{s} and pushes no direct updates")
+                else:
+                    ok = self._push_direct(s, off, part, finite)
+                if ok:
+                    taken.append((mine, n))
+                    self.pushes_sent += 1
+        if len(taken) == len(self.parts):
+            return True
+        for mine, n in taken:
+            acc[mine:mine + n] = 0
+        return False
+
+    def _push_inbox(self, s: int, off: int, part: np.ndarray, kind: int) -> bool:
+        """Hand ``part`` over through my slot at shard s, if the shard has emptied it."""
+        MPI = _mpi()
+        flags, slot, rank, win = self._flags[s], self.slot[s], self.shard_ranks[s], self.iw[s].win
+        if flags.read(slot + FLAG):
+            return False                   # the shard has not taken my previous push yet
+        n = len(part)
+        self._meta[:] = (self.fetched_version[s], off, n)
+        reqs = [win.Rput(part, rank, target=(slot + HEADER, n, MPI.FLOAT)),
+                win.Rput(self._meta, rank, target=(slot + 8, 3, MPI.INT64_T))]
+        if s in self.attended:
+            settle(reqs)                   # sent, yielding the core meanwhile
+        else:
+            MPI.Request.Waitall(reqs)
+        win.Flush(rank)                    # the data lands before the flag that hands it over
+        flags.swap(slot + FLAG, kind)
+        return True
+
+    def _push_direct(self, s: int, off: int, delta: np.ndarray, finite: bool) -> bool:
+        """Add ``delta`` (-lr x gradient) to shard s's parameters myself, inside its
+        seqlock's write section; a part with NaN/Inf is dropped whole, as a shard would."""
+        MPI = _mpi()
+        if not (finite or all_finite(delta)):
+            self.rejected += 1
+            return True
+        rank, win = self.shard_ranks[s], self.pw[s].win
+        with self._seq[s].writing() as before:
+            win.Accumulate(delta, rank, target=(HEADER + 4 * off, len(delta), MPI.FLOAT),
+                           op=MPI.SUM)
+            win.Flush(rank)
+        stale = before - self.fetched_version[s]
+        self.staleness[min(max(stale, 0), len(self.staleness) - 1)] += 1
+        return True

@@ -1,0 +1,73 @@
+"""What every rank of a parameter-server algorithm builds at start-up, collectively."""
+
+from __future__ import annotations
+
+from .client import PSClient
+from .rma import Window, inbox_slots, probe_progress
+
+__all__ = ["PSSetup"]
+
+
+class PSSetup:
+    """The partitioned layout, the shards' ranges and windows, which client-shard pairs are
+    attended, and, off the shards, this rank's client (a replica partition's slice and
+    inbox slots; the whole vector for the coordinator).
+
+    Collective over ``topo.rma``.  ``direct_lr``: plain SGD, whose passive pushes the
+    clients apply themselves (then only attended clients get inbox slots).  ``progress``:
+    ``auto`` (probe each pair), ``passive`` or ``attended`` (see
+    :func:`~dbmpi.server.rma.probe_progress`).
+    """
+
+    def __init__(self, topo, net, direct_lr: float | None = None, progress: str = "auto"):
+        from ..model.partition import Identity, Layout
+        from ..topology import shard_ranges
+        # the shards hold the vector partition-major
+        self.layout = Layout(net, topo.partitions) if topo.partitions > 1 else Identity(
+            net.num_params)
+        self.ranges = shard_ranges(net.num_params, topo.shards)
+        self.direct_lr = direct_lr
+        comm = topo.rma
+        attended = probe_progress(comm, topo.shard_ranks, progress)
+        self.attended_pairs = sum(len(a) for a in attended)
+        # client replica x P + partition pushes its partition's slice through shard s's
+        # inbox, unless it applies its pushes there itself (passive, plain SGD): (0, 0)
+        P = topo.partitions
+        clients = [rank for reps in topo.replica_ranks for rank in reps]   # replica-major
+        self.slot_ranges = [
+            [self.layout.ranges[c % P] if direct_lr is None or s in attended[rank] else (0, 0)
+             for c, rank in enumerate(clients)]
+            for s in range(topo.shards)]
+        my_shard = topo.index if topo.role == "shard" else None
+        self.pw, self.iw = [], []
+        for s, (lo, hi) in enumerate(self.ranges):
+            mine = s == my_shard
+            self.pw.append(Window(comm, 8 * 4 + 4 * (hi - lo) if mine else 0))
+            self.iw.append(Window(comm, inbox_slots((lo, hi), self.slot_ranges[s])[1]
+                                  if mine else 0))
+        self.bell = comm.Dup()
+        me = comm.Get_rank()
+        # each client's copy of its slice, where attended shards Put its fetches
+        lo, hi = {"replica": self.layout.ranges[topo.partition] if topo.role == "replica"
+                  else (0, 0), "coordinator": (0, net.num_params)}.get(topo.role, (0, 0))
+        self.landing = Window(comm, 4 * (hi - lo))
+        self.client = None
+        if topo.role == "replica":
+            self.client = PSClient(self.pw, self.iw, self.ranges, topo.shard_ranks, me,
+                                   topo.index * topo.partitions + topo.partition, lo, hi,
+                                   slot_ranges=self.slot_ranges, direct_lr=direct_lr,
+                                   attended=attended[me], bell=self.bell, landing=self.landing)
+        elif topo.role == "coordinator":
+            self.client = PSClient(self.pw, self.iw, self.ranges, topo.shard_ranks, me, 0,
+                                   attended=attended[me], bell=self.bell, landing=self.landing)
+
+    def start(self, topo) -> None:
+        """Collective: shards have initialised their memory before anyone reads it."""
+        topo.rma.Barrier()
+
+    def free(self) -> None:
+        """Collective; only on success (after an error the launcher aborts the job, and a
+        rank waiting in a collective would hang)."""
+        for w in self.pw + self.iw + [self.landing]:
+            w.free()
+        self.bell.Free()

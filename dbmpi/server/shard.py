@@ -1,0 +1,220 @@
+"""A parameter-server shard: owns its range of the flat vector and applies pushes.
+
+The shard's *params* window holds a header (int64 version, int64 writer mutex) and its
+float32 parameters; its *inbox* window holds one slot per client that pushes to it through
+the inbox (:func:`~dbmpi.server.rma.inbox_slots`).  A client hands a push over by writing
+its slot's data and then setting the slot's flag with an atomic; the shard applies every
+flagged slot as one update, exactly once (or rejects it whole if it holds NaN/Inf), then
+clears the flag with an atomic, which gives the slot back.  A replica whose slot is still
+full keeps accumulating and offers the sum at its next push, so it never waits.
+
+Attended clients (see :mod:`dbmpi.server.client`) ring the shard's bell before they push
+into its inbox and after: while any client is inside a push, the shard keeps calling MPI
+instead of sleeping, so transports whose RMA the target's library carries out in software
+(TCP) move at wire speed instead of one step per nap.  An attended client's fetch is a
+request: the shard ``Put``s the slice asked for into the client's landing window, holding
+its seqlock's mutex (so no direct writer changes it meanwhile), and answers with the
+version it sent.  A ``Put`` crosses TCP four times faster than a ``Get`` (measured), and
+the client, waiting for the answer, drives its own side of the transfer.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+from ..optim import all_finite
+from .rma import FLAG, HEADER, MUTEX, VERSION, Atomics, SeqLock, Window, inbox_slots, settle
+
+__all__ = ["ShardServer", "GRADIENT", "UPDATE", "BELL_ATTEND", "BELL_RELEASE"]
+
+GRADIENT, UPDATE = 1, 2     # slot flag: apply with the optimizer / add as it is (-lr x g)
+# tags on the bell communicator: a client enters / leaves an access; asks for a fetch
+# (offset in my range, offset in its landing window, length); my answer (the version)
+BELL_ATTEND, BELL_RELEASE, BELL_FETCH, BELL_FETCHED = 1, 2, 3, 4
+
+
+class ShardServer:
+    """Shard at ``rank`` of the RMA communicator, owning ``[lo, hi)``.
+
+    Parameters
+    ----------
+    params_win, inbox_win : this shard's windows (memory allocated here)
+    slot_ranges : per client, the range it pushes through this shard's inbox, ``(0, 0)``
+        for none (as given to :func:`~dbmpi.server.rma.inbox_slots`)
+    optimizer : applies GRADIENT pushes (``delta(grad, out, offset)``); may be None where
+        a subclass overrides :meth:`_apply`
+    init : float32, length hi - lo
+    bell : communicator on which attended clients ring (None: nobody rings)
+    landing : the clients' landing window (attended fetches are Put there)
+    direct : clients may also update the params window themselves (version counts them)
+    """
+
+    def __init__(self, params_win: Window, inbox_win: Window, rank: int, lo: int, hi: int,
+                 slot_ranges, optimizer, init: np.ndarray, bell=None, landing=None,
+                 direct: bool = False, max_staleness_bins: int = 64):
+        self.pw, self.iw, self.rank = params_win, inbox_win, rank
+        self.lo, self.hi, self.n = lo, hi, hi - lo
+        self.direct, self.bell = direct, bell
+        # the inbox slots of the clients that push to me: (client, byte offset, length)
+        self.slots = [(c, off, n) for c, (off, n) in
+                      enumerate(inbox_slots((lo, hi), slot_ranges)[0]) if n]
+        self.opt = optimizer
+        self._raw_version = self.pw.view(VERSION, 1, np.int64)
+        self.params = self.pw.view(HEADER, self.n, np.float32)
+        self.params[:] = init
+        self._raw_version[0] = 0
+        self.pw.view(MUTEX, 1, np.int64)[0] = 0
+        for _, off, _ in self.slots:
+            self.iw.view(off, 4, np.int64)[:] = 0
+        self.applied = 0
+        self.rejected = 0
+        self.staleness = np.zeros(max_staleness_bins, dtype=np.int64)
+        self._delta = np.empty(self.n, dtype=np.float32)
+        self._version0 = 0        # direct pushes applied = version - this
+        self.attending = 0        # clients inside an access that rang my bell
+        self.attended_s = 0.0     # time with at least one of them inside
+        self._since = 0.0
+        self.pw.lock_all()        # for my own atomics (seqlock, slot flags)
+        self.iw.lock_all()
+        self.seq = SeqLock(self.pw, rank, rank + 1)
+        self._flags = Atomics(self.iw, rank)
+        self.landing = landing
+        if landing is not None:
+            landing.lock_all()
+        self._bell_buf = np.zeros(3, dtype=np.int64)
+        self._fetches = []            # (client rank, offset here, offset there, length)
+        self._answers = []            # sends of BELL_FETCHED still in flight
+        self.fetches_served = 0
+
+    @property
+    def version(self) -> int:
+        """Updates applied so far."""
+        return int(self._raw_version[0]) // 2
+
+    def poll(self) -> int:
+        """Apply every flagged inbox slot once; return how many were applied or rejected.
+
+        A flagged slot belongs to the shard until it clears the flag (the client writes a
+        slot only when its flag is clear), so the gradient is read in place: no copy, and
+        the other clients' pushes are not held up while it is applied."""
+        done = 0
+        for _, slot, _ in self.slots:
+            kind = self._flags.read(slot + FLAG)
+            if not kind:
+                continue
+            done += 1
+            self.iw.win.Sync()           # the client's data, Put before its flag
+            _, fetched, off, n = (int(v) for v in self.iw.view(slot, 4, np.int64))
+            self._apply(self.iw.view(slot + HEADER, n, np.float32), fetched, off,
+                        kind == UPDATE)
+            self._flags.swap(slot + FLAG, 0)
+        return done
+
+    def _apply(self, grad: np.ndarray, fetched: int, off: int = 0,
+               update: bool = False) -> None:
+        """Apply one push (to elements off:off+len(grad)) as one update, or reject it whole
+        if it holds NaN/Inf.  ``update``: grad is the step itself (params += grad)."""
+        if not all_finite(grad):
+            self.rejected += 1  # parameters unchanged
+            return
+        n = len(grad)
+        if update:
+            delta, sign = grad, 1
+        else:
+            delta, sign = self._delta[:n], -1
+            self.opt.delta(grad, delta, off)    # outside the lock that fetches wait on
+        with self.seq.writing() as before:
+            if sign > 0:
+                self.params[off:off + n] += delta
+            else:
+                self.params[off:off + n] -= delta
+        self.applied += 1
+        self.staleness[min(max(before - fetched, 0), len(self.staleness) - 1)] += 1
+
+    def ring(self) -> None:
+        """Take the bells rung since the last call (attend +1, release -1, fetch requests
+        queued for :meth:`serve`)."""
+        if self.bell is None:
+            return
+        from mpi4py import MPI
+        st = MPI.Status()
+        while self.bell.Iprobe(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=st):
+            src, tag = st.Get_source(), st.Get_tag()
+            self.bell.Recv(self._bell_buf, source=src, tag=tag)
+            if tag == BELL_FETCH:
+                self._fetches.append((src, *(int(v) for v in self._bell_buf)))
+                continue
+            before = self.attending
+            self.attending += 1 if tag == BELL_ATTEND else -1
+            if before == 0:
+                self._since = time.perf_counter()
+            elif self.attending == 0:
+                self.attended_s += time.perf_counter() - self._since
+
+    def _serve_fetches(self) -> None:
+        """Put each requested slice into its client's landing window, one version each."""
+        from mpi4py import MPI
+        if self._answers:
+            MPI.Request.Waitall(self._answers)   # small sends, long done
+            self._answers = []
+        if not self._fetches:
+            return
+        t = time.perf_counter()
+        win = self.landing.win
+        with self.seq.mutex():               # no direct writer changes the slice meanwhile
+            version = np.array([self.version], dtype=np.int64)
+            settle([win.Rput(self.params[off:off + n], client, target=(4 * there, n, MPI.FLOAT))
+                    for client, off, there, n in self._fetches])
+            for client in {f[0] for f in self._fetches}:
+                win.Flush(client)
+        for client in {f[0] for f in self._fetches}:
+            self._answers.append(self.bell.Isend(version, dest=client, tag=BELL_FETCHED))
+        self.fetches_served += len(self._fetches)
+        self._fetches = []
+        self.attended_s += time.perf_counter() - t
+
+    def serve(self) -> int:
+        """One round of a shard's duties towards its clients: bells, the inbox, then the
+        fetches asked for (after the pushes that came before them).  Returns the pushes
+        applied (or rejected)."""
+        self.ring()
+        done = self.poll()
+        self._serve_fetches()
+        return done
+
+    def pause(self, busy: bool, backoff) -> None:
+        """Between rounds: keep calling MPI while a client is inside an access (yielding
+        the core to whoever else is runnable), else nap longer the longer nothing comes."""
+        if self.attending:
+            # drive progress with the cheapest MPI call until the next bell (a release, or
+            # a fetch to serve); the inbox is looked at between bursts
+            from mpi4py import MPI
+            for _ in range(200):
+                if self.bell.Iprobe(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG):
+                    break
+                os.sched_yield()
+            backoff.busy()
+        elif busy:
+            backoff.busy()
+        else:
+            backoff.idle()
+
+    def snapshot(self):
+        """(params copy, optimizer state copies, version), consistent with each other."""
+        with self.seq.mutex():
+            if self.direct:
+                self.applied = self.version - self._version0
+            return (self.params.copy(), {k: v.copy() for k, v in self.opt.state.items()},
+                    self.version)
+
+    def restore(self, params, state, version):
+        with self.seq.mutex():
+            self.params[:] = params
+            for k, v in state.items():
+                if k in self.opt.state:
+                    self.opt.state[k][:] = v
+            self.seq.a.swap(VERSION, 2 * version)
+            self._version0 = version
