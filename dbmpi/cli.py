@@ -205,5 +205,9 @@ def main(argv=None) -> int:
     except ValueError as e:  # a layer that cannot take its input, a bad batch size
         code, msg = EXIT_USAGE, str(e)
     if say:
-        print(f"dbmpi: error: {msg}", file=sys.stderr)
+        print(f"dbmpi: error: {msg}", file=sys.stderr, flush=True)
+    elif mpi_size_from_env() > 1:
+        # every rank reaches this verdict without MPI; an MPI launcher that ends the job at
+        # the first non-zero exit (Open MPI's) must not end it before rank 0 has said why
+        time.sleep(1.0)
     return code

@@ -63,6 +63,28 @@ def peaks_by_role(peaks, cfg) -> dict:
     return out
 
 
+# environment variables that choose a transport, reported in summary.json where set
+_TRANSPORT_VARS = ("DBMPI_TRANSPORT", "MPIR_CVAR_NOLOCAL", "MPIR_CVAR_CH4_NETMOD", "UCX_TLS",
+                   "UCX_NET_DEVICES", "FI_PROVIDER", "OMPI_MCA_pml", "OMPI_MCA_btl",
+                   "OMPI_MCA_osc", "OMPI_MCA_mtl")
+
+
+def mpi_facts(world) -> dict:
+    """Collective: which MPI library the job runs on (its version line), what it says of its
+    transport, and how many nodes the job spans (shared-memory groups, as MPI sees them)."""
+    import os
+    from mpi4py import MPI
+    lines = MPI.Get_library_version().replace("\x00", "").strip().splitlines()
+    device = [l.split(":", 1)[1].strip() for l in lines if l.startswith("MPICH Device:")]
+    node = world.Split_type(MPI.COMM_TYPE_SHARED)
+    nodes = world.allreduce(int(node.Get_rank() == 0))
+    node.Free()
+    transport = {"settings": {k: os.environ[k] for k in _TRANSPORT_VARS if k in os.environ}}
+    if device:
+        transport["device"] = device[0]
+    return {"mpi": lines[0].strip(), "transport": transport, "nodes": nodes}
+
+
 def train_mpi(cfg, net, resume, out, quiet=False, guard=None, agree_out=False) -> int:
     import faulthandler
     from mpi4py import MPI
@@ -73,8 +95,9 @@ def train_mpi(cfg, net, resume, out, quiet=False, guard=None, agree_out=False) -
     if size != need:
         if rank == 0:
             print(f"dbmpi: error: this config needs {need} ranks ({_explain(cfg)}) but the job "
-                  f"has {size}: launch it with `mpiexec -n {need} ...`", file=sys.stderr)
-        return 2
+                  f"has {size}: launch it with `mpiexec -n {need} ...`", file=sys.stderr,
+                  flush=True)
+        return _leave(world, 2)
     if agree_out:
         out = world.bcast(out, root=0)
     bad = None
@@ -87,12 +110,13 @@ def train_mpi(cfg, net, resume, out, quiet=False, guard=None, agree_out=False) -
     bad = world.bcast(bad, root=0)
     if bad is not None:
         if rank == 0:
-            print(f"dbmpi: error: {bad}", file=sys.stderr)
+            print(f"dbmpi: error: {bad}", file=sys.stderr, flush=True)
         if guard:
             guard.clean_exit()
-        return 2
+        return _leave(world, 2)
     algo = cfg["optimizer"]["algorithm"]
     from .topology import Topology
+    facts = mpi_facts(world)
     topo = Topology.split(world, cfg)
     try:
         _arm_fault(cfg, rank)
@@ -113,7 +137,8 @@ def train_mpi(cfg, net, resume, out, quiet=False, guard=None, agree_out=False) -
         peaks = world.gather(peak_rss_mb(), root=0)
         if summary is not None:     # rank 0 wrote it
             summary["peak_rss_mb"] = peaks_by_role(peaks, cfg)
-            add_to_summary(out, {"peak_rss_mb": summary["peak_rss_mb"]})
+            summary.update(facts)
+            add_to_summary(out, {"peak_rss_mb": summary["peak_rss_mb"], **facts})
     except BaseException as e:  # noqa: BLE001 - any failure must end the whole job
         print(f"dbmpi: error on rank {rank} ({topo.describe()}): {type(e).__name__}: {e}",
               file=sys.stderr, flush=True)
@@ -126,12 +151,24 @@ def train_mpi(cfg, net, resume, out, quiet=False, guard=None, agree_out=False) -
     if summary is not None:
         print(json.dumps({"run_dir": str(out), **{k: v for k, v in summary.items()
                                                    if k not in ("replicas", "shards",
-                                                                "peak_rss_mb")}}))
+                                                                "peak_rss_mb")}}), flush=True)
+    code = 0
     if reason == "diverged":
         if rank == 0:
             print("dbmpi: error: training diverged (non-finite gradients or loss); the "
                   "parameters in the checkpoint are the last finite ones; try a smaller "
                   f"optimizer.learning_rate than {cfg['optimizer']['learning_rate']}",
-                  file=sys.stderr)
-        return 3
-    return EXIT_PREEMPTED if reason == "preempted" else 0
+                  file=sys.stderr, flush=True)
+        code = 3
+    elif reason == "preempted":
+        code = EXIT_PREEMPTED
+    return _leave(world, code)
+
+
+def _leave(world, code: int) -> int:
+    """Every rank reached the same verdict: end MPI together, so that `python -m mpi4py`
+    does not turn a non-zero exit into MPI_Abort (which Open MPI reports as a crash)."""
+    from mpi4py import MPI
+    world.Barrier()            # rank 0's message is out before any rank ends
+    MPI.Finalize()
+    return code

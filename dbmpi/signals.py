@@ -86,8 +86,13 @@ class Guard:
 
     @staticmethod
     def _watch(pid, r, rank, role):
+        def forward(signum, frame):
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass                     # my rank has ended; its code decides mine
         for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT):
-            signal.signal(s, lambda signum, frame: os.kill(pid, signum))
+            signal.signal(s, forward)
         while True:
             try:
                 _, status = os.waitpid(pid, 0)

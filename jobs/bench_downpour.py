@@ -4,8 +4,11 @@
 Downpour benchmark, all runs in one invocation: a replica's step time with and without the
 parameter server (n_fetch = n_push = 1, every parameter fetched and pushed every step), and
 the samples/s of 1 and 2 replicas, for each update rule: plain SGD (replicas apply their
-pushes to the shards themselves with MPI Accumulate) and Adagrad (pushes go to the shard's
-inbox and the shard applies them with its accumulators).  The model is fully connected,
+pushes to the shards themselves with MPI Accumulate where the transport carries RMA without
+the shard, else through the inbox) and Adagrad (pushes go to the shard's inbox and the shard
+applies them with its accumulators).  First, the physical limit on the same transport: a raw
+MPI Put and Get of the model's bytes (jobs/raw_rma.py), and the ratios fetch/Get and
+push/Put.  DBMPI_TRANSPORT=tcp runs it all with every message over TCP.  The model is fully connected,
 5.25M parameters (1024 -> 2560 -> 1024 -> 10), batch 128, on synthetic 32x32 digits.  The
 coordinator and the shard ranks share the cores with the replicas (on this 2-core machine:
 3 and 4 ranks).  Launcher: MPIEXEC (default: the mpiexec beside this Python).
@@ -53,7 +56,11 @@ def main():
     p.add_argument("--optimizers", default="sgd,adagrad")
     args = p.parse_args()
     args.data = args.data or str(S.ensure_data("synth32"))
-    print(f"batch {args.batch}, {args.steps} steps per replica, n_fetch = n_push = 1")
+    print(f"batch {args.batch}, {args.steps} steps per replica, n_fetch = n_push = 1; "
+          f"DBMPI_TRANSPORT={S.ENV.get('DBMPI_TRANSPORT', '') or '(default)'}")
+    raw = raw_transfers(num_params())
+    print(f"raw MPI on this transport, {raw['floats'] * 4 / 1e6:.1f} MB: Put "
+          f"{raw['put_ms']:.2f} ms, Get {raw['get_ms']:.2f} ms (median of {raw['repeats']})")
     for opt in args.optimizers.split(","):
         ada = opt == "adagrad"
         with tempfile.TemporaryDirectory() as tmp:
@@ -61,10 +68,29 @@ def main():
                                          ada), Path(tmp), name)
                     for name, algo, reps in [("alone", "sgd", 1), ("one", "downpour", 1),
                                              ("two", "downpour", 2)]}
-        report(opt, runs, args.steps)
+        report(opt, runs, args.steps, raw)
 
 
-def report(opt, runs, steps):
+def num_params() -> int:
+    import tomllib
+    from dbmpi.config import parse
+    from dbmpi.model import build
+    return build(parse(tomllib.loads(MODEL))["model"]).num_params
+
+
+def raw_transfers(floats: int) -> dict:
+    """Median raw Put and Get of ``floats`` float32 (jobs/raw_rma.py, 3 ranks)."""
+    import json
+    import subprocess
+    cmd = S.mpiexec() + ["-n", "3", S.PY, str(Path(__file__).parent / "raw_rma.py"),
+                         str(floats)]
+    r = subprocess.run(cmd, env=S.ENV, capture_output=True, text=True, timeout=300)
+    if r.returncode != 0:
+        raise RuntimeError(f"raw_rma.py failed ({r.returncode}):\n{r.stderr[-2000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def report(opt, runs, steps, raw):
     alone, one, two = runs["alone"], runs["one"], runs["two"]
     step_alone = alone["wall_time_s"] / alone["steps"]
     r1 = one["replicas"][0]
@@ -74,7 +100,13 @@ def report(opt, runs, steps):
     print(f"step with parameter server (1 replica, 1 shard):  {r1['step_s'] * 1e3:8.1f} ms "
           f"(fetch {r1['fetch_s'] / steps * 1e3:.1f} ms, push "
           f"{r1['push_s'] / steps * 1e3:.1f} ms per step)")
+    fetch, push = r1['fetch_s'] / steps, r1['push_s'] / steps
+    get, put = raw['get_ms'] / 1e3, raw['put_ms'] / 1e3
     print(f"  ratio with/without:                             {r1['step_s'] / step_alone:8.3f}x")
+    print(f"  fetch / raw Get:                                {fetch / get:8.3f}x")
+    print(f"  push / raw Put:                                 {push / put:8.3f}x")
+    print(f"  step with / (step without + raw Get + raw Put): "
+          f"{r1['step_s'] / (step_alone + get + put):8.3f}x")
     print(f"samples/s, 1 replica (3 ranks):                   {one['samples_per_s']:8.1f}")
     print(f"samples/s, 2 replicas (4 ranks):                  {two['samples_per_s']:8.1f}")
     print(f"  ratio 2/1 replicas:                             "
@@ -86,7 +118,8 @@ def report(opt, runs, steps):
               f"{rep['compute_s'] / rep['steps'] * 1e3:.1f} ms)")
     print(f"pushes sent/applied (2 replicas): {two['pushes_sent']}/{two['pushes_applied']}, "
           f"mean staleness {two['staleness_mean']:.2f}, shard CPU "
-          f"{two['shards'][0]['cpu_fraction']:.0%} of a core")
+          f"{two['shards'][0]['cpu_fraction']:.0%} of a core; attended client-shard pairs "
+          f"{two['config']['attended_pairs']}")
 
 
 if __name__ == "__main__":

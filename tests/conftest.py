@@ -41,6 +41,21 @@ def run_cli(*args, timeout=120, env=None, cwd=ROOT):
 MPIEXEC = str(Path(sys.executable).parent / "mpiexec")
 
 
+def _launcher() -> str:
+    try:
+        v = subprocess.run([MPIEXEC, "--version"], capture_output=True, text=True,
+                           timeout=60).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return "openmpi" if ("Open MPI" in v or "prterun" in v or "PRRTE" in v) else "mpich"
+
+
+LAUNCHER = _launcher()
+# what a scheduler sends the launcher to preempt a job: Hydra (MPICH) forwards SIGTERM to
+# every rank; Open MPI's prterun ends the job on SIGTERM and forwards SIGUSR1
+PREEMPT_SIGNAL = "SIGUSR1" if LAUNCHER == "openmpi" else "SIGTERM"
+
+
 def run_mpi(n, *args, timeout=120, module=True):
     """``mpiexec -n N python -m mpi4py [-m dbmpi] ARGS`` under a timeout; the whole process
     group is killed if it runs over, so a hang fails the test instead of the suite."""

@@ -108,7 +108,7 @@ def main():
                 "pushes_rejected": (sum(m["rejected"] for m in snaps)
                                     + sum(d["rejected"] for d in done)),
                 "nan_pushes": sum(d["nans"] for d in done) * S,
-                "attended_pairs": ps.attended_pairs}))
+                "attended_pairs": ps.pairs["attended"]}))
     ps.free()
 
 

@@ -272,7 +272,7 @@ class _Coordinator:
     def __init__(self, topo, cfg, net, ps, run, quiet, resume):
         self.topo, self.cfg, self.net, self.client = topo, cfg, net, ps.client
         self.layout, self.run = ps.layout, run
-        self.attended_pairs = ps.attended_pairs
+        self.pairs = ps.pairs
         self.evaluate = Evaluator(net, cfg["data"]["path"])
         self.say = Progress(enabled=not quiet)
         self.theta = self.client.theta      # fetches land here (MPI memory)
@@ -413,7 +413,8 @@ class _Coordinator:
                        "n_fetch": o["n_fetch"], "n_push": o["n_push"],
                        "adagrad": o["adagrad"], "batch_size": o["batch_size"],
                        "pushes": "direct" if direct_pushes(self.cfg) else "inbox",
-                       "attended_pairs": self.attended_pairs},
+                       "attended_pairs": self.pairs["attended"]},
+            "ps_pairs": self.pairs,
         }
 
 

@@ -636,6 +636,7 @@ def run_sandblaster(topo, cfg, net, out, resume=None, quiet=False):
                     "num_params": net.num_params,
                     "pushes_sent": sum(x["pushes_sent"] for x in reps),
                     "pushes_applied": co.pushes_applied,
+                    "ps_pairs": ps.pairs,
                     "replicas": reps,
                 }
                 run.write_summary(summary)

@@ -29,7 +29,10 @@ class PSSetup:
         self.direct_lr = direct_lr
         comm = topo.rma
         attended = probe_progress(comm, topo.shard_ranks, progress)
-        self.attended_pairs = sum(len(a) for a in attended)
+        n_att = sum(len(a) for a in attended)
+        # every (non-shard rank, shard) pair, by the way it is reached (summary.json)
+        self.pairs = {"passive": (comm.Get_size() - topo.shards) * topo.shards - n_att,
+                      "attended": n_att}
         # client replica x P + partition pushes its partition's slice through shard s's
         # inbox, unless it applies its pushes there itself (passive, plain SGD): (0, 0)
         P = topo.partitions
