@@ -57,8 +57,8 @@ def make_shard(topo, cfg, net, ps, resume=None):
     opt = make_optimizer(cfg["optimizer"], hi - lo)
     init = layout.init_range(net, cfg["optimizer"]["seed"], lo, hi)    # my range alone
     server = ShardServer(ps.pw[s], ps.iw[s], topo.shard_ranks[s], lo, hi, ps.slot_ranges[s],
-                         opt, init, bell=ps.bell, landing=ps.landing,
-                         direct=direct_pushes(cfg))
+                         opt, init, bell=ps.bell if ps.rung[s] else None,
+                         landing=ps.landing, direct=direct_pushes(cfg))
     if resume is not None:
         server.restore(layout.take(resume["params"], lo, hi),
                        {k: layout.take(v, lo, hi) for k, v in resume["state"].items()},

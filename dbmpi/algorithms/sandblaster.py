@@ -165,7 +165,8 @@ def _make_shard(topo, cfg, net, ps):
     init = ps.layout.init_range(net, cfg["optimizer"]["seed"], lo, hi)    # my range alone
     return SandblasterShard(ps.pw[s], ps.iw[s], topo.shard_ranks[s], lo, hi,
                             ps.slot_ranges[s], cfg["optimizer"]["lbfgs_history"],
-                            init.astype(np.float64), ps.bell, ps.landing)
+                            init.astype(np.float64), ps.bell if ps.rung[s] else None,
+                            ps.landing)
 
 
 def _serve_shard(topo, shard):

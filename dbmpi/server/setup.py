@@ -30,6 +30,8 @@ class PSSetup:
         comm = topo.rma
         attended = probe_progress(comm, topo.shard_ranks, progress)
         n_att = sum(len(a) for a in attended)
+        # per shard: whether any client attends it (a shard nobody rings never looks)
+        self.rung = [any(s in a for a in attended) for s in range(topo.shards)]
         # every (non-shard rank, shard) pair, by the way it is reached (summary.json)
         self.pairs = {"passive": (comm.Get_size() - topo.shards) * topo.shards - n_att,
                       "attended": n_att}

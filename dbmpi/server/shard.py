@@ -49,7 +49,8 @@ class ShardServer:
     init : float32, length hi - lo
     bell : communicator on which attended clients ring (None: nobody rings)
     landing : the clients' landing window (attended fetches are Put there)
-    direct : clients may also update the params window themselves (version counts them)
+    direct : clients may also update the params window themselves (version counts them;
+        the writers then take the seqlock's mutex)
     """
 
     def __init__(self, params_win: Window, inbox_win: Window, rank: int, lo: int, hi: int,
@@ -79,7 +80,8 @@ class ShardServer:
         self._since = 0.0
         self.pw.lock_all()        # for my own atomics (seqlock, slot flags)
         self.iw.lock_all()
-        self.seq = SeqLock(self.pw, rank, rank + 1)
+        # the only writer of my parameters unless clients push directly: no writer mutex
+        self.seq = SeqLock(self.pw, rank, rank + 1, solo=not direct)
         self._flags = Atomics(self.iw, rank)
         self.landing = landing
         if landing is not None:
@@ -101,12 +103,17 @@ class ShardServer:
         slot only when its flag is clear), so the gradient is read in place: no copy, and
         the other clients' pushes are not held up while it is applied."""
         done = 0
+        if not self.slots:
+            return 0
+        # my own flags by plain loads (Win.Sync: see what clients' atomics wrote): an MPI
+        # atomic here, polled this often, would queue behind the clients' atomics (MPICH
+        # serialises a window's atomics through one mutex in shared memory)
+        self.iw.win.Sync()
         for _, slot, _ in self.slots:
-            kind = self._flags.read(slot + FLAG)
+            kind = int(self.iw.view(slot + FLAG, 1, np.int64)[0])
             if not kind:
                 continue
             done += 1
-            self.iw.win.Sync()           # the client's data, Put before its flag
             _, fetched, off, n = (int(v) for v in self.iw.view(slot, 4, np.int64))
             self._apply(self.iw.view(slot + HEADER, n, np.float32), fetched, off,
                         kind == UPDATE)
