@@ -70,7 +70,7 @@ def serve_shard(topo, server):
     """Apply pushes and answer the coordinator until it says FINISH."""
     from mpi4py import MPI
     s = topo.index
-    ctrl, backoff, st = topo.ctrl, Backoff(), MPI.Status()
+    ctrl, backoff, st = topo.ctrl, server.backoff(), MPI.Status()
     cpu0, idle_s = time.process_time(), 0.0
     seen, warned = (0, 0), False
     while True:

@@ -171,7 +171,7 @@ def _make_shard(topo, cfg, net, ps):
 
 def _serve_shard(topo, shard):
     from mpi4py import MPI
-    ctrl, st, backoff = topo.ctrl, MPI.Status(), Backoff(lo=5e-5, hi=1e-3)
+    ctrl, st, backoff = topo.ctrl, MPI.Status(), shard.backoff(lo=5e-5, hi=1e-3)
     while True:
         busy = shard.serve()
         if ctrl.Iprobe(source=0, tag=TAG_CMD, status=st):

@@ -83,7 +83,7 @@ class PSClient:
         self.push_attempts = 0
         self.rejected = 0             # direct pushes holding NaN/Inf, dropped here
         self.staleness = np.zeros(max_staleness_bins, dtype=np.int64)   # of direct pushes
-        self._meta = np.zeros(3, dtype=np.int64)
+        self._meta = {s: np.zeros(3, dtype=np.int64) for s, *_ in self.parts}
         self._scaled = None
         self._bell = np.zeros(3, dtype=np.int64)
         self._asks = {s: np.zeros(3, dtype=np.int64) for s in self.attended}
@@ -160,44 +160,57 @@ class PSClient:
                 self._scaled = np.empty(self.hi - self.lo, dtype=np.float32)
             send, update = self._scaled, True
             np.multiply(acc, np.float32(-self.direct_lr), out=send)
+        kind = UPDATE if update else GRADIENT
+        if self.direct_lr is None and len(self.slot) < len(self.parts):
+            raise RuntimeError(f"client {self.client} has no inbox slot at some of its shards "
+                               "and pushes no direct updates")
         taken = []
         with self._attend([p[0] for p in self.parts]):
+            inbox = [p for p in self.parts if p[0] in self.slot]
+            for s, off, mine, n in self._push_inbox(inbox, send, kind):
+                taken.append((mine, n))
             for s, off, mine, n in self.parts:
-                part = send[mine:mine + n]
-                self.push_attempts += 1
-                if s in self.slot:
-                    ok = self._push_inbox(s, off, part, UPDATE if update else GRADIENT)
-                elif not update:
-                    raise RuntimeError(f"client {self.client} has no inbox slot at shard "
-                                       f"{s} and pushes no direct updates")
-                else:
-                    ok = self._push_direct(s, off, part, finite)
-                if ok:
+                if s not in self.slot and self._push_direct(s, off, send[mine:mine + n],
+                                                            finite):
                     taken.append((mine, n))
-                    self.pushes_sent += 1
+        self.push_attempts += len(self.parts)
+        self.pushes_sent += len(taken)
         if len(taken) == len(self.parts):
             return True
         for mine, n in taken:
             acc[mine:mine + n] = 0
         return False
 
-    def _push_inbox(self, s: int, off: int, part: np.ndarray, kind: int) -> bool:
-        """Hand ``part`` over through my slot at shard s, if the shard has emptied it."""
-        MPI = _mpi()
-        flags, slot, rank, win = self._flags[s], self.slot[s], self.shard_ranks[s], self.iw[s].win
-        if flags.read(slot + FLAG):
-            return False                   # the shard has not taken my previous push yet
-        n = len(part)
-        self._meta[:] = (self.fetched_version[s], off, n)
-        reqs = [win.Rput(part, rank, target=(slot + HEADER, n, MPI.FLOAT)),
-                win.Rput(self._meta, rank, target=(slot + 8, 3, MPI.INT64_T))]
-        if s in self.attended:
-            settle(reqs)                   # sent, yielding the core meanwhile
+    def _settle(self, reqs, shards) -> None:
+        """Wait for ``reqs`` (to ``shards``): yielding the core if any shard is attended."""
+        if any(s in self.attended for s in shards):
+            settle(reqs)
         else:
-            MPI.Request.Waitall(reqs)
-        win.Flush(rank)                    # the data lands before the flag that hands it over
-        flags.swap(slot + FLAG, kind)
-        return True
+            _mpi().Request.Waitall(reqs)
+
+    def _push_inbox(self, parts, send: np.ndarray, kind: int):
+        """Hand each part over through my slot at its shard, where the shard has emptied
+        it; every step goes to all the shards at once (three rounds, not three a shard).
+        Returns the parts taken."""
+        if not parts:
+            return []
+        MPI = _mpi()
+        shards = [p[0] for p in parts]
+        self._settle([self._flags[s].start(self.slot[s] + FLAG, 0, MPI.NO_OP)
+                      for s in shards], shards)
+        free = [p for p in parts if not self._flags[p[0]].result()]   # else not taken yet
+        reqs = []
+        for s, off, mine, n in free:
+            rank, win, slot = self.shard_ranks[s], self.iw[s].win, self.slot[s]
+            self._meta[s][:] = (self.fetched_version[s], off, n)
+            reqs += [win.Rput(send[mine:mine + n], rank, target=(slot + HEADER, n, MPI.FLOAT)),
+                     win.Rput(self._meta[s], rank, target=(slot + 8, 3, MPI.INT64_T))]
+        self._settle(reqs, shards)
+        for s, *_ in free:                 # the data lands before the flag that hands it over
+            self.iw[s].win.Flush(self.shard_ranks[s])
+        self._settle([self._flags[s].start(self.slot[s] + FLAG, kind, MPI.REPLACE)
+                      for s, *_ in free], shards)
+        return free
 
     def _push_direct(self, s: int, off: int, delta: np.ndarray, finite: bool) -> bool:
         """Add ``delta`` (-lr x gradient) to shard s's parameters myself, inside its

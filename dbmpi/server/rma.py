@@ -101,6 +101,16 @@ class Atomics:
             self.w.win.Flush(self.rank)
         return int(self._res[0])
 
+    def start(self, disp: int, value: int, op):
+        """Issue ``op(value)`` at byte ``disp``; returns the request, after which
+        :meth:`result` is the value before."""
+        self._arg[0] = value
+        return self.w.win.Rget_accumulate(self._arg, self._res, self.rank,
+                                          target=(disp, 1, _mpi().INT64_T), op=op)
+
+    def result(self) -> int:
+        return int(self._res[0])
+
     def read(self, disp: int) -> int:
         return self.fetch_op(disp, 0, _mpi().NO_OP)
 
