@@ -58,10 +58,11 @@ def main():
     args.data = args.data or str(S.ensure_data("synth32"))
     print(f"batch {args.batch}, {args.steps} steps per replica, n_fetch = n_push = 1; "
           f"DBMPI_TRANSPORT={S.ENV.get('DBMPI_TRANSPORT', '') or '(default)'}")
-    raw = raw_transfers(num_params())
-    print(f"raw MPI on this transport, {raw['floats'] * 4 / 1e6:.1f} MB: Put "
-          f"{raw['put_ms']:.2f} ms, Get {raw['get_ms']:.2f} ms (median of {raw['repeats']})")
+    n = num_params()
     for opt in args.optimizers.split(","):
+        raw = raw_transfers(n)    # just before the runs it is compared with: the load drifts
+        print(f"\nraw MPI on this transport, {raw['floats'] * 4 / 1e6:.1f} MB: Put "
+              f"{raw['put_ms']:.2f} ms, Get {raw['get_ms']:.2f} ms (median of {raw['repeats']})")
         ada = opt == "adagrad"
         with tempfile.TemporaryDirectory() as tmp:
             runs = {name: S.train(config(args.data, algo, reps, 1, args.steps, args.batch,
@@ -94,7 +95,7 @@ def report(opt, runs, steps, raw):
     alone, one, two = runs["alone"], runs["one"], runs["two"]
     step_alone = alone["wall_time_s"] / alone["steps"]
     r1 = one["replicas"][0]
-    print(f"\n{opt} ({two['config']['pushes']} pushes), model "
+    print(f"{opt} ({two['config']['pushes']} pushes), model "
           f"{alone['num_params'] / 1e6:.2f}M parameters")
     print(f"step without parameter server (sgd, 1 rank):     {step_alone * 1e3:8.1f} ms")
     print(f"step with parameter server (1 replica, 1 shard):  {r1['step_s'] * 1e3:8.1f} ms "
