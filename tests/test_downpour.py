@@ -107,3 +107,47 @@ def test_inbox_slots_hold_each_clients_overlap_only():
     slots, total = inbox_slots((0, 50), clients)  # partition 1 never pushes here
     assert [n for _, n in slots] == [50, 0, 50, 0] and total == 2 * (HEADER + 200)
     assert inbox_slots((0, 50), []) == ([], 0)    # direct pushes: no inbox at all
+
+
+def _two_hosts_unavailable():
+    from conftest import LAUNCHER
+    if LAUNCHER != "mpich":
+        return "the two-host launch goes through Hydra (MPICH's mpiexec)"
+    import netns_hosts
+    return netns_hosts.unavailable()
+
+
+@pytest.mark.skipif(bool(_two_hosts_unavailable()), reason=str(_two_hosts_unavailable()))
+def test_downpour_across_two_hosts(tmp_path, digits_path):
+    """The coordinator and shards on one host, the replicas on another (network namespaces,
+    TCP between them): MPI sees two nodes, replicas reach the shards by attended RMA, every
+    push is applied once and the job trains as on one node."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import netns_hosts
+    from conftest import MPIEXEC
+    out = tmp_path / "run"
+    with netns_hosts.hosts(2) as h:
+        cmd = [MPIEXEC, *h.hydra_args([3, 2]), "-genv", "UCX_TLS", "tcp,self", "-n", "5",
+               sys.executable, "-m", "mpi4py", "-m", "dbmpi", "train",
+               _cfg(tmp_path, digits_path), "--out", out, "--quiet",
+               "--set", "run.max_steps=1500"]
+        p = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            _, err = p.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            _, err = p.communicate()
+            raise AssertionError(f"the two-host job hung:\n{err[-3000:]}")
+    assert p.returncode == 0, err[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["nodes"] == 2, s["nodes"]
+    # replicas -> shards: TCP across the hosts; coordinator -> shards: MPICH's shared memory
+    # on host 1, unless DBMPI_TRANSPORT=tcp sends that over TCP too
+    local = 0 if os.environ.get("MPIR_CVAR_NOLOCAL") == "1" else 2
+    assert s["ps_pairs"] == {"passive": local, "attended": 6 - local}, s["ps_pairs"]
+    assert s["pushes_sent"] == s["pushes_applied"] > 0 and s["pushes_rejected"] == 0
+    assert s["final_test_accuracy"] >= 0.95, s["final_test_accuracy"]
