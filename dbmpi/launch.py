@@ -71,14 +71,13 @@ _TRANSPORT_VARS = ("DBMPI_TRANSPORT", "MPIR_CVAR_NOLOCAL", "MPIR_CVAR_CH4_NETMOD
 
 def mpi_facts(world) -> dict:
     """Collective: which MPI library the job runs on (its version line), what it says of its
-    transport, and how many nodes the job spans (shared-memory groups, as MPI sees them)."""
+    transport, and how many nodes the job spans (distinct processor names: MPI's shared-
+    memory groups would count every rank alone under MPICH's MPIR_CVAR_NOLOCAL)."""
     import os
     from mpi4py import MPI
     lines = MPI.Get_library_version().replace("\x00", "").strip().splitlines()
     device = [l.split(":", 1)[1].strip() for l in lines if l.startswith("MPICH Device:")]
-    node = world.Split_type(MPI.COMM_TYPE_SHARED)
-    nodes = world.allreduce(int(node.Get_rank() == 0))
-    node.Free()
+    nodes = len(set(world.allgather(MPI.Get_processor_name())))
     transport = {"settings": {k: os.environ[k] for k in _TRANSPORT_VARS if k in os.environ}}
     if device:
         transport["device"] = device[0]

@@ -1,6 +1,7 @@
 """Multi-rank tests of Downpour, the parameter server and sync; each under a timeout."""
 
 import json
+import os
 
 import pytest
 
@@ -38,6 +39,13 @@ def test_downpour_digits_two_replicas_two_shards(tmp_path, digits_path):
     assert s["pushes_sent"] == s["pushes_applied"] > 0 and s["pushes_rejected"] == 0
     assert sum(s["staleness_histogram"]) == s["pushes_applied"]
     assert len(s["replicas"]) == 2 and all(x["samples_per_s"] > 0 for x in s["replicas"])
+    # the MPI library, one node, and the path to each shard: probed, so MPICH's network
+    # module (DBMPI_TRANSPORT=tcp) is attended and shared memory is passive
+    from conftest import LAUNCHER
+    assert s["mpi"].startswith("MPICH" if LAUNCHER == "mpich" else "Open MPI"), s["mpi"]
+    assert s["nodes"] == 1 and "settings" in s["transport"]
+    tcp = LAUNCHER == "mpich" and os.environ.get("MPIR_CVAR_NOLOCAL") == "1"
+    assert s["ps_pairs"] == {"passive": 0 if tcp else 6, "attended": 6 if tcp else 0}
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert {l["replica"] for l in lines if l["kind"] == "train"} == {0, 1}
     assert any(l["kind"] == "eval" for l in lines)
