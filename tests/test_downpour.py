@@ -159,3 +159,12 @@ def test_downpour_across_two_hosts(tmp_path, digits_path):
     assert s["ps_pairs"] == {"passive": local, "attended": 6 - local}, s["ps_pairs"]
     assert s["pushes_sent"] == s["pushes_applied"] > 0 and s["pushes_rejected"] == 0
     assert s["final_test_accuracy"] >= 0.95, s["final_test_accuracy"]
+
+
+def test_raw_rma_baseline_reports_put_and_get():
+    """bench_downpour's physical limit: raw Put and Get of the same bytes, as JSON."""
+    r = run_mpi(3, ROOT / "jobs" / "raw_rma.py", 1000, 3, module=False, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["floats"] == 1000 and out["repeats"] == 3
+    assert out["put_ms"] > 0 and out["get_ms"] > 0

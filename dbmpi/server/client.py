@@ -98,12 +98,6 @@ class PSClient:
         self._flags = {s: Atomics(self.iw[s], shard_ranks[s], yielding=s in self.attended)
                        for s in self.slot}
 
-    @property
-    def paths(self) -> dict:
-        """How many of my shards I reach each way."""
-        att = sum(s in self.attended for s, *_ in self.parts)
-        return {"passive": len(self.parts) - att, "attended": att}
-
     @contextmanager
     def _attend(self, shards):
         """Ring the attended ones among ``shards`` for the length of the block (a push)."""
@@ -122,7 +116,6 @@ class PSClient:
     def fetch(self, out: np.ndarray | None = None) -> np.ndarray:
         """Read my slice of the parameters into :attr:`theta` (and copy it to ``out`` if
         given); each shard's part is one version of it.  Returns what was filled."""
-        from ..mpiwait import wait
         MPI = _mpi()
         theta = self.theta
         asked = [p for p in self.parts if p[0] in self.attended]
@@ -138,7 +131,7 @@ class PSClient:
                 self.fetched_version[s] = self._seq[s].read(
                     lambda: win.Get(theta[mine:mine + n], rank,
                                     target=(HEADER + 4 * off, n, MPI.FLOAT)))
-        wait(reqs, yield_s=1.0)               # drives my side of the shards' Puts
+        settle(reqs)                          # drives my side of the shards' Puts
         for s, *_ in asked:
             self.fetched_version[s] = int(self._answers[s][0])
         if out is not None and out is not theta:

@@ -114,6 +114,7 @@ class ShardServer:
             if not kind:
                 continue
             done += 1
+            self.iw.win.Sync()           # the data, Put and flushed before the flag was set
             _, fetched, off, n = (int(v) for v in self.iw.view(slot, 4, np.int64))
             self._apply(self.iw.view(slot + HEADER, n, np.float32), fetched, off,
                         kind == UPDATE)
