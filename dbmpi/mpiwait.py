@@ -1,6 +1,6 @@
 """Waiting on MPI requests without spinning a core.
 
-MPICH's blocking waits busy-poll (MPI-NOTES.md).  On an oversubscribed node (parameter
+MPICH's and Open MPI's blocking waits busy-poll a core.  On an oversubscribed node (parameter
 servers and a coordinator beside the partitions, or a laptop), a partition spinning in
 ``Waitall`` takes the core from the very peer it waits for.  :func:`wait` polls with
 ``Testall`` and yields the CPU between polls: ``sched_yield`` for the first milliseconds

@@ -32,7 +32,8 @@ DIVERGED_AFTER = 20
 
 
 def _poll_recv(comm, source, tag, backoff=None):
-    """A blocking receive that sleeps between probes instead of spinning (MPI-NOTES.md)."""
+    """A blocking receive that sleeps between probes instead of spinning (MPI's blocking
+    receives busy-poll a core)."""
     from mpi4py import MPI
     backoff = backoff or Backoff()
     st = MPI.Status()

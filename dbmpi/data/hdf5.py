@@ -1,6 +1,6 @@
 """HDF5 datasets: validation and batch reading.
 
-Format (DESIGN.md): groups ``train`` and ``test``, each with ``x`` (float32,
+Format (README, "Datasets"): groups ``train`` and ``test``, each with ``x`` (float32,
 ``(n, channels, height, width)``) and ``y`` (integer labels in ``[0, classes)``), and the
 file attributes ``classes`` and ``source``.
 """

@@ -1,4 +1,4 @@
-"""A network over one flat parameter vector: the Python API of DESIGN.md."""
+"""A network over one flat parameter vector: the Python API of the README."""
 
 from __future__ import annotations
 
