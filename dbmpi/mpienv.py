@@ -19,7 +19,7 @@ import shlex
 
 __all__ = ["launcher_env", "TRANSPORTS"]
 
-TRANSPORTS = ("", "shm", "tcp")
+TRANSPORTS = ("", "tcp")
 
 _ALWAYS = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "PRTE_MCA_rmaps_default_mapping_policy": ":oversubscribe",

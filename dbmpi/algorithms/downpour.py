@@ -15,10 +15,9 @@ import time
 import numpy as np
 
 from .. import aligned
-from ..mpiwait import wait
+from ..mpiwait import Backoff, wait
 from ..optim import all_finite, make_optimizer
 from ..rundir import RunDir, save_checkpoint
-from ..mpiwait import Backoff
 from ..server import PSSetup, ShardServer
 from .common import Batches, Evaluator, Progress, stop_for_time
 

@@ -1,11 +1,10 @@
 """The sharded parameter server over MPI one-sided RMA: primitives (:mod:`.rma`), the shard
 (:mod:`.shard`), the client (:mod:`.client`) and the collective start-up (:mod:`.setup`)."""
 
-from ..mpiwait import Backoff
 from .client import PSClient
 from .rma import HEADER, Window, inbox_slots, probe_progress
 from .setup import PSSetup
 from .shard import ShardServer
 
-__all__ = ["Backoff", "PSClient", "PSSetup", "ShardServer", "Window", "HEADER", "inbox_slots",
+__all__ = ["PSClient", "PSSetup", "ShardServer", "Window", "HEADER", "inbox_slots",
            "probe_progress"]

@@ -94,9 +94,10 @@ class PSClient:
                       else np.empty(self.hi - self.lo, dtype=np.float32))
         for w in list(params_wins) + list(inbox_wins):
             w.lock_all()
-        self._seq = {s: SeqLock(self.pw[s], shard_ranks[s], rank + 1) for s, *_ in self.parts}
-        self._flags = {s: Atomics(self.iw[s], shard_ranks[s], yielding=s in self.attended)
-                       for s in self.slot}
+        # the seqlocks of the shards I read and write myself (passive); slot flags
+        self._seq = {s: SeqLock(self.pw[s], shard_ranks[s], rank + 1) for s, *_ in self.parts
+                     if s not in self.attended}
+        self._flags = {s: Atomics(self.iw[s], shard_ranks[s]) for s in self.slot}
 
     @contextmanager
     def _attend(self, shards):

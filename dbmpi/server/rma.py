@@ -80,12 +80,12 @@ def settle(reqs) -> None:
 
 
 class Atomics:
-    """Single-int64 atomics on one window towards one target rank (needs ``Lock_all``).
-    ``yielding``: wait for them with :func:`settle` (attended targets) instead of a
-    blocking ``Flush``."""
+    """Single-int64 atomics on one window towards one target rank (needs ``Lock_all``):
+    blocking (``fetch_op`` and its shorthands), or started and waited for by the caller
+    (:meth:`start`, :meth:`result`)."""
 
-    def __init__(self, window: Window, rank: int, yielding: bool = False):
-        self.w, self.rank, self.yielding = window, rank, yielding
+    def __init__(self, window: Window, rank: int):
+        self.w, self.rank = window, rank
         self._arg = np.zeros(1, dtype=np.int64)
         self._cmp = np.zeros(1, dtype=np.int64)
         self._res = np.zeros(1, dtype=np.int64)
@@ -93,17 +93,14 @@ class Atomics:
     def fetch_op(self, disp: int, value: int, op) -> int:
         """The int64 at byte ``disp`` before ``op(value)`` was applied to it."""
         self._arg[0] = value
-        if self.yielding:     # Get_accumulate and Fetch_and_op are atomic with each other
-            settle([self.w.win.Rget_accumulate(self._arg, self._res, self.rank,
-                                               target=(disp, 1, _mpi().INT64_T), op=op)])
-        else:
-            self.w.win.Fetch_and_op(self._arg, self._res, self.rank, disp, op)
-            self.w.win.Flush(self.rank)
+        self.w.win.Fetch_and_op(self._arg, self._res, self.rank, disp, op)
+        self.w.win.Flush(self.rank)
         return int(self._res[0])
 
     def start(self, disp: int, value: int, op):
         """Issue ``op(value)`` at byte ``disp``; returns the request, after which
-        :meth:`result` is the value before."""
+        :meth:`result` is the value before (Get_accumulate and Fetch_and_op are atomic
+        with each other)."""
         self._arg[0] = value
         return self.w.win.Rget_accumulate(self._arg, self._res, self.rank,
                                           target=(disp, 1, _mpi().INT64_T), op=op)

@@ -26,7 +26,6 @@ class PSSetup:
         self.layout = Layout(net, topo.partitions) if topo.partitions > 1 else Identity(
             net.num_params)
         self.ranges = shard_ranges(net.num_params, topo.shards)
-        self.direct_lr = direct_lr
         comm = topo.rma
         attended = probe_progress(comm, topo.shard_ranks, progress)
         n_att = sum(len(a) for a in attended)

@@ -102,9 +102,9 @@ class ShardServer:
         A flagged slot belongs to the shard until it clears the flag (the client writes a
         slot only when its flag is clear), so the gradient is read in place: no copy, and
         the other clients' pushes are not held up while it is applied."""
-        done = 0
         if not self.slots:
             return 0
+        done = 0
         # my own flags by plain loads (Win.Sync: see what clients' atomics wrote): an MPI
         # atomic here, polled this often, would queue behind the clients' atomics (MPICH
         # serialises a window's atomics through one mutex in shared memory)
