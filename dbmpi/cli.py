@@ -167,7 +167,7 @@ def cmd_train(args) -> int:
     from .signals import Guard
     from .topology import describe, role_of
     rank = mpi_rank_from_env()
-    guard = Guard(rank, describe(*role_of(rank, cfg))) if size == need else None
+    guard = Guard(rank, describe(*role_of(rank, cfg)), size) if size == need else None
     return train_mpi(cfg, net, resume, out, quiet=args.quiet, guard=guard,
                      agree_out=not (args.out or args.resume))
 

@@ -139,8 +139,11 @@ def train_mpi(cfg, net, resume, out, quiet=False, guard=None, agree_out=False) -
             summary.update(facts)
             add_to_summary(out, {"peak_rss_mb": summary["peak_rss_mb"], **facts})
     except BaseException as e:  # noqa: BLE001 - any failure must end the whole job
-        print(f"dbmpi: error on rank {rank} ({topo.describe()}): {type(e).__name__}: {e}",
-              file=sys.stderr, flush=True)
+        line = f"dbmpi: error on rank {rank} ({topo.describe()}): {type(e).__name__}: {e}"
+        if guard:   # an MPI error most likely follows a peer's death: let that report go first
+            guard.report(line, consequence=isinstance(e, MPI.Exception))
+        else:
+            print(line, file=sys.stderr, flush=True)
         if guard:
             guard.error()
         world.Abort(1)

@@ -13,7 +13,8 @@ launcher connections (PMI socket, stdout/stderr) open, so the launcher notices n
 until the guard exits, and ``waitpid`` tells the guard exactly how its rank ended.  A rank
 that ends without saying "ok" or "error" first (killed, crashed) gets one line from its
 guard naming the rank, its role, pid, host and the signal; then the guard exits and the
-launcher ends the job.  The guard forwards signals (SIGTERM, SIGUSR1, SIGUSR2, SIGINT) to
+launcher ends the job.  Failures that a dead peer causes in other ranks (their MPI library
+crashes or raises) are held back (:meth:`Guard.report`), so the line names the first.  The guard forwards signals (SIGTERM, SIGUSR1, SIGUSR2, SIGINT) to
 its rank, and the rank dies with its guard (PR_SET_PDEATHSIG), so the launcher's cleanup
 reaches it.
 """
@@ -25,6 +26,7 @@ import os
 import signal
 import socket
 import sys
+import time
 
 __all__ = ["EXIT_PREEMPTED", "install_preemption", "preempted", "Guard"]
 
@@ -56,20 +58,55 @@ def _prctl(option, arg) -> None:
         pass  # not Linux: no death signal, no process name
 
 
+CRASH_GRACE_S = 2.0
+
+
+def _marker_path() -> str:
+    """A file name that the ranks of one job on one node share: the launcher's per-node
+    process (Hydra's proxy, Open MPI's daemon, slurmstepd) is every guard's parent; its pid
+    and start time name it uniquely."""
+    import tempfile
+    ppid = os.getppid()
+    try:
+        with open(f"/proc/{ppid}/stat") as f:
+            started = f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        started = "0"
+    return os.path.join(tempfile.gettempdir(), f"dbmpi-failed-{ppid}-{started}")
+
+
+def _sweep(mine: str) -> None:
+    """Remove the markers of jobs whose launcher process has ended."""
+    import glob
+    for path in glob.glob(os.path.join(os.path.dirname(mine), "dbmpi-failed-*")):
+        try:
+            if path != mine:
+                os.kill(int(path.rsplit("-", 2)[1]), 0)
+        except ProcessLookupError:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        except (OSError, ValueError):
+            pass
+
+
 class Guard:
     """Fork this rank into a guard (the parent, which never returns) and the MPI process.
 
-    Call in every rank before MPI is initialised; only the child returns, with a Guard on
-    which it calls :meth:`clean_exit` or :meth:`error` before it exits.
+    Call in every rank before MPI is initialised (``ranks``: the job's size); only the child
+    returns, with a Guard on which it calls :meth:`clean_exit` or :meth:`error` before it
+    exits.
     """
 
-    def __init__(self, rank: int, role: str):
+    def __init__(self, rank: int, role: str, ranks: int = 2):
         mpi = sys.modules.get("mpi4py.MPI")
         if mpi is not None and mpi.Is_initialized():
             raise RuntimeError("MPI was initialised before dbmpi's rank guard forked (a fork "
                                "after MPI_Init is undefined behaviour): start the job as "
                                "`mpiexec ... python -m mpi4py -m dbmpi train ...`, and import "
                                "nothing that imports mpi4py.MPI before it")
+        self.marker = _marker_path() if ranks > 1 else None
         r, w = os.pipe()
         parent = os.getpid()
         pid = os.fork()
@@ -84,8 +121,32 @@ class Guard:
         os.close(w)
         self._watch(pid, r, rank, role)
 
-    @staticmethod
-    def _watch(pid, r, rank, role):
+    def report(self, line: str, consequence: bool = True) -> None:
+        """Print a failure line to stderr, unless it is likely a consequence of another.
+
+        When one rank dies, the ranks that talk to it may crash in their MPI library (MPICH
+        over UCX asserts on a failed RMA completion) or get an MPI error.  A report of such a
+        failure (``consequence``) first waits :data:`CRASH_GRACE_S`, during which the launcher
+        kills this rank if an earlier death is already ending the job; and on one node only
+        the first report is printed (a marker file that the job's ranks there share).  So the
+        line a user sees names the failure that came first; a crash of its own still gets
+        its line, this much later.
+        """
+        if consequence:
+            time.sleep(CRASH_GRACE_S)
+        try:
+            if self.marker is None:
+                raise OSError("a job of one rank has no peer to defer to")
+            os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        except FileExistsError:
+            return                       # another rank on this node failed first
+        except OSError:
+            pass                         # no writable temporary directory: print anyway
+        else:
+            _sweep(self.marker)
+        print(line, file=sys.stderr, flush=True)
+
+    def _watch(self, pid, r, rank, role):
         def forward(signum, frame):
             try:
                 os.kill(pid, signum)
@@ -108,20 +169,19 @@ class Guard:
                 said += chunk
         except OSError:
             pass
+        who = f"dbmpi: error: rank {rank} ({role}, pid {pid}, host {socket.gethostname()})"
         if os.WIFSIGNALED(status):
             sig = os.WTERMSIG(status)
             code = 128 + sig
             if not said:
-                print(f"dbmpi: error: rank {rank} ({role}, pid {pid}, host "
-                      f"{socket.gethostname()}) was killed by {signal.Signals(sig).name}; MPI "
-                      "ends the whole job. Resume from the last checkpoint with `python -m "
-                      "dbmpi train --resume RUN_DIR`.", file=sys.stderr, flush=True)
+                # SIGKILL comes from outside (a user, the OOM killer), never from a dead peer
+                self.report(f"{who} was killed by {signal.Signals(sig).name}; MPI ends the "
+                            "whole job. Resume from the last checkpoint with `python -m "
+                            "dbmpi train --resume RUN_DIR`.", consequence=sig != signal.SIGKILL)
         else:
             code = os.WEXITSTATUS(status)
             if code and not said:
-                print(f"dbmpi: error: rank {rank} ({role}, pid {pid}, host "
-                      f"{socket.gethostname()}) exited with code {code} without a message",
-                      file=sys.stderr, flush=True)
+                self.report(f"{who} exited with code {code} without a message")
         os._exit(code)
 
     def _say(self, what: bytes) -> None:

@@ -226,20 +226,23 @@ def test_sandblaster_resume_follows_the_same_trajectory(tmp_path, digits_path, r
     np.testing.assert_allclose(pa, pb, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("rank,role", [(0, "coordinator"), (1, "parameter-server shard 0"),
-                                       (4, "replica 1, partition 0")])
-def test_sigkill_of_any_rank_ends_job_naming_it(tmp_path, digits_path, rank, role):
+@pytest.mark.parametrize("rank,role,sig", [
+    (0, "coordinator", "SIGKILL"), (1, "parameter-server shard 0", "SIGKILL"),
+    (4, "replica 1, partition 0", "SIGKILL"),
+    # a crash of its own is named too, after the grace that lets an earlier death go first
+    (3, "replica 0, partition 0", "SIGSEGV")])
+def test_death_of_any_rank_ends_job_naming_it(tmp_path, digits_path, rank, role, sig):
     out = tmp_path / "run"
     p = _popen_mpi(5, "train", _cfg(tmp_path, digits_path, "digits_downpour.toml"), "--out",
                    out, "--quiet", "--set", "run.max_steps=1000000")
     pids = _rank_pids(5, p.pid)
     time.sleep(3)
     t0 = time.time()
-    os.kill(pids[rank], signal.SIGKILL)
+    os.kill(pids[rank], getattr(signal, sig))
     _, err = _wait(p, 60)
     assert time.time() - t0 < 30 and p.returncode != 0
     assert f"dbmpi: error: rank {rank} ({role}, pid {pids[rank]}" in err, err[-2000:]
-    assert "was killed by SIGKILL" in err and err.count("dbmpi: error: rank") == 1
+    assert f"was killed by {sig}" in err and err.count("dbmpi: error: rank") == 1, err[-2000:]
 
 
 def test_exception_on_a_rank_ends_job_naming_it(tmp_path, digits_path):
