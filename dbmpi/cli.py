@@ -147,11 +147,11 @@ def prepare(args):
 
 def cmd_train(args) -> int:
     from .signals import EXIT_PREEMPTED, install_preemption
+    install_preemption()
     cfg, net, resume, out = prepare(args)
     algo = cfg["optimizer"]["algorithm"]
     need = ranks_needed(cfg)
     size = mpi_size_from_env()
-    install_preemption()
     if algo == "sgd" and need == 1 and size == 1:
         from .algorithms import train_sgd
         from .rundir import RunDir, add_to_summary, peak_rss_mb

@@ -9,7 +9,9 @@
   transport, or Open MPI's ob1 over its TCP BTL.  The test suite and the benchmarks run
   on it unchanged.
 
-``python -m dbmpi.mpienv`` prints the settings as ``export`` lines for a shell launcher.
+``python -m dbmpi.mpienv`` prints the settings as ``export`` lines for a shell launcher;
+``python -m dbmpi.mpienv --srun-mpi`` prints the ``srun --mpi`` plugin this Python's MPI
+speaks: ``pmix`` for Open MPI (whose ranks speak only PMIx), ``pmi2`` for the MPICH family.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import os
 import shlex
 
-__all__ = ["launcher_env", "TRANSPORTS"]
+__all__ = ["launcher_env", "srun_mpi", "TRANSPORTS"]
 
 TRANSPORTS = ("", "tcp")
 
@@ -51,6 +53,19 @@ def launcher_env(env=None) -> dict:
     return env
 
 
+def srun_mpi() -> str:
+    """The ``srun --mpi`` plugin for the MPI library under mpi4py (MPI is not initialised:
+    its library version may be asked before ``MPI_Init``)."""
+    import mpi4py
+    mpi4py.rc.initialize = False
+    from mpi4py import MPI
+    return "pmix" if "Open MPI" in MPI.Get_library_version() else "pmi2"
+
+
 if __name__ == "__main__":
-    for k, v in settings().items():
-        print(f"export {k}={shlex.quote(v)}")
+    import sys
+    if sys.argv[1:] == ["--srun-mpi"]:
+        print(srun_mpi())
+    else:
+        for k, v in settings().items():
+            print(f"export {k}={shlex.quote(v)}")

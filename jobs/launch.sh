@@ -12,6 +12,9 @@ cd "$(dirname "$0")/.."
 : "${MPIEXEC:=.venv/bin/mpiexec}"
 : "${MPIEXEC_ARGS:=}"
 [ $# -ge 1 ] || { sed -n '2,8p' "$0"; exit 2; }
+# a preemption signal before the launcher runs has no rank to reach: end as preempted (75)
+preempted=
+trap 'preempted=1' USR1 TERM
 config=$1
 shift
 sets=()
@@ -24,6 +27,10 @@ case "$data" in        # the jobs' own datasets are made where missing (data/mak
     [ -f "$data" ] || PYTHON="$PYTHON" bash data/make.sh "$(basename "$data" .h5)" ;;
 esac
 eval "$("$PYTHON" -m dbmpi.mpienv)"   # one BLAS thread a rank; Open MPI's settings; DBMPI_TRANSPORT
+if [ -n "$preempted" ]; then
+  echo "dbmpi: preempted before the ranks started; nothing to checkpoint" >&2
+  exit 75
+fi
 if [ "$ranks" = "1" ]; then
   exec "$PYTHON" -m dbmpi train "$config" "$@"
 fi

@@ -85,6 +85,27 @@ def test_warmstart_longer_than_the_run_does_not_hold_the_others(tmp_path, digits
     assert [len(p) for p in peaks["replicas"]] == [1, 1]
 
 
+def test_resume_from_inside_warmstart_does_not_hold_the_others(tmp_path, digits_path):
+    """A run stopped while replica 0 warmed up alone (a preemption soon after the start)
+    resumes with the others training too: they used to wait for a warm-up signal that the
+    resumed replica 0 never sent, until the time limit."""
+    out = tmp_path / "run"
+    r = run_mpi(5, "train", _cfg(tmp_path, digits_path), "--out", out, "--quiet",
+                "--set", "optimizer.warmstart_steps=100000000",
+                "--set", "run.max_steps=200000000", "--set", "run.max_time_s=2", timeout=90)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    first = [x["steps"] for x in s["replicas"]]
+    assert first[0] > 0 and first[1] == 0, first           # stopped inside the warmstart
+    r = run_mpi(5, "train", "--resume", out, "--quiet", "--set", "optimizer.warmstart_steps=10",
+                "--set", f"run.max_steps={first[0] + 300}", "--set", "run.max_time_s=120",
+                timeout=200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["stop_reason"] == "max_steps", s["stop_reason"]
+    assert [x["steps"] for x in s["replicas"]] == [first[0] + 300] * 2
+
+
 def test_wrong_rank_count_says_which(tmp_path, digits_path):
     r = run_mpi(3, "train", _cfg(tmp_path, digits_path), "--quiet", timeout=60)
     assert r.returncode != 0

@@ -169,7 +169,11 @@ def _run_replica(topo, cfg, net, client, resume=None):
     lr = np.float32(o["learning_rate"])
     direct = client.direct_lr is not None
     scratch = None if direct else aligned.empty(size)    # the local update's, inbox mode
-    warm = o["warmstart_steps"] if step0 == 0 else 0   # a resumed run is warm already
+    # warmstart: replica 0 trains alone for its first steps; a run resumed before it was
+    # through (preempted early) goes on with it, or every other replica would wait forever
+    warm = min(o["warmstart_steps"], r["max_steps"])
+    if int(c.get("replica0_step", 0)) >= warm:
+        warm = 0
     stopped = 0
     if warm and rep != 0:
         if lead:   # wait for the coordinator's go (or a stop) without spinning

@@ -1,0 +1,170 @@
+"""The batch scripts under a real Slurm (tests/slurm_cluster.py starts a one-node one):
+jobs run to completion through srun and through mpirun, a time limit and a scancel
+checkpoint, requeue and resume, a killed rank ends the job once, and a study runs inside
+an allocation.  Each job runs with this test run's Python, so its MPI (MPICH or Open MPI).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import job_config
+
+pytestmark = [pytest.mark.slurm, pytest.mark.timeout(900)]
+
+PY = sys.executable
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    from slurm_cluster import cluster, unavailable
+    why = unavailable()
+    if why:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI runs the Slurm tests, but: {why}")
+        pytest.skip(why)
+    with cluster(tmp_path_factory.mktemp("slurm")) as s:
+        yield s
+
+
+def _sbatch(slurm, script, ranks, config, run, *args, sbatch=()):
+    out = Path(str(run) + ".out")
+    job = slurm.run("sbatch", "--parsable", f"--ntasks={ranks}", f"--output={out}",
+                    f"--export=ALL,PYTHON={PY}", *sbatch, f"jobs/{script}", config, run,
+                    *args).strip().split(";")[0]
+    return job, out
+
+
+def _summary(run):
+    return json.loads((Path(run) / "summary.json").read_text())
+
+
+def _train_lines(run):
+    return [m for m in map(json.loads, (Path(run) / "metrics.jsonl").read_text().splitlines())
+            if m.get("kind") == "train"]
+
+
+def _wait_training(run, job, slurm, lines=3, timeout=120):
+    """Wait for the event: the job's ranks have written ``lines`` training records."""
+    deadline = time.monotonic() + timeout
+    m = Path(run) / "metrics.jsonl"
+    while not (m.exists() and len(m.read_text().splitlines()) >= lines):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"job {job} did not start training: {slurm.job(job)}")
+        time.sleep(0.2)
+
+
+def _assert_steps_continue(run, max_steps):
+    """Every replica's step counter runs on from the checkpoint, never back to 1, and ends
+    at max_steps."""
+    by_rep = {}
+    for m in _train_lines(run):
+        by_rep.setdefault(m["replica"], []).append(m["step"])
+    assert by_rep
+    for rep, steps in by_rep.items():
+        assert steps == sorted(steps) and steps.count(1) == 1, (rep, steps[:5])
+        assert steps[-1] >= max_steps - 10, (rep, steps[-1])
+
+
+@pytest.mark.parametrize("script", ["slurm_srun.sbatch", "slurm_mpirun.sbatch"])
+def test_downpour_job_runs_to_completion_through_each_script(slurm, tmp_path, digits_path,
+                                                            script):
+    cfg = job_config(tmp_path, digits_path, "digits_downpour.toml")
+    run = tmp_path / "run"
+    job, out = _sbatch(slurm, script, 5, cfg, run)
+    info = slurm.wait_job(job, 300)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", out.read_text()[-3000:]
+    s = _summary(run)
+    from mpi4py import MPI
+    assert s["stop_reason"] == "max_steps" and s["ranks"] == 5 and s["nodes"] == 1
+    assert s["final_test_accuracy"] > 0.9
+    assert s["mpi"].split()[0] == MPI.Get_library_version().split()[0]   # this venv's MPI
+
+
+def test_time_limit_checkpoints_requeues_and_resumes(slurm, tmp_path, digits_path):
+    """--time=2 with --signal=B:USR1@60: Slurm warns the script about 30 s into each run
+    (its timer ticks every 30 s); the job needs about twice that, so it is preempted at
+    least once, requeues itself, resumes and finishes, as accurate as a run left alone."""
+    steps = 150000
+    sets = ("--set", f"run.max_steps={steps}", "--set", "run.max_time_s=3600",
+            "--set", "run.eval_every_s=5")
+    cfg = job_config(tmp_path, digits_path, "digits_downpour.toml")
+    ref, ref_out = _sbatch(slurm, "slurm_srun.sbatch", 5, cfg, tmp_path / "ref", *sets)
+    info = slurm.wait_job(ref, 600)
+    assert info["JobState"] == "COMPLETED", ref_out.read_text()[-3000:]
+    run = tmp_path / "run"
+    job, out = _sbatch(slurm, "slurm_srun.sbatch", 5, cfg, run, *sets,
+                       sbatch=("--time=2", "--signal=B:USR1@60"))
+    info = slurm.wait_job(job, 900)
+    log = out.read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-3000:]
+    assert int(info["Restarts"]) >= 1 and "requeueing job" in log and "resuming from" in log
+    assert "stopped (preempted)" in log
+    s, r = _summary(run), _summary(tmp_path / "ref")
+    assert s["stop_reason"] == "max_steps"
+    _assert_steps_continue(run, steps)
+    print(f"time limit: {info['Restarts']} restarts; accuracy {s['final_test_accuracy']:.4f} "
+          f"against {r['final_test_accuracy']:.4f} uninterrupted")
+    assert abs(s["final_test_accuracy"] - r["final_test_accuracy"]) <= 0.01
+
+
+def test_scancel_term_checkpoints_requeues_and_resumes(slurm, tmp_path, digits_path):
+    """What a preemption sends: SIGTERM to the job's steps (here through mpirun's)."""
+    steps = 30000
+    cfg = job_config(tmp_path, digits_path, "digits_downpour.toml")
+    run = tmp_path / "run"
+    job, out = _sbatch(slurm, "slurm_mpirun.sbatch", 5, cfg, run, "--set",
+                       f"run.max_steps={steps}", "--set", "run.max_time_s=3600")
+    _wait_training(run, job, slurm)
+    slurm.run("scancel", "--signal=TERM", job)
+    info = slurm.wait_job(job, 600)
+    log = out.read_text()
+    assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) >= 1, log[-3000:]
+    assert "stopped (preempted)" in log and "resuming from" in log
+    assert _summary(run)["stop_reason"] == "max_steps"
+    _assert_steps_continue(run, steps)
+
+
+def test_killed_rank_ends_the_job_once_and_it_is_not_requeued(slurm, tmp_path, digits_path):
+    cfg = job_config(tmp_path, digits_path, "digits_downpour.toml")
+    run = tmp_path / "run"
+    job, out = _sbatch(slurm, "slurm_srun.sbatch", 5, cfg, run, "--set",
+                       "run.max_steps=10000000", "--set", "run.max_time_s=3600")
+    _wait_training(run, job, slurm)
+    pid = subprocess.run(["pgrep", "-x", "dbmpi-r3"], capture_output=True,
+                         text=True).stdout.split()
+    assert len(pid) == 1, pid
+    os.kill(int(pid[0]), 9)
+    info = slurm.wait_job(job, 120)
+    log = out.read_text()
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "0", (info, log[-3000:])
+    assert log.count("dbmpi: error: rank") == 1, log[-3000:]
+    assert "dbmpi: error: rank 3 (replica 0, partition 0" in log and "SIGKILL" in log
+    assert "requeueing" not in log
+
+
+def test_study_runs_inside_an_allocation_with_srun(slurm, tmp_path):
+    import csv
+    from dbmpi.mpienv import srun_mpi
+    out = tmp_path / "study"
+    log = tmp_path / "study.out"
+    job = slurm.run(
+        "sbatch", "--parsable", "--ntasks=7", f"--output={log}", f"--export=ALL,PYTHON={PY}",
+        f"--wrap=MPIEXEC='srun --mpi={srun_mpi()}' {PY} jobs/study_accuracy_time.py "
+        f"--out {out} --smoke").strip()
+    info = slurm.wait_job(job, 600)
+    assert info["JobState"] == "COMPLETED", log.read_text()[-3000:]
+    rows = list(csv.DictReader(open(out / "accuracy_time.csv")))
+    methods = {r["method"] for r in rows}
+    assert len(methods) >= 2, methods
+    # every multi-rank run of the study was a step of this job, started by srun
+    steps = (slurm.folder / "slurmd.log").read_text().count(f"launch task StepId={job}.")
+    assert steps >= len(methods) - 1, (steps, methods)
+    assert "srun" in (out / "summary.txt").read_text()
