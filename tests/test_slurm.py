@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ PY = sys.executable
 
 
 @pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
+def slurm_cluster(tmp_path_factory):
     from slurm_cluster import cluster, unavailable
     why = unavailable()
     if why:
@@ -32,6 +31,12 @@ def slurm(tmp_path_factory):
         pytest.skip(why)
     with cluster(tmp_path_factory.mktemp("slurm")) as s:
         yield s
+
+
+@pytest.fixture
+def slurm(slurm_cluster):
+    yield slurm_cluster
+    slurm_cluster.clear()         # nothing a test left running holds the next one's CPUs
 
 
 def _sbatch(slurm, script, ranks, config, run, *args, sbatch=()):
@@ -138,10 +143,10 @@ def test_killed_rank_ends_the_job_once_and_it_is_not_requeued(slurm, tmp_path, d
     job, out = _sbatch(slurm, "slurm_srun.sbatch", 5, cfg, run, "--set",
                        "run.max_steps=10000000", "--set", "run.max_time_s=3600")
     _wait_training(run, job, slurm)
-    pid = subprocess.run(["pgrep", "-x", "dbmpi-r3"], capture_output=True,
-                         text=True).stdout.split()
+    from slurm_cluster import job_pids
+    pid = job_pids(job, "dbmpi-r3")           # rank 3, named by its guard
     assert len(pid) == 1, pid
-    os.kill(int(pid[0]), 9)
+    os.kill(pid[0], 9)
     info = slurm.wait_job(job, 120)
     log = out.read_text()
     assert info["JobState"] == "FAILED" and info["Restarts"] == "0", (info, log[-3000:])
