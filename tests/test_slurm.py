@@ -120,15 +120,20 @@ def test_time_limit_checkpoints_requeues_and_resumes(slurm, tmp_path, digits_pat
     assert abs(s["final_test_accuracy"] - r["final_test_accuracy"]) <= 0.01
 
 
-def test_scancel_term_checkpoints_requeues_and_resumes(slurm, tmp_path, digits_path):
-    """What a preemption sends: SIGTERM to the job's steps (here through mpirun's)."""
+@pytest.mark.parametrize("script,how", [
+    # what a preemption sends: SIGTERM to the job's steps, which srun's ranks are
+    ("slurm_srun.sbatch", ["--signal=TERM"]),
+    # Open MPI's mpirun starts its ranks outside any step on its own node: the batch shell
+    # is the way in
+    ("slurm_mpirun.sbatch", ["--batch", "--signal=USR1"])])
+def test_scancel_checkpoints_requeues_and_resumes(slurm, tmp_path, digits_path, script, how):
     steps = 30000
     cfg = job_config(tmp_path, digits_path, "digits_downpour.toml")
     run = tmp_path / "run"
-    job, out = _sbatch(slurm, "slurm_mpirun.sbatch", 5, cfg, run, "--set",
+    job, out = _sbatch(slurm, script, 5, cfg, run, "--set",
                        f"run.max_steps={steps}", "--set", "run.max_time_s=3600")
     _wait_training(run, job, slurm)
-    slurm.run("scancel", "--signal=TERM", job)
+    slurm.run("scancel", *how, job)
     info = slurm.wait_job(job, 600)
     log = out.read_text()
     assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) >= 1, log[-3000:]
