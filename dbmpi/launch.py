@@ -142,10 +142,9 @@ def train_mpi(cfg, net, resume, out, quiet=False, guard=None, agree_out=False) -
         line = f"dbmpi: error on rank {rank} ({topo.describe()}): {type(e).__name__}: {e}"
         if guard:   # an MPI error most likely follows a peer's death: let that report go first
             guard.report(line, consequence=isinstance(e, MPI.Exception))
+            guard.error()
         else:
             print(line, file=sys.stderr, flush=True)
-        if guard:
-            guard.error()
         world.Abort(1)
         return 1
     if guard:

@@ -14,9 +14,9 @@ until the guard exits, and ``waitpid`` tells the guard exactly how its rank ende
 that ends without saying "ok" or "error" first (killed, crashed) gets one line from its
 guard naming the rank, its role, pid, host and the signal; then the guard exits and the
 launcher ends the job.  Failures that a dead peer causes in other ranks (their MPI library
-crashes or raises) are held back (:meth:`Guard.report`), so the line names the first.  The guard forwards signals (SIGTERM, SIGUSR1, SIGUSR2, SIGINT) to
-its rank, and the rank dies with its guard (PR_SET_PDEATHSIG), so the launcher's cleanup
-reaches it.
+crashes or raises) are held back (:meth:`Guard.report`), so the line names the first.  The
+guard forwards signals (SIGTERM, SIGUSR1, SIGUSR2, SIGINT) to its rank, and the rank dies
+with its guard (PR_SET_PDEATHSIG), so the launcher's cleanup reaches it.
 """
 
 from __future__ import annotations
@@ -134,16 +134,15 @@ class Guard:
         """
         if consequence:
             time.sleep(CRASH_GRACE_S)
-        try:
-            if self.marker is None:
-                raise OSError("a job of one rank has no peer to defer to")
-            os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-        except FileExistsError:
-            return                       # another rank on this node failed first
-        except OSError:
-            pass                         # no writable temporary directory: print anyway
-        else:
-            _sweep(self.marker)
+        if self.marker is not None:      # a job of one rank has no peer to defer to
+            try:
+                os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            except FileExistsError:
+                return                   # another rank on this node failed first
+            except OSError:
+                pass                     # no writable temporary directory: print anyway
+            else:
+                _sweep(self.marker)
         print(line, file=sys.stderr, flush=True)
 
     def _watch(self, pid, r, rank, role):
