@@ -141,7 +141,7 @@ def train_mpi(cfg, net, resume, out, quiet=False, guard=None, agree_out=False) -
     except BaseException as e:  # noqa: BLE001 - any failure must end the whole job
         line = f"dbmpi: error on rank {rank} ({topo.describe()}): {type(e).__name__}: {e}"
         if guard:   # an MPI error most likely follows a peer's death: let that report go first
-            guard.report(line, consequence=isinstance(e, MPI.Exception))
+            guard.report(line, consequence=2 if isinstance(e, MPI.Exception) else 0)
             guard.error()
         else:
             print(line, file=sys.stderr, flush=True)

@@ -121,19 +121,20 @@ class Guard:
         os.close(w)
         self._watch(pid, r, rank, role)
 
-    def report(self, line: str, consequence: bool = True) -> None:
+    def report(self, line: str, consequence: int = 1) -> None:
         """Print a failure line to stderr, unless it is likely a consequence of another.
 
         When one rank dies, the ranks that talk to it may crash in their MPI library (MPICH
         over UCX asserts on a failed RMA completion) or get an MPI error.  A report of such a
-        failure (``consequence``) first waits :data:`CRASH_GRACE_S`, during which the launcher
-        kills this rank if an earlier death is already ending the job; and on one node only
+        failure first waits ``consequence`` times :data:`CRASH_GRACE_S` (0: SIGKILL, which only
+        comes from outside; 1: a crash; 2: an MPI error or abort, the likeliest consequence),
+        during which the launcher kills this rank if an earlier death is already ending the
+        job; and on one node only
         the first report is printed (a marker file that the job's ranks there share).  So the
         line a user sees names the failure that came first; a crash of its own still gets
         its line, this much later.
         """
-        if consequence:
-            time.sleep(CRASH_GRACE_S)
+        time.sleep(consequence * CRASH_GRACE_S)
         if self.marker is not None:      # a job of one rank has no peer to defer to
             try:
                 os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
@@ -176,11 +177,12 @@ class Guard:
                 # SIGKILL comes from outside (a user, the OOM killer), never from a dead peer
                 self.report(f"{who} was killed by {signal.Signals(sig).name}; MPI ends the "
                             "whole job. Resume from the last checkpoint with `python -m "
-                            "dbmpi train --resume RUN_DIR`.", consequence=sig != signal.SIGKILL)
+                            "dbmpi train --resume RUN_DIR`.",
+                            consequence=int(sig != signal.SIGKILL))
         else:
             code = os.WEXITSTATUS(status)
             if code and not said:
-                self.report(f"{who} exited with code {code} without a message")
+                self.report(f"{who} exited with code {code} without a message", consequence=2)
         os._exit(code)
 
     def _say(self, what: bytes) -> None:
