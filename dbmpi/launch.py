@@ -96,7 +96,7 @@ def train_mpi(cfg, net, resume, out, quiet=False, guard=None, agree_out=False) -
             print(f"dbmpi: error: this config needs {need} ranks ({_explain(cfg)}) but the job "
                   f"has {size}: launch it with `mpiexec -n {need} ...`", file=sys.stderr,
                   flush=True)
-        return _leave(world, 2)
+        return _leave(world, 2, guard)
     if agree_out:
         out = world.bcast(out, root=0)
     bad = None
@@ -110,9 +110,7 @@ def train_mpi(cfg, net, resume, out, quiet=False, guard=None, agree_out=False) -
     if bad is not None:
         if rank == 0:
             print(f"dbmpi: error: {bad}", file=sys.stderr, flush=True)
-        if guard:
-            guard.clean_exit()
-        return _leave(world, 2)
+        return _leave(world, 2, guard)
     algo = cfg["optimizer"]["algorithm"]
     from .topology import Topology
     facts = mpi_facts(world)
@@ -147,8 +145,6 @@ def train_mpi(cfg, net, resume, out, quiet=False, guard=None, agree_out=False) -
             print(line, file=sys.stderr, flush=True)
         world.Abort(1)
         return 1
-    if guard:
-        guard.clean_exit()
     if summary is not None:
         print(json.dumps({"run_dir": str(out), **{k: v for k, v in summary.items()
                                                    if k not in ("replicas", "shards",
@@ -163,13 +159,17 @@ def train_mpi(cfg, net, resume, out, quiet=False, guard=None, agree_out=False) -
         code = 3
     elif reason == "preempted":
         code = EXIT_PREEMPTED
-    return _leave(world, code)
+    return _leave(world, code, guard)
 
 
-def _leave(world, code: int) -> int:
+def _leave(world, code: int, guard=None) -> int:
     """Every rank reached the same verdict: end MPI together, so that `python -m mpi4py`
-    does not turn a non-zero exit into MPI_Abort (which Open MPI reports as a crash)."""
+    does not turn a non-zero exit into MPI_Abort (which Open MPI reports as a crash).  The
+    guard learns the verdict first: a launcher that ends the other ranks when the first one
+    exits non-zero (srun --kill-on-bad-exit) does not change the job's exit code."""
     from mpi4py import MPI
+    if guard:
+        guard.clean_exit(code)
     world.Barrier()            # rank 0's message is out before any rank ends
     MPI.Finalize()
     return code

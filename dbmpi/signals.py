@@ -170,7 +170,12 @@ class Guard:
         except OSError:
             pass
         who = f"dbmpi: error: rank {rank} ({role}, pid {pid}, host {socket.gethostname()})"
-        if os.WIFSIGNALED(status):
+        if said.startswith(b"ok ") and os.WIFSIGNALED(status):
+            # every rank had finished and agreed on the job's exit code; a signal while it
+            # exits is the launcher ending the step because another rank exited first with
+            # that (non-zero) code, as srun --kill-on-bad-exit does: keep the agreed code
+            code = int(said[3:])
+        elif os.WIFSIGNALED(status):
             sig = os.WTERMSIG(status)
             code = 128 + sig
             if not said:
@@ -194,8 +199,9 @@ class Guard:
                 pass
             self.w = None
 
-    def clean_exit(self) -> None:
-        self._say(b"ok")
+    def clean_exit(self, code: int = 0) -> None:
+        """Every rank agreed to end with ``code``; say so before MPI_Finalize."""
+        self._say(b"ok %d" % code)
 
     def error(self) -> None:
         self._say(b"err")

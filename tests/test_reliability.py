@@ -257,6 +257,24 @@ def test_death_of_any_rank_ends_job_naming_it(tmp_path, digits_path, rank, role,
     assert f"was killed by {sig}" in err and err.count("dbmpi: error: rank") == 1, err[-2000:]
 
 
+@pytest.mark.parametrize("said,code,line", [
+    # every rank agreed on 75 (preempted), then the launcher ended this one while it exited
+    # because another had exited 75 first (srun --kill-on-bad-exit): the job still says 75
+    ("guard.clean_exit(75)", 75, False),
+    # killed before it finished: named, and the signal is the exit code
+    ("pass", 128 + signal.SIGTERM, True)])
+def test_guard_keeps_the_agreed_exit_code_of_a_rank_killed_while_exiting(said, code, line):
+    prog = ("import os, signal\nfrom dbmpi.signals import Guard\n"
+            "guard = Guard(2, 'replica 0, partition 0', ranks=1)\n"
+            f"{said}\nsignal.signal(signal.SIGTERM, signal.SIG_DFL)\n"
+            "os.kill(os.getpid(), signal.SIGTERM)\n")
+    r = subprocess.run([sys.executable, "-c", prog], cwd=ROOT, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == code, r.stderr
+    assert ("rank 2 (replica 0, partition 0" in r.stderr and "killed by SIGTERM" in r.stderr) \
+        == line, r.stderr
+
+
 def test_exception_on_a_rank_ends_job_naming_it(tmp_path, digits_path):
     t0 = time.time()
     r = run_mpi(5, "train", _cfg(tmp_path, digits_path, "digits_downpour.toml"), "--quiet",
