@@ -71,17 +71,31 @@ _TRANSPORT_VARS = ("DBMPI_TRANSPORT", "MPIR_CVAR_NOLOCAL", "MPIR_CVAR_CH4_NETMOD
 
 def mpi_facts(world) -> dict:
     """Collective: which MPI library the job runs on (its version line), what it says of its
-    transport, and how many nodes the job spans (distinct processor names: MPI's shared-
-    memory groups would count every rank alone under MPICH's MPIR_CVAR_NOLOCAL)."""
+    transport, how many nodes the job spans (distinct processor names: MPI's shared-
+    memory groups would count every rank alone under MPICH's MPIR_CVAR_NOLOCAL) and which
+    ranks ran on each ("0-2,5")."""
     import os
     from mpi4py import MPI
     lines = MPI.Get_library_version().replace("\x00", "").strip().splitlines()
     device = [l.split(":", 1)[1].strip() for l in lines if l.startswith("MPICH Device:")]
-    nodes = len(set(world.allgather(MPI.Get_processor_name())))
+    hosts = {}
+    for rank, name in enumerate(world.allgather(MPI.Get_processor_name())):
+        hosts.setdefault(name, []).append(rank)
     transport = {"settings": {k: os.environ[k] for k in _TRANSPORT_VARS if k in os.environ}}
     if device:
         transport["device"] = device[0]
-    return {"mpi": lines[0].strip(), "transport": transport, "nodes": nodes}
+    return {"mpi": lines[0].strip(), "transport": transport, "nodes": len(hosts),
+            "hosts": {name: _spans(ranks) for name, ranks in hosts.items()}}
+
+
+def _spans(ranks: list[int]) -> str:
+    """Ranks in increasing order as spans: [0, 1, 2, 5] -> "0-2,5"."""
+    out, start = [], ranks[0]
+    for a, b in zip(ranks, ranks[1:] + [None]):
+        if b != a + 1:
+            out.append(f"{start}-{a}" if a > start else f"{a}")
+            start = b
+    return ",".join(out)
 
 
 def train_mpi(cfg, net, resume, out, quiet=False, guard=None, agree_out=False) -> int:

@@ -1,7 +1,9 @@
 """Hosts on this machine for tests of what crosses a network: network namespaces joined by
 a bridge, each with its own address and hostname, so MPI sees separate nodes and their
 traffic crosses a real (virtual) Ethernet link.  Hydra, MPICH's mpiexec, starts its
-proxies in them through a launcher script in place of ssh.  Needs root and iproute2.
+proxies in them through a launcher script in place of ssh; each host finds the others by
+name (a hosts file of its own under /etc/netns, which `ip netns exec` mounts).  Needs root
+and iproute2.
 
     with hosts(2) as h:
         subprocess.run([MPIEXEC, *h.hydra_args([3, 2]), "-n", "5", ...])
@@ -59,6 +61,11 @@ class Hosts:
     bridge: str
     launcher: Path
 
+    @property
+    def gateway(self) -> str:
+        """This machine's address on the hosts' bridge (where they reach its daemons)."""
+        return self.addresses[0].rsplit(".", 1)[0] + ".1"
+
     def hydra_args(self, slots: list[int]) -> list[str]:
         """mpiexec (Hydra) arguments placing ``slots[i]`` ranks on host i, in rank order."""
         spec = ",".join(f"{a}:{n}" for a, n in zip(self.addresses, slots))
@@ -94,6 +101,12 @@ def hosts(n: int = 2):
             _ip("-n", ns, "addr", "add", f"{addr}/24", "dev", "eth0")
             _ip("-n", ns, "link", "set", "eth0", "up")
             _ip("-n", ns, "link", "set", "lo", "up")
+            # `ip netns exec` mounts /etc/netns/NS/hosts over /etc/hosts: every host can
+            # look up every other by its hostname (the namespace's name), as Slurm needs
+            etc = Path("/etc/netns", ns)
+            etc.mkdir(parents=True, exist_ok=True)
+            etc.joinpath("hosts").write_text("127.0.0.1 localhost\n" + "".join(
+                f"{a} {n}\n" for a, n in zip(addresses, names)))
         cases = "\n".join(f"  {a}) ns={ns} ;;" for a, ns in zip(addresses, names))
         launcher = tmp / "launcher.sh"
         launcher.write_text(_LAUNCHER.format(cases=cases))
@@ -102,6 +115,7 @@ def hosts(n: int = 2):
     finally:
         for ns in made:                 # deleting a namespace deletes its end of the veth
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+            shutil.rmtree(Path("/etc/netns", ns), ignore_errors=True)
         subprocess.run(["ip", "link", "del", bridge], capture_output=True)
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -43,7 +43,8 @@ def test_downpour_digits_two_replicas_two_shards(tmp_path, digits_path):
     # module (DBMPI_TRANSPORT=tcp) is attended and shared memory is passive
     from conftest import LAUNCHER
     assert s["mpi"].startswith("MPICH" if LAUNCHER == "mpich" else "Open MPI"), s["mpi"]
-    assert s["nodes"] == 1 and "settings" in s["transport"]
+    assert s["nodes"] == 1 and list(s["hosts"].values()) == ["0-4"]
+    assert "settings" in s["transport"]
     tcp = LAUNCHER == "mpich" and os.environ.get("MPIR_CVAR_NOLOCAL") == "1"
     assert s["ps_pairs"] == {"passive": 0 if tcp else 6, "attended": 6 if tcp else 0}
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
@@ -173,7 +174,7 @@ def test_downpour_across_two_hosts(tmp_path, digits_path):
             raise AssertionError(f"the two-host job hung:\n{err[-3000:]}")
     assert p.returncode == 0, err[-3000:]
     s = json.loads((out / "summary.json").read_text())
-    assert s["nodes"] == 2, s["nodes"]
+    assert s["nodes"] == 2 and s["hosts"] == dict(zip(h.namespaces, ["0-2", "3-4"])), s["hosts"]
     # replicas -> shards: TCP across the hosts; coordinator -> shards: MPICH's shared memory
     # on host 1, unless DBMPI_TRANSPORT=tcp sends that over TCP too
     local = 0 if os.environ.get("MPIR_CVAR_NOLOCAL") == "1" else 2

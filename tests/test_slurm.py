@@ -1,7 +1,8 @@
 """The batch scripts under a real Slurm (tests/slurm_cluster.py starts a one-node one):
 jobs run to completion through srun and through mpirun, a time limit and a scancel
-checkpoint, requeue and resume, a killed rank ends the job once, and a study runs inside
-an allocation.  Each job runs with this test run's Python, so its MPI (MPICH or Open MPI).
+checkpoint, requeue and resume, a killed rank ends the job once, a study runs inside an
+allocation, and a job spans two nodes (a second Slurm, of two network namespaces).  Each
+job runs with this test run's Python, so its MPI (MPICH or Open MPI).
 """
 
 from __future__ import annotations
@@ -33,17 +34,31 @@ def slurm_cluster(tmp_path_factory):
         yield s
 
 
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory):
+    """A Slurm of two nodes, each a network namespace with its own address and hostname."""
+    from slurm_cluster import cluster, unavailable
+    import netns_hosts
+    why = unavailable() or netns_hosts.unavailable()
+    if why:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI runs the Slurm tests, but: {why}")
+        pytest.skip(why)
+    with cluster(tmp_path_factory.mktemp("slurm2"), cpus=4, nodes=2) as s:
+        yield s
+
+
 @pytest.fixture
 def slurm(slurm_cluster):
     yield slurm_cluster
     slurm_cluster.clear()         # nothing a test left running holds the next one's CPUs
 
 
-def _sbatch(slurm, script, ranks, config, run, *args, sbatch=()):
+def _sbatch(slurm, script, ranks, config, run, *args, sbatch=(), env=None):
     out = Path(str(run) + ".out")
     job = slurm.run("sbatch", "--parsable", f"--ntasks={ranks}", f"--output={out}",
                     f"--export=ALL,PYTHON={PY}", *sbatch, f"jobs/{script}", config, run,
-                    *args).strip().split(";")[0]
+                    *args, env=env).strip().split(";")[0]
     return job, out
 
 
@@ -178,3 +193,33 @@ def test_study_runs_inside_an_allocation_with_srun(slurm, tmp_path):
     steps = (slurm.folder / "slurmd.log").read_text().count(f"launch task StepId={job}.")
     assert steps >= len(methods) - 1, (steps, methods)
     assert "srun" in (out / "summary.txt").read_text()
+
+
+def test_two_node_job_with_shards_on_one_node_and_replicas_on_the_other(two_nodes, tmp_path,
+                                                                         digits_path):
+    """Slurm's arbitrary distribution places the coordinator and both shards (ranks 0-2) on
+    one node and the replicas (3-4) on the other; the ranks on different nodes talk over
+    TCP (MPICH: UCX's TCP transport; Open MPI: its TCP transport), every push is applied
+    once, and the job trains."""
+    from conftest import LAUNCHER
+    a, b = two_nodes.names
+    hosts = tmp_path / "hosts"
+    hosts.write_text(f"{a}\n" * 3 + f"{b}\n" * 2)
+    # Open MPI's atomics across nodes over TCP wait for the node's first rank (README):
+    # fewer steps there
+    steps = 300 if LAUNCHER == "mpich" else 50
+    cfg = job_config(tmp_path, digits_path, "digits_downpour.toml")
+    run = tmp_path / "run"
+    job, out = _sbatch(two_nodes, "slurm_srun.sbatch", 5, cfg, run, "--set",
+                       f"run.max_steps={steps}", sbatch=("--nodes=2", "--distribution=arbitrary"),
+                       env={"SLURM_HOSTFILE": str(hosts), "UCX_TLS": "tcp,self"})
+    info = two_nodes.wait_job(job, 600)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", out.read_text()[-3000:]
+    s = _summary(run)
+    assert s["nodes"] == 2 and s["hosts"] == {a: "0-2", b: "3-4"}, s["hosts"]
+    assert s["stop_reason"] == "max_steps"
+    # each replica pushes to both shards every step
+    assert s["pushes_sent"] == s["pushes_applied"] == 2 * 2 * steps and s["pushes_rejected"] == 0
+    print(f"two nodes: {s['samples_per_s']:.0f} samples/s, accuracy "
+          f"{s['final_test_accuracy']:.4f} after {steps} steps a replica ({s['mpi'][:20]})")
+    assert s["final_test_accuracy"] > 0.8
