@@ -16,7 +16,9 @@ guard naming the rank, its role, pid, host and the signal; then the guard exits 
 launcher ends the job.  Failures that a dead peer causes in other ranks (their MPI library
 crashes or raises) are held back (:meth:`Guard.report`), so the line names the first.  The
 guard forwards signals (SIGTERM, SIGUSR1, SIGUSR2, SIGINT) to its rank, and the rank dies
-with its guard (PR_SET_PDEATHSIG), so the launcher's cleanup reaches it.
+with its guard (PR_SET_PDEATHSIG), so the launcher's cleanup reaches it.  A guard whose
+launcher process is killed (Hydra's proxy, slurmstepd) kills its rank, which no launcher
+would otherwise end.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ def _prctl(option, arg) -> None:
 
 
 CRASH_GRACE_S = 2.0
+LAUNCHER_CHECK_S = 1.0    # how often a guard checks that its launcher's process lives
 
 
 def _marker_path() -> str:
@@ -154,22 +157,14 @@ class Guard:
                 pass                     # my rank has ended; its code decides mine
         for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT):
             signal.signal(s, forward)
-        while True:
-            try:
-                _, status = os.waitpid(pid, 0)
-                break
-            except ChildProcessError:
-                status = 1 << 8
-                break
-            except InterruptedError:
-                continue
+        who = f"dbmpi: error: rank {rank} ({role}, pid {pid}, host {socket.gethostname()})"
+        status = self._wait(pid, who)
         said = b""
         try:
             while chunk := os.read(r, 64):
                 said += chunk
         except OSError:
             pass
-        who = f"dbmpi: error: rank {rank} ({role}, pid {pid}, host {socket.gethostname()})"
         if said.startswith(b"ok ") and os.WIFSIGNALED(status):
             # every rank had finished and agreed on the job's exit code; a signal while it
             # exits is the launcher ending the step because another rank exited first with
@@ -189,6 +184,28 @@ class Guard:
             if code and not said:
                 self.report(f"{who} exited with code {code} without a message", consequence=2)
         os._exit(code)
+
+    def _wait(self, pid: int, who: str) -> int:
+        """My rank's wait status.  In a job of several ranks, also watch the launcher's
+        process that started me (Hydra's proxy, slurmstepd, Open MPI's daemon): if it
+        ends without ending my rank (killed), MPI cannot go on, so my rank is killed rather
+        than left running as an orphan."""
+        launcher = os.getppid()
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})  # wakes sigtimedwait
+        while True:
+            try:
+                done, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                return 1 << 8
+            if done:
+                return status
+            if self.marker is not None and os.getppid() != launcher:
+                self.report(f"{who}: its launcher's process (pid {launcher}) ended while it "
+                            "ran; killing it (MPI cannot go on without its launcher).",
+                            consequence=0)
+                os.kill(pid, signal.SIGKILL)
+                launcher = os.getppid()      # report once; the next loop reaps my rank
+            signal.sigtimedwait({signal.SIGCHLD}, LAUNCHER_CHECK_S)
 
     def _say(self, what: bytes) -> None:
         if self.w is not None:

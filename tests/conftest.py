@@ -13,6 +13,31 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.update(launcher_env())
 
 
+def ppid(pid: int) -> int:
+    """The parent of process ``pid`` (0 if it is gone)."""
+    try:
+        return int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def running(pid: int) -> bool:
+    """Process ``pid`` exists and is not a zombie."""
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def wait_until_gone(pids, timeout: float, after: str) -> None:
+    """Wait for the event: none of ``pids`` runs any more; fail after ``timeout`` s."""
+    import time
+    t_end = time.monotonic() + timeout
+    while left := [p for p in pids if running(p)]:
+        assert time.monotonic() < t_end, f"{left} still running {timeout} s after {after}"
+        time.sleep(0.2)
+
+
 @pytest.fixture(scope="session")
 def digits_path(tmp_path_factory):
     from dbmpi.data import make_digits

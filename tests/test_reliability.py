@@ -1,5 +1,6 @@
 """Reliability: real kills, signals and corrupted input; every multi-rank run has a timeout."""
 
+import contextlib
 import json
 import os
 import signal
@@ -10,7 +11,8 @@ import time
 import numpy as np
 import pytest
 
-from conftest import MPIEXEC, PREEMPT_SIGNAL, ROOT, job_config, run_cli, run_mpi
+from conftest import (MPIEXEC, PREEMPT_SIGNAL, ROOT, job_config, ppid, run_cli, run_mpi,
+                      running, wait_until_gone)
 from dbmpi.rundir import load_checkpoint
 
 
@@ -56,16 +58,9 @@ def _wait_for_step(metrics, step, p, timeout=120):
     raise AssertionError(f"no training line reached step {step} within {timeout} s")
 
 
-def _ppid(pid):
-    try:
-        return int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
 def _descends(pid, ancestor, depth=6):
     for _ in range(depth):
-        pid = _ppid(pid)
+        pid = ppid(pid)
         if pid == ancestor:
             return True
         if pid <= 1:
@@ -273,6 +268,27 @@ def test_guard_keeps_the_agreed_exit_code_of_a_rank_killed_while_exiting(said, c
     assert r.returncode == code, r.stderr
     assert ("rank 2 (replica 0, partition 0" in r.stderr and "killed by SIGTERM" in r.stderr) \
         == line, r.stderr
+
+
+def test_killed_launcher_process_leaves_no_rank_running(tmp_path, digits_path):
+    """SIGKILL to the process that started the ranks (Hydra's proxy; Open MPI's mpirun on
+    its own node; slurmstepd under srun): the guards notice and kill their ranks, so none
+    is left running as an orphan."""
+    out = tmp_path / "run"
+    p = _popen_mpi(5, "train", _cfg(tmp_path, digits_path, "digits_downpour.toml"), "--out",
+                   out, "--quiet", "--set", "run.max_steps=1000000")
+    try:
+        ranks = _rank_pids(5, p.pid)
+        _wait_for_step(out / "metrics.jsonl", 5, p)
+        guards = {ppid(r) for r in ranks.values()}
+        launchers = {ppid(g) for g in guards}
+        assert len(launchers) == 1 and 0 not in guards, (guards, launchers)
+        os.kill(launchers.pop(), signal.SIGKILL)
+        wait_until_gone([*ranks.values(), *guards], 60, "their launcher's process died")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)
+        p.communicate()
 
 
 def test_exception_on_a_rank_ends_job_naming_it(tmp_path, digits_path):

@@ -175,6 +175,29 @@ def test_killed_rank_ends_the_job_once_and_it_is_not_requeued(slurm, tmp_path, d
     assert "requeueing" not in log
 
 
+def test_killed_step_daemon_leaves_no_rank_running(slurm, tmp_path, digits_path):
+    """SIGKILL to the slurmstepd that started the ranks: their guards kill them, so no rank
+    keeps running as an orphan, holding a core, after its step is gone."""
+    from conftest import ppid, wait_until_gone
+    from slurm_cluster import job_pids
+    cfg = job_config(tmp_path, digits_path, "digits_downpour.toml")
+    run = tmp_path / "run"
+    job, out = _sbatch(slurm, "slurm_srun.sbatch", 5, cfg, run, "--set",
+                       "run.max_steps=10000000", "--set", "run.max_time_s=3600")
+    _wait_training(run, job, slurm)
+    ranks = [p for r in range(5) for p in job_pids(job, f"dbmpi-r{r}")]
+    assert len(ranks) == 5, ranks
+    guards = {ppid(r) for r in ranks}
+    stepds = {ppid(g) for g in guards}
+    assert len(stepds) == 1, stepds
+    stepd = stepds.pop()
+    assert Path(f"/proc/{stepd}/comm").read_text().strip() == "slurmstepd"
+    t0 = time.monotonic()
+    os.kill(stepd, 9)
+    wait_until_gone([*ranks, *guards], 60, "their slurmstepd was killed")
+    print(f"the ranks ended {time.monotonic() - t0:.1f} s after their slurmstepd")
+
+
 def test_study_runs_inside_an_allocation_with_srun(slurm, tmp_path):
     import csv
     from dbmpi.mpienv import srun_mpi
