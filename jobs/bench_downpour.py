@@ -8,7 +8,9 @@ pushes to the shards themselves with MPI Accumulate where the transport carries 
 the shard, else through the inbox) and Adagrad (pushes go to the shard's inbox and the shard
 applies them with its accumulators).  First, the physical limit on the same transport: a raw
 MPI Put and Get of the model's bytes (jobs/raw_rma.py), and the ratios fetch/Get and
-push/Put.  DBMPI_TRANSPORT=tcp runs it all with every message over TCP.  The model is fully connected,
+push/Put; and raw steps (the model's matrix products, a Get and a Put) by 1 and 2 replicas
+at once, whose ratio is the ceiling of the 2/1 replicas ratio on this machine.
+DBMPI_TRANSPORT=tcp runs it all with every message over TCP.  The model is fully connected,
 5.25M parameters (1024 -> 2560 -> 1024 -> 10), batch 128, on synthetic 32x32 digits.  The
 coordinator and the shard ranks share the cores with the replicas (on this 2-core machine:
 3 and 4 ranks).  Launcher: MPIEXEC (default: the mpiexec beside this Python).
@@ -22,6 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import studylib as S  # noqa: E402
 
+LAYERS = (1024, 2560, 1024, 10)    # MODEL's fully connected widths, input first
 MODEL = """
 [model]
 input_shape = [1, 32, 32]
@@ -54,6 +57,8 @@ def main():
                    help=f"HDF5 of 32x32 images (default: data/synth32-{S.STUDY_COUNT}.h5, made "
                         "if missing)")
     p.add_argument("--optimizers", default="sgd,adagrad")
+    p.add_argument("--raw-steps", type=int, default=30,
+                   help="steps of each raw run that measures the 2/1 replicas ceiling")
     args = p.parse_args()
     args.data = args.data or str(S.ensure_data("synth32"))
     print(f"batch {args.batch}, {args.steps} steps per replica, n_fetch = n_push = 1; "
@@ -63,6 +68,11 @@ def main():
         raw = raw_transfers(n)    # just before the runs it is compared with: the load drifts
         print(f"\nraw MPI on this transport, {raw['floats'] * 4 / 1e6:.1f} MB: Put "
               f"{raw['put_ms']:.2f} ms, Get {raw['get_ms']:.2f} ms (median of {raw['repeats']})")
+        raw["ceiling"] = [raw_transfers(n, R, args.batch, args.raw_steps) for R in (1, 2)]
+        print("raw steps (the step's products, then Get and Put), 1 and 2 replicas at once: "
+              + ", ".join(f"{c['steps_per_s']:.2f} steps/s (step "
+                          f"{'/'.join(f'{t:.0f}' for t in c['step_ms'])} ms)"
+                          for c in raw["ceiling"]))
         ada = opt == "adagrad"
         with tempfile.TemporaryDirectory() as tmp:
             runs = {name: S.train(config(args.data, algo, reps, 1, args.steps, args.batch,
@@ -79,12 +89,16 @@ def num_params() -> int:
     return build(parse(tomllib.loads(MODEL))["model"]).num_params
 
 
-def raw_transfers(floats: int) -> dict:
-    """Median raw Put and Get of ``floats`` float32 (jobs/raw_rma.py, 3 ranks)."""
+def raw_transfers(floats: int, replicas: int = 0, batch: int = 0, steps: int = 0) -> dict:
+    """jobs/raw_rma.py: median raw Put and Get of ``floats`` float32 (3 ranks), or, given
+    ``replicas``, the raw steps per second of that many replicas (their products, Get and
+    Put, ``steps`` times; 2 + replicas ranks)."""
     import json
     import subprocess
-    cmd = S.mpiexec() + ["-n", "3", S.PY, str(Path(__file__).parent / "raw_rma.py"),
-                         str(floats)]
+    cmd = S.mpiexec() + ["-n", str(2 + max(replicas, 1)), S.PY,
+                         str(Path(__file__).parent / "raw_rma.py"), str(floats)]
+    if replicas:
+        cmd += [str(steps), "--layers", ",".join(map(str, LAYERS)), "--batch", str(batch)]
     r = subprocess.run(cmd, env=S.ENV, capture_output=True, text=True, timeout=300)
     if r.returncode != 0:
         raise RuntimeError(f"raw_rma.py failed ({r.returncode}):\n{r.stderr[-2000:]}")
@@ -110,8 +124,10 @@ def report(opt, runs, steps, raw):
           f"{r1['step_s'] / (step_alone + get + put):8.3f}x")
     print(f"samples/s, 1 replica (3 ranks):                   {one['samples_per_s']:8.1f}")
     print(f"samples/s, 2 replicas (4 ranks):                  {two['samples_per_s']:8.1f}")
+    ceiling = raw["ceiling"][1]["steps_per_s"] / raw["ceiling"][0]["steps_per_s"]
     print(f"  ratio 2/1 replicas:                             "
           f"{two['samples_per_s'] / one['samples_per_s']:8.3f}x")
+    print(f"  ratio 2/1 of the raw steps (the ceiling):       {ceiling:8.3f}x")
     for rep in two["replicas"]:
         print(f"  2 replicas: replica {rep['replica']} step {rep['step_s'] * 1e3:.1f} ms "
               f"(fetch {rep['fetch_s'] / rep['steps'] * 1e3:.1f} ms, push "

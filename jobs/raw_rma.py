@@ -1,54 +1,106 @@
 #!/usr/bin/env python
-"""Usage: mpiexec -n 3 python jobs/raw_rma.py FLOATS [REPEATS]
+"""Usage: mpiexec -n 2+R python jobs/raw_rma.py FLOATS [REPEATS] [--layers A,B,... --batch N]
 
-The physical limit of the parameter server's transfers on the transport in use: raw MPI
-``Put`` and ``Get`` of FLOATS float32 (with ``Flush``) from rank 2 to rank 1's
-``Win.Allocate`` memory, in a job shaped like a one-replica Downpour run (rank 0 naps outside
-MPI as a coordinator does; rank 1 keeps calling MPI, as a shard does while it attends a
-transfer; rank 2 is the replica).  Prints one JSON line: median milliseconds of each.
+The physical limit of the parameter server on the transport in use, in a job shaped like a
+Downpour run of R replicas and one shard: rank 0 naps outside MPI as a coordinator does;
+rank 1 holds FLOATS float32 in ``Win.Allocate`` memory and keeps calling MPI, as a shard
+does while it attends a transfer; ranks 2.. are replicas.
+
+Without ``--layers`` (R = 1): the replica's raw ``Put`` and ``Get`` of the FLOATS (each
+with ``Flush``), REPEATS times; prints one JSON line with the median milliseconds of each.
+
+With ``--layers`` (the fully connected widths, input first) and ``--batch``: each replica
+runs REPEATS raw steps, all replicas at once: a step's matrix products (forward, and the
+two of backward, per layer: what a training step of that model computes), then a ``Get``
+and a ``Put`` of the FLOATS.  Prints one JSON line with each replica's median step
+(``step_ms``) and the steps per second of all replicas together (``steps_per_s``): the
+ceiling of Downpour's samples/s ratio between R and 1 replicas on this machine.
 """
 
+import argparse
 import json
 import os
-import sys
 import time
 
 import numpy as np
 from mpi4py import MPI
 
 
+def products(widths, batch, rng):
+    """The matrices of one step's products: per layer, x (batch, a), W (a, b), dy (batch, b)."""
+    return [(rng.standard_normal((batch, a), dtype=np.float32),
+             rng.standard_normal((a, b), dtype=np.float32),
+             rng.standard_normal((batch, b), dtype=np.float32))
+            for a, b in zip(widths, widths[1:])]
+
+
+def compute(mats):
+    for x, w, dy in mats:
+        x @ w                       # forward
+        x.T @ dy                    # the weights' gradient
+        dy @ w.T                    # the input's gradient
+
+
 def main():
-    n = int(sys.argv[1])
-    repeats = int(sys.argv[2]) if len(sys.argv) > 2 else 15
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("floats", type=int)
+    p.add_argument("repeats", type=int, nargs="?", default=15)
+    p.add_argument("--layers", default=None)
+    p.add_argument("--batch", type=int, default=128)
+    args = p.parse_args()
+    n = args.floats
     comm = MPI.COMM_WORLD
-    if comm.Get_size() != 3:
-        raise SystemExit("raw_rma.py needs 3 ranks")
+    if comm.Get_size() < 3 or (args.layers is None and comm.Get_size() != 3):
+        raise SystemExit("raw_rma.py needs 3 ranks (2 + R with --layers)")
     rank = comm.Get_rank()
     win = MPI.Win.Allocate(4 * n if rank == 1 else 0, 1, comm=comm)
+    replicas = comm.Split(0 if rank >= 2 else MPI.UNDEFINED, rank)
     comm.Barrier()
     if rank == 0:                               # the coordinator: naps until the end
         req = comm.Ibarrier()
         while not req.Test():
             time.sleep(0.02)
-    elif rank == 1:                             # the target drives progress, yielding
+    elif rank == 1:                             # the shard drives progress, yielding
         req = comm.Ibarrier()
         while not req.Test():
             os.sched_yield()
     else:
         buf = np.ones(n, np.float32)
         win.Lock_all()
-        out = {}
-        for name in ("put", "get"):
+        if args.layers is None:
+            out = {}
+            for name in ("put", "get"):
+                ts = []
+                for _ in range(args.repeats):
+                    t = time.perf_counter()
+                    (win.Put if name == "put" else win.Get)(buf, 1, target=(0, n, MPI.FLOAT))
+                    win.Flush(1)
+                    ts.append(time.perf_counter() - t)
+                out[f"{name}_ms"] = 1e3 * float(np.median(ts))
+            out = {"floats": n, "repeats": args.repeats, **out}
+        else:
+            mats = products([int(w) for w in args.layers.split(",")], args.batch,
+                            np.random.default_rng(rank))
+            replicas.Barrier()                  # the replicas start their steps together
             ts = []
-            for _ in range(repeats):
+            t_start = time.perf_counter()
+            for _ in range(args.repeats):
                 t = time.perf_counter()
-                (win.Put if name == "put" else win.Get)(buf, 1, target=(0, n, MPI.FLOAT))
+                compute(mats)
+                win.Get(buf, 1, target=(0, n, MPI.FLOAT))
+                win.Flush(1)
+                win.Put(buf, 1, target=(0, n, MPI.FLOAT))
                 win.Flush(1)
                 ts.append(time.perf_counter() - t)
-            out[f"{name}_ms"] = 1e3 * float(np.median(ts))
+            rate = replicas.allreduce(args.repeats / (time.perf_counter() - t_start))
+            steps = replicas.gather(1e3 * float(np.median(ts)))
+            out = {"floats": n, "repeats": args.repeats, "replicas": comm.Get_size() - 2,
+                   "step_ms": steps, "steps_per_s": rate}
         win.Unlock_all()
-        print(json.dumps({"floats": n, "repeats": repeats, **out}), flush=True)
+        if rank == 2:
+            print(json.dumps(out), flush=True)
         comm.Ibarrier().Wait()
+        replicas.Free()
     win.Free()
 
 

@@ -190,3 +190,13 @@ def test_raw_rma_baseline_reports_put_and_get():
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["floats"] == 1000 and out["repeats"] == 3
     assert out["put_ms"] > 0 and out["get_ms"] > 0
+
+
+def test_raw_steps_of_two_replicas_report_each_step_and_the_rate():
+    """bench_downpour's ceiling of the 2/1 replicas ratio: raw steps by 2 replicas at once."""
+    r = run_mpi(4, ROOT / "jobs" / "raw_rma.py", 1000, 3, "--layers", "16,8,4", "--batch", 4,
+                module=False, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["replicas"] == 2 and len(out["step_ms"]) == 2 and out["repeats"] == 3
+    assert all(t > 0 for t in out["step_ms"]) and out["steps_per_s"] > 0
