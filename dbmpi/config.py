@@ -55,7 +55,7 @@ DEFAULTS: dict[str, dict[str, tuple]] = {
         "seed": (0, (int, 0)),
         "lbfgs_history": (10, (int, 1)),
         "portion_size": (64, (int, 1)),
-        "push_every": (1, (int, 1)),
+        "push_every": (1, (int, 0)),
         "batch_fraction": (1.0, (float, 0.0)),
         "backups": (True, bool),
         "balance": (True, bool),

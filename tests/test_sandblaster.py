@@ -4,6 +4,7 @@ import json
 
 import h5py
 import numpy as np
+import pytest
 
 from conftest import job_config, run_mpi
 from dbmpi.algorithms.sandblaster import PortionScheduler, wolfe_line_search
@@ -80,14 +81,17 @@ def test_softmax_regression_reaches_scipy_optimum(tmp_path, digits_path):
     assert s["pushes_sent"] == s["pushes_applied"] > 0
 
 
-def test_portion_gradient_equals_full_batch_with_straggler(tmp_path, digits_path):
+# 1: each portion's sums pushed alone; 0: held and pushed together when a portion would
+# take longer than a push (a straggler pushes, a fast replica holds)
+@pytest.mark.parametrize("push_every", [1, 0])
+def test_portion_gradient_equals_full_batch_with_straggler(tmp_path, digits_path, push_every):
     """Acceptance: the batch gradient assembled from portions, with replica 0 slowed 5x and
     backup copies in play, equals the single-process full-batch gradient."""
     out = tmp_path / "run"
     r = run_mpi(6, "train", _cfg(tmp_path, digits_path), "--out", out, "--quiet",
                 "--set", "run.max_steps=2", "--set", "faults.slow_replica=0",
                 "--set", "faults.slow_factor=5", "--set", "optimizer.portion_size=16",
-                timeout=120)
+                "--set", f"optimizer.push_every={push_every}", timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads((out / "summary.json").read_text())
     assert s["backup_copies"] > 0

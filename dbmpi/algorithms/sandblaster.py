@@ -10,9 +10,12 @@
   sequential portions to the same replica, faster replicas get more, idle replicas get
   backup copies of outstanding portions near the end, and the first result of a portion
   wins.  Replicas fetch the trial point once per batch (RMA Get) and push the gradient sums
-  of their accepted portions (RMA Put into their inbox slot) every ``push_every`` portions,
-  before a last-round portion, and when they run out of work, so a straggler never holds
-  sums the batch is waiting for.
+  of their accepted portions (RMA Put into their inbox slot) before a last-round portion,
+  when they run out of work, and every ``push_every`` portions (1: each portion alone, so
+  the shards' float64 sums, and a resumed run's trajectory, do not depend on timing) or,
+  with 0, before any portion they expect to take longer than the push (running means of
+  both): a fast transport then pushes every portion and a slow one (TCP) a few times a
+  batch, and the batch never waits on held sums much longer than a push takes.
 """
 
 from __future__ import annotations
@@ -217,18 +220,37 @@ def _run_replica(topo, cfg, client):
     batch, accepted, pushed, pending = -1, 0, 0, None
     stats = {"portions": 0, "compute_s": 0.0, "fetch_s": 0.0, "push_s": 0.0}
 
+    # the lead's running means of a portion's compute and of a push (its own clock decides
+    # for every partition of the replica, so they all push together)
+    mean = {"portion": 0.0, "push": 0.0}
+
     def next_message():
+        """(the coordinator's message, None) on the lead; (message, the lead's decision to
+        push first) relayed to the other partitions."""
         backoff = Backoff(lo=5e-5, hi=2e-3)
         if lead:
             while not ctrl.Iprobe(source=0, tag=TAG_WORK):
                 backoff.idle()
-            msg = ctrl.recv(source=0, tag=TAG_WORK)
-            for q in range(1, P):
-                topo.model.send(msg, dest=q, tag=TAG_RELAY)
-            return msg
+            return ctrl.recv(source=0, tag=TAG_WORK), None
         while not topo.model.Iprobe(source=0, tag=TAG_RELAY):
             backoff.idle()
         return topo.model.recv(source=0, tag=TAG_RELAY)
+
+    def relay(msg, push=None):
+        for q in range(1, P):
+            topo.model.send((msg, push), dest=q, tag=TAG_RELAY)
+
+    def push_first(last) -> bool:
+        """Push the held sums before this portion?  Before a last-round portion; then every
+        ``push_every`` portions, or, with 0, whenever the portion is expected to take
+        longer than the push, so the batch never waits on held sums longer than a push."""
+        held = accepted - pushed
+        if o["push_every"]:
+            return held > 0 and (last or held >= o["push_every"])
+        return held > 0 and (last or mean["portion"] >= mean["push"])
+
+    def running(key, dt):
+        mean[key] = dt if mean[key] == 0.0 else 0.75 * mean[key] + 0.25 * dt
 
     def push_all():
         nonlocal pushed
@@ -243,6 +265,7 @@ def _run_replica(topo, cfg, client):
         if P > 1:
             wait([topo.model.Ibarrier()])   # every partition's slice is at the shards
         stats["push_s"] += time.perf_counter() - t
+        running("push", time.perf_counter() - t)
         if lead:   # tell the coordinator at once: it may be waiting only for these sums
             ctrl.send(("flushed", batch, rep, pushed), dest=0, tag=TAG_WORK)
 
@@ -254,8 +277,10 @@ def _run_replica(topo, cfg, client):
         pending = None
 
     while True:
-        msg = next_message()
+        msg, push = next_message()
         kind = msg[0]
+        if lead and kind != "work":
+            relay(msg)
         if kind == "stop":
             mine = dict(stats, replica=rep, pushes_sent=client.pushes_sent)
             allp = topo.model.gather(mine, root=0) if P > 1 else [mine]
@@ -274,13 +299,18 @@ def _run_replica(topo, cfg, client):
             continue
         _, b, ok = msg[:3]
         if b != batch:
+            if lead and kind == "work":
+                relay(msg, False)
             continue
         verdict(ok)
         if kind == "idle":
             push_all()
             continue
         p, last = msg[3], msg[4]
-        if last or accepted - pushed >= o["push_every"]:
+        if lead:
+            push = push_first(last)
+            relay(msg, push)
+        if push:
             push_all()
         t = time.perf_counter()
         idx = np.arange(p * ps, min((p + 1) * ps, len(split)))
@@ -291,6 +321,7 @@ def _run_replica(topo, cfg, client):
         if slow > 1:
             time.sleep((slow - 1) * dt)    # [faults] straggler for experiments
         stats["compute_s"] += dt
+        running("portion", time.perf_counter() - t)     # the straggler's sleep included
         stats["portions"] += 1
         pending = g
         if lead:
