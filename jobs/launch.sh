@@ -3,15 +3,17 @@
 # Runs `train` with as many ranks as CONFIG needs (python -m dbmpi validate says how many),
 # after making CONFIG's dataset if it is one of data/make.sh's and missing,
 # one BLAS thread per rank, through python -m mpi4py so an error on any rank ends the job.
-# Overridable: MPIEXEC (default .venv/bin/mpiexec), MPIEXEC_ARGS (e.g. "--bind-to core"),
-# PYTHON (default .venv/bin/python), DBMPI_TRANSPORT=tcp (every message over TCP).  Exit codes: 0 done, 2 bad input, 3 diverged,
-# 75 preempted (checkpointed; run again with --resume RUN_DIR).
+# Overridable: PYTHON (default .venv/bin/python), MPIEXEC (default: the mpiexec beside
+# PYTHON, so the MPI its mpi4py was built with), MPIEXEC_ARGS (e.g. "--bind-to core"),
+# DBMPI_TRANSPORT=tcp (every message over TCP).
+# Exit codes: 0 done, 2 bad input, 3 diverged, 75 preempted (checkpointed; run again with
+# --resume RUN_DIR).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${PYTHON:=.venv/bin/python}"
-: "${MPIEXEC:=.venv/bin/mpiexec}"
+: "${MPIEXEC:=$(dirname "$PYTHON")/mpiexec}"
 : "${MPIEXEC_ARGS:=}"
-[ $# -ge 1 ] || { sed -n '2,8p' "$0"; exit 2; }
+[ $# -ge 1 ] || { sed -n '2,10p' "$0"; exit 2; }
 # a preemption signal before the launcher runs has no rank to reach: end as preempted (75)
 preempted=
 trap 'preempted=1' USR1 TERM
