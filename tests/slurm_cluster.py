@@ -121,6 +121,10 @@ class Slurm:
                                      f"{timeout} s: {info}\n{self.logs()}")
             time.sleep(0.5)
 
+    def slurmd_log(self, node: str | None = None) -> Path:
+        """The log of ``node``'s slurmd (default: the first node's)."""
+        return self.folder / f"slurmd-{node or self.node}.log"
+
     def logs(self, tail=30) -> str:
         out = []
         for p in [self.folder / "slurmctld.log", *sorted(self.folder.glob("slurmd-*.log"))]:

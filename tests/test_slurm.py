@@ -213,7 +213,7 @@ def test_study_runs_inside_an_allocation_with_srun(slurm, tmp_path):
     methods = {r["method"] for r in rows}
     assert len(methods) >= 2, methods
     # every multi-rank run of the study was a step of this job, started by srun
-    steps = (slurm.folder / "slurmd.log").read_text().count(f"launch task StepId={job}.")
+    steps = slurm.slurmd_log().read_text().count(f"launch task StepId={job}.")
     assert steps >= len(methods) - 1, (steps, methods)
     assert "srun" in (out / "summary.txt").read_text()
 
