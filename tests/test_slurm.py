@@ -233,10 +233,19 @@ def test_two_node_job_with_shards_on_one_node_and_replicas_on_the_other(two_node
     steps = 300 if LAUNCHER == "mpich" else 50
     cfg = job_config(tmp_path, digits_path, "digits_downpour.toml")
     run = tmp_path / "run"
-    job, out = _sbatch(two_nodes, "slurm_srun.sbatch", 5, cfg, run, "--set",
-                       f"run.max_steps={steps}", sbatch=("--nodes=2", "--distribution=arbitrary"),
-                       env={"SLURM_HOSTFILE": str(hosts), "UCX_TLS": "tcp,self"})
-    info = two_nodes.wait_job(job, 600)
+    for attempt in (1, 2):
+        job, out = _sbatch(two_nodes, "slurm_srun.sbatch", 5, cfg, run, "--set",
+                           f"run.max_steps={steps}",
+                           sbatch=("--nodes=2", "--distribution=arbitrary"),
+                           env={"SLURM_HOSTFILE": str(hosts), "UCX_TLS": "tcp,self"})
+        info = two_nodes.wait_job(job, 600)
+        # once in CI (not in 7 runs here), UCX between the namespaces refused a connection
+        # inside MPI_Init ("Destination is unreachable"): a start-up failure of this
+        # harness's network, retried once; training itself is never retried
+        if info["JobState"] == "COMPLETED" or "MPI_Init_thread" not in out.read_text():
+            break
+        print(f"two nodes: MPI_Init failed (attempt {attempt}):\n{out.read_text()[-1500:]}")
+        run = tmp_path / "run2"
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", out.read_text()[-3000:]
     s = _summary(run)
     assert s["nodes"] == 2 and s["hosts"] == {a: "0-2", b: "3-4"}, s["hosts"]
