@@ -250,8 +250,12 @@ def test_two_node_job_with_shards_on_one_node_and_replicas_on_the_other(two_node
     s = _summary(run)
     assert s["nodes"] == 2 and s["hosts"] == {a: "0-2", b: "3-4"}, s["hosts"]
     assert s["stop_reason"] == "max_steps"
-    # each replica pushes to both shards every step
-    assert s["pushes_sent"] == s["pushes_applied"] == 2 * 2 * steps and s["pushes_rejected"] == 0
+    # each replica offers its gradient to both shards every step (and what is left, once, at
+    # the end); a shard whose inbox slot is still full takes it with the next offer, so fewer
+    # pushes may be sent than offered, and every one sent is applied
+    assert 2 * 2 * steps <= s["push_attempts"] <= 2 * 2 * (steps + 1), s["push_attempts"]
+    assert 0 < s["pushes_sent"] <= s["push_attempts"]
+    assert s["pushes_sent"] == s["pushes_applied"] and s["pushes_rejected"] == 0
     print(f"two nodes: {s['samples_per_s']:.0f} samples/s, accuracy "
           f"{s['final_test_accuracy']:.4f} after {steps} steps a replica ({s['mpi'][:20]})")
     assert s["final_test_accuracy"] > 0.8
