@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from conftest import job_config, run_mpi
-from dbmpi.algorithms.sandblaster import PortionScheduler, wolfe_line_search
+from dbmpi.algorithms.sandblaster import (PortionScheduler, SandblasterShard, _Gram,
+                                          wolfe_line_search)
 from dbmpi.config import load
 from dbmpi.model import build
 from dbmpi.rundir import load_checkpoint
@@ -42,6 +43,48 @@ def test_line_search_quadratic():
     phi = lambda t: ((t - 3.0) ** 2, 2 * (t - 3.0))         # noqa: E731
     t, f, gd, ok = wolfe_line_search(phi, 9.0, -6.0, 1.0)
     assert ok and f < 9.0 and abs(gd) <= 0.9 * 6.0
+
+
+def _two_loop(g, pairs, gamma):
+    """The textbook recursion on the vectors themselves (Nocedal & Wright, Algorithm 7.4)."""
+    q, alphas = g.copy(), []
+    for s, y in reversed(pairs):
+        a = (s @ q) / (s @ y)
+        q -= a * y
+        alphas.append(a)
+    q *= gamma
+    for (s, y), a in zip(pairs, reversed(alphas)):
+        q += (a - (y @ q) / (s @ y)) * s
+    return -q
+
+
+def test_gram_two_loop_equals_the_recursion_on_vectors():
+    """The coordinator's two-loop on coefficients, from the shards' summed Gram rows, gives
+    the direction of the textbook recursion, with history slots reused out of order."""
+    rng = np.random.default_rng(0)
+    m, n = 4, 50
+    halves = [SandblasterShard.__new__(SandblasterShard) for _ in range(2)]
+    v = {k: rng.standard_normal(n) for k in [f"s{i}" for i in range(m)]
+         + [f"y{i}" for i in range(m)] + ["g"]}
+    for i in range(m):                       # curvature pairs: s.y > 0
+        v[f"y{i}"] = v[f"s{i}"] * rng.uniform(0.5, 2.0, n) + 0.1 * v[f"y{i}"]
+    for h, sl in zip(halves, (slice(0, 20), slice(20, n))):   # two shards' ranges
+        h.v = {k: x[sl] for k, x in v.items()}
+        h.basis = [f"s{i}" for i in range(m)] + [f"y{i}" for i in range(m)] + ["g"]
+    gram = _Gram(m)
+    names = list(v)
+    gram.update(names, [h.rows(names) for h in halves])
+    np.testing.assert_allclose(gram.G[gram.g, gram.s(2)], v["g"] @ v["s2"])
+    hist = [(2, 0.0), (0, 0.0), (3, 0.0)]    # oldest first, slot 1 unused
+    hist = [(i, 1.0 / (v[f"s{i}"] @ v[f"y{i}"])) for i, _ in hist]
+    gamma = 0.7
+    coef, gd = gram.direction(hist, gamma)
+    d = sum(c * v[k] for c, k in zip(coef, halves[0].basis))
+    want = _two_loop(v["g"], [(v[f"s{i}"], v[f"y{i}"]) for i, _ in hist], gamma)
+    np.testing.assert_allclose(d, want, rtol=1e-10, atol=1e-12)
+    assert gd == pytest.approx(v["g"] @ want, rel=1e-10)
+    coef, gd = gram.direction([], 1.0)       # no history: steepest descent
+    assert coef[gram.g] == -1.0 and np.count_nonzero(coef) == 1 and gd < 0
 
 
 def _cfg(tmp_path, digits_path, extra=""):

@@ -2,9 +2,10 @@
 
 - Shards hold, each for its own range, every L-BFGS vector in float64: ``x`` (parameters),
   ``g`` (gradient), ``d`` (direction), ``xe``/``gt`` (the line search's trial point and its
-  gradient), ``q`` (two-loop work vector) and the history pairs ``s0..``, ``y0..``.  The
-  coordinator sends commands (dot, axpy, scale, copy, set the trial point, collect the batch
-  gradient, accept a step) and receives only scalars.
+  gradient) and the history pairs ``s0..``, ``y0..``.  The coordinator sends commands (form
+  the direction from coefficients, set the trial point, collect the batch gradient, accept
+  a step) and receives only scalars; it runs the two-loop recursion on the Gram matrix of
+  the pairs and the gradient (:class:`_Gram`), which each accepted step updates.
 - The batch gradient at a trial point is computed by the replicas on work portions of
   ``portion_size`` samples handed out by the coordinator (:class:`PortionScheduler`):
   sequential portions to the same replica, faster replicas get more, idle replicas get
@@ -108,12 +109,20 @@ class SandblasterShard(ShardServer):
         super().__init__(params_win, inbox_win, rank, lo, hi, slot_ranges, None, init,
                          bell=bell, landing=landing)
         n = hi - lo
-        self.v = {k: np.zeros(n) for k in ("x", "g", "d", "xe", "gt", "q")}
+        self.v = {k: np.zeros(n) for k in ("x", "g", "d", "xe", "gt")}
         self.v["x"][:] = init
         for i in range(history):
             self.v[f"s{i}"] = np.zeros(n)
             self.v[f"y{i}"] = np.zeros(n)
         self.acc = np.zeros(n)
+        # the L-BFGS basis, in the order of the coordinator's Gram matrix (see _Gram)
+        self.basis = ([f"s{i}" for i in range(history)] + [f"y{i}" for i in range(history)]
+                      + ["g"])
+
+    def rows(self, names):
+        """My part of the Gram matrix's rows for ``names``: their dot products with every
+        basis vector (summed over the shards by the coordinator)."""
+        return [[float(self.v[a] @ self.v[b]) for b in self.basis] for a in names]
 
     def _apply(self, grad, fetched, off=0, update=False):
         self.acc[off:off + len(grad)] += grad
@@ -121,13 +130,14 @@ class SandblasterShard(ShardServer):
 
     def command(self, cmd, args):
         v = self.v
-        if cmd == "dot":
-            return float(v[args[0]] @ v[args[1]])
-        if cmd == "axpy":                         # b += alpha * a
-            alpha, a, b = args
-            v[b] += alpha * v[a]
-        elif cmd == "scale":
-            v[args[1]] *= args[0]
+        if cmd == "direction":                    # d = sum of coefficient x basis vector
+            d = v["d"]
+            d[:] = 0
+            for c, name in zip(args[0], self.basis):
+                if c:
+                    d += c * v[name]
+        elif cmd == "gram":                       # the rows of the vectors named
+            return self.rows(args[0])
         elif cmd == "copy":
             v[args[1]][:] = v[args[0]]
         elif cmd == "set_eval":                   # xe = x + t d, published to the replicas
@@ -150,7 +160,7 @@ class SandblasterShard(ShardServer):
             np.subtract(v["gt"], v["g"], out=v[f"y{i}"])
             v["x"][:] = v["xe"]
             v["g"][:] = v["gt"]
-            return {"sy": float(v[f"s{i}"] @ v[f"y{i}"]), "yy": float(v[f"y{i}"] @ v[f"y{i}"])}
+            return self.rows([f"s{i}", f"y{i}", "g"])     # what changed in the Gram matrix
         elif cmd == "counts":
             return {"vectors": list(v), "applied": self.applied, "rejected": self.rejected}
         elif cmd == "publish":                    # after restoring: x is the point to serve
@@ -350,8 +360,50 @@ class _Shards:
             out.append(ctrl.recv(source=rank, tag=TAG_REPLY))
         return out
 
-    def dot(self, a, b) -> float:
-        return float(sum(self(("dot"), a, b)))
+
+class _Gram:
+    """The dot products of the L-BFGS basis (s_0..s_{m-1}, y_0..y_{m-1}, g), summed over the
+    shards: with it the coordinator runs the two-loop recursion on coefficients and the
+    shards form the direction in one command ("vector-free" L-BFGS, Chen et al., NeurIPS
+    2014), instead of a round trip to every shard for each of its 4m dots and axpys."""
+
+    def __init__(self, m: int, matrix=None):
+        self.m = m
+        self.G = np.zeros((2 * m + 1, 2 * m + 1)) if matrix is None else np.array(matrix)
+
+    def s(self, slot):
+        return slot
+
+    def y(self, slot):
+        return self.m + slot
+
+    @property
+    def g(self):
+        return 2 * self.m
+
+    def update(self, names, parts) -> None:
+        """Set the rows (and columns) of ``names`` from every shard's part of them."""
+        rows = np.sum(np.array(parts, dtype=np.float64), axis=0)
+        for name, row in zip(names, rows):
+            i = self.g if name == "g" else (self.m if name[0] == "y" else 0) + int(name[1:])
+            self.G[i, :] = row
+            self.G[:, i] = row
+
+    def direction(self, hist, gamma):
+        """The coefficients of d = -H g on the basis (two-loop recursion, Nocedal & Wright
+        Algorithm 7.4), and g.d."""
+        G, delta, alphas = self.G, np.zeros(len(self.G)), []
+        delta[self.g] = 1.0                          # q = g
+        for slot, rho in reversed(hist):
+            a = rho * float(delta @ G[:, self.s(slot)])
+            delta[self.y(slot)] -= a
+            alphas.append(a)
+        delta *= gamma
+        for (slot, rho), a in zip(hist, reversed(alphas)):
+            b = rho * float(delta @ G[:, self.y(slot)])
+            delta[self.s(slot)] += a - b
+        c = -delta
+        return c, float(c @ G[:, self.g])
 
 
 def wolfe_line_search(phi, f0, g0, t, c1=1e-4, c2=0.9, max_evals=20):
@@ -501,6 +553,7 @@ class _Coordinator:
         save_checkpoint(self.run.checkpoint, params, state, {
             "iterations": it, "evaluations": self.evals, "batch": self.batch, "objective": f,
             "gamma": gamma, "history": json.dumps(hist),
+            "gram": json.dumps(self.gram.G.tolist()),
             "rng": json.dumps(self.rng.bit_generator.state)}, self.cfg)
         return params
 
@@ -520,7 +573,14 @@ class _Coordinator:
         self.evals, self.batch = int(c["evaluations"]), int(c["batch"])
         self.rng.bit_generator.state = json.loads(c["rng"])
         hist = [tuple(h) for h in json.loads(c["history"])]
-        return float(c["objective"]), int(c["iterations"]), hist, float(c["gamma"])
+        m = self.cfg["optimizer"]["lbfgs_history"]
+        if "gram" in c:                  # exactly the dots the uninterrupted run goes on with
+            gram = _Gram(m, json.loads(c["gram"]))
+        else:                            # a checkpoint from before the Gram matrix was kept
+            gram = _Gram(m)
+            names = [f"{v}{i}" for v in "sy" for i in range(m)] + ["g"]
+            gram.update(names, self.shards("gram", names))
+        return float(c["objective"]), int(c["iterations"]), hist, float(c["gamma"]), gram
 
     def loop(self):
         o, r = self.cfg["optimizer"], self.cfg["run"]
@@ -531,39 +591,28 @@ class _Coordinator:
         last_eval = last_ckpt = t_start
         gamma, it, stop = 1.0, 0, "max_steps"
         hist: list[tuple[int, float]] = []     # (slot, rho), oldest first
+        gram = _Gram(m)
         if self.resume is not None:
-            f, it, hist, gamma = self._restore()
+            f, it, hist, gamma, gram = self._restore()
         else:
             # f and g at x0: evaluate at t = 0 (d is zero), then take it as the current point
-            sh("copy", "g", "d")
-            sh("scale", 0.0, "d")
+            sh("direction", [0.0] * len(gram.G))       # d = 0
             f, _ = self.batch_gradient(0.0)
             sh("copy", "gt", "g")
+            gram.update(["g"], sh("gram", ["g"]))
             self.run.log("train", replica=0, step=0, loss=f)
+        self.gram = gram
         while it < r["max_steps"]:
-            gg = sh.dot("g", "g")
+            gg = gram.G[gram.g, gram.g]
             if gg ** 0.5 <= 1e-7 * max(1.0, abs(f)):
                 stop = "converged"
                 break
-            # two-loop recursion on the shards: q = H g, d = -q
-            sh("copy", "g", "q")
-            alphas = []
-            for slot, rho in reversed(hist):
-                a = rho * sh.dot(f"s{slot}", "q")
-                sh("axpy", -a, f"y{slot}", "q")
-                alphas.append(a)
-            sh("scale", gamma, "q")
-            for (slot, rho), a in zip(hist, reversed(alphas)):
-                bta = rho * sh.dot(f"y{slot}", "q")
-                sh("axpy", a - bta, f"s{slot}", "q")
-            sh("copy", "q", "d")
-            sh("scale", -1.0, "d")
-            gd = sh.dot("g", "d")
+            coef, gd = gram.direction(hist, gamma)
             if gd >= 0:                        # not a descent direction: restart
                 hist = []
-                sh("copy", "g", "d")
-                sh("scale", -1.0, "d")
-                gd = -gg
+                coef, gd = np.zeros(len(gram.G)), -gg
+                coef[gram.g] = -1.0
+            sh("direction", coef.tolist())
             t0 = 1.0 if hist else min(1.0, 1.0 / max(gg ** 0.5, 1e-12))
             if o["batch_fraction"] < 1.0:
                 self.portions = self._portions()   # a new mini-batch for this iteration
@@ -574,8 +623,9 @@ class _Coordinator:
                 break
             free = sorted(set(range(m)) - {sl for sl, _ in hist})
             slot = free[0] if free else hist.pop(0)[0]
-            res = sh("accept", slot)
-            sy, yy = sum(x["sy"] for x in res), sum(x["yy"] for x in res)
+            names = [f"s{slot}", f"y{slot}", "g"]
+            gram.update(names, sh("accept", slot))
+            sy, yy = gram.G[gram.s(slot), gram.y(slot)], gram.G[gram.y(slot), gram.y(slot)]
             if sy > 1e-12 * yy and sy > 0:
                 hist.append((slot, 1.0 / sy))
                 gamma = sy / yy
