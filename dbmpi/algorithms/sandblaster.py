@@ -10,7 +10,8 @@
   ``portion_size`` samples handed out by the coordinator (:class:`PortionScheduler`):
   sequential portions to the same replica, faster replicas get more, idle replicas get
   backup copies of outstanding portions near the end, and the first result of a portion
-  wins.  Replicas fetch the trial point once per batch (RMA Get) and push the gradient sums
+  wins.  The shards Put each trial point into the replicas' landing windows (RMA) before
+  the coordinator starts the batch; replicas push the gradient sums
   of their accepted portions (RMA Put into their inbox slot) before a last-round portion,
   when they run out of work, and every ``push_every`` portions (1: each portion alone, so
   the shards' float64 sums, and a resumed run's trajectory, do not depend on timing) or,
@@ -32,6 +33,7 @@ from ..model import build
 from ..rundir import RunDir, save_checkpoint
 from ..mpiwait import Backoff
 from ..server import PSSetup, ShardServer
+from ..server.rma import settle
 from .common import Evaluator, Progress, stop_for_time
 
 __all__ = ["PortionScheduler", "run_sandblaster", "wolfe_line_search"]
@@ -105,9 +107,12 @@ class SandblasterShard(ShardServer):
     """A shard's slice of every L-BFGS vector, and the commands that operate on them."""
 
     def __init__(self, params_win, inbox_win, rank, lo, hi, slot_ranges, history, init,
-                 bell, landing):
+                 bell, landing, readers):
         super().__init__(params_win, inbox_win, rank, lo, hi, slot_ranges, None, init,
                          bell=bell, landing=landing)
+        # (rank, offset here, offset there, length): every replica partition's part of my
+        # range, which set_eval Puts into its landing window
+        self.readers = readers
         n = hi - lo
         self.v = {k: np.zeros(n) for k in ("x", "g", "d", "xe", "gt")}
         self.v["x"][:] = init
@@ -128,6 +133,17 @@ class SandblasterShard(ShardServer):
         self.acc[off:off + len(grad)] += grad
         self.applied += 1
 
+    def publish(self) -> None:
+        """Put the trial point into every replica's landing window, complete there before
+        the coordinator hears back (and only then starts the batch): no replica has to ask
+        for it, which over a network is a round trip to a shard that must be awake."""
+        from mpi4py import MPI
+        win = self.landing.win
+        settle([win.Rput(self.params[off:off + n], rank, target=(4 * there, n, MPI.FLOAT))
+                for rank, off, there, n in self.readers])
+        for rank in {r[0] for r in self.readers}:
+            win.Flush(rank)
+
     def command(self, cmd, args):
         v = self.v
         if cmd == "direction":                    # d = sum of coefficient x basis vector
@@ -145,6 +161,7 @@ class SandblasterShard(ShardServer):
             with self.seq.writing():
                 self.params[:] = v["xe"]
             self.acc[:] = 0
+            self.publish()
         elif cmd == "collect":                    # gt = (sum of pushed grads) / n + l2 xe
             n, l2 = args
             while self.poll():
@@ -176,10 +193,17 @@ def _make_shard(topo, cfg, net, ps):
     s = topo.index
     lo, hi = ps.ranges[s]
     init = ps.layout.init_range(net, cfg["optimizer"]["seed"], lo, hi)    # my range alone
+    readers = []
+    for reps in topo.replica_ranks:
+        for part, rank in enumerate(reps):
+            a, b = ps.layout.ranges[part]
+            x, y = max(a, lo), min(b, hi)
+            if x < y:
+                readers.append((rank, x - lo, x - a, y - x))
     return SandblasterShard(ps.pw[s], ps.iw[s], topo.shard_ranks[s], lo, hi,
                             ps.slot_ranges[s], cfg["optimizer"]["lbfgs_history"],
                             init.astype(np.float64), ps.bell if ps.rung[s] else None,
-                            ps.landing)
+                            ps.landing, readers)
 
 
 def _serve_shard(topo, shard):
@@ -224,11 +248,11 @@ def _run_replica(topo, cfg, client):
                        share=topo.model if P > 1 else None)   # one cache per node (Split)
     ps = o["portion_size"]
     slow = cfg["faults"]["slow_factor"] if cfg["faults"]["slow_replica"] == topo.index else 1.0
-    theta = client.theta                    # fetches land here (MPI memory)
+    theta = client.theta                    # the shards Put each trial point here
     acc = aligned.zeros(size)
     ctrl, rep = topo.ctrl, topo.index
     batch, accepted, pushed, pending = -1, 0, 0, None
-    stats = {"portions": 0, "compute_s": 0.0, "fetch_s": 0.0, "push_s": 0.0}
+    stats = {"portions": 0, "compute_s": 0.0, "push_s": 0.0}
 
     # the lead's running means of a portion's compute and of a push (its own clock decides
     # for every partition of the replica, so they all push together)
@@ -298,12 +322,9 @@ def _run_replica(topo, cfg, client):
                 mine["pushes_sent"] = sum(m["pushes_sent"] for m in allp)
                 ctrl.send(mine, dest=0, tag=TAG_REPLY)
             return
-        if kind == "batch":
+        if kind == "batch":      # the shards have Put the trial point into theta
             batch, accepted, pushed, pending = msg[1], 0, 0, None
             acc[:] = 0
-            t = time.perf_counter()
-            client.fetch(theta)
-            stats["fetch_s"] += time.perf_counter() - t
             if lead:
                 ctrl.send(("ready", batch, rep, 0), dest=0, tag=TAG_WORK)
             continue
