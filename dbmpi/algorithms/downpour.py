@@ -58,7 +58,7 @@ def make_shard(topo, cfg, net, ps, resume=None):
     init = layout.init_range(net, cfg["optimizer"]["seed"], lo, hi)    # my range alone
     server = ShardServer(ps.pw[s], ps.iw[s], topo.shard_ranks[s], lo, hi, ps.slot_ranges[s],
                          opt, init, bell=ps.bell if ps.rung[s] else None,
-                         landing=ps.landing, direct=direct_pushes(cfg))
+                         landing=ps.landing, outbox=ps.outbox, direct=direct_pushes(cfg))
     if resume is not None:
         server.restore(layout.take(resume["params"], lo, hi),
                        {k: layout.take(v, lo, hi) for k, v in resume["state"].items()},
@@ -165,7 +165,10 @@ def _run_replica(topo, cfg, net, client, resume=None):
                       share=topo.model if P > 1 else None)   # one cache per node (Split)
     theta = client.theta                    # fetches land here (MPI memory)
     acc, acc_empty = aligned.zeros(size), True
-    accbuf, gbuf = acc, aligned.empty(size)    # one buffer each, every step
+    # one buffer each, every step; the gradient's in my outbox where shards take it from
+    # there (attended), so a push of it is not copied
+    accbuf = acc
+    gbuf = client.outbox if client.outbox is not None else aligned.empty(size)
     lr = np.float32(o["learning_rate"])
     direct = client.direct_lr is not None
     scratch = None if direct else aligned.empty(size)    # the local update's, inbox mode

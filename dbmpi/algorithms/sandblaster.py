@@ -107,9 +107,9 @@ class SandblasterShard(ShardServer):
     """A shard's slice of every L-BFGS vector, and the commands that operate on them."""
 
     def __init__(self, params_win, inbox_win, rank, lo, hi, slot_ranges, history, init,
-                 bell, landing, readers):
+                 bell, landing, outbox, readers):
         super().__init__(params_win, inbox_win, rank, lo, hi, slot_ranges, None, init,
-                         bell=bell, landing=landing)
+                         bell=bell, landing=landing, outbox=outbox)
         # (rank, offset here, offset there, length): every replica partition's part of my
         # range, which set_eval Puts into its landing window
         self.readers = readers
@@ -203,7 +203,7 @@ def _make_shard(topo, cfg, net, ps):
     return SandblasterShard(ps.pw[s], ps.iw[s], topo.shard_ranks[s], lo, hi,
                             ps.slot_ranges[s], cfg["optimizer"]["lbfgs_history"],
                             init.astype(np.float64), ps.bell if ps.rung[s] else None,
-                            ps.landing, readers)
+                            ps.landing, ps.outbox, readers)
 
 
 def _serve_shard(topo, shard):
@@ -249,7 +249,9 @@ def _run_replica(topo, cfg, client):
     ps = o["portion_size"]
     slow = cfg["faults"]["slow_factor"] if cfg["faults"]["slow_replica"] == topo.index else 1.0
     theta = client.theta                    # the shards Put each trial point here
-    acc = aligned.zeros(size)
+    # the held sums; in my outbox where shards take pushes from there (attended): no copy
+    acc = client.outbox if client.outbox is not None else aligned.zeros(size)
+    acc[:] = 0
     ctrl, rep = topo.ctrl, topo.index
     batch, accepted, pushed, pending = -1, 0, 0, None
     stats = {"portions": 0, "compute_s": 0.0, "push_s": 0.0}

@@ -9,13 +9,13 @@ Two ways to reach a shard, chosen per client-shard pair at start-up
   the client itself with ``Accumulate`` inside the seqlock's write section, so the shard
   computes nothing; Adagrad pushes go through the inbox.
 - *attended*: the shard's MPI library does the RMA work in software (TCP).  The client
-  rings the shard's bell before a push and after it, so the shard drives progress for
-  exactly that long; every push goes through the inbox as a ``Put`` (plain SGD sends the
-  update itself, ``-lr x gradient``, which the shard adds), never as a software
-  ``Accumulate``, which runs at a tenth of a ``Put``'s speed there.  A fetch asks the
-  shard to ``Put`` its slice into this client's landing window (``theta``), and waits for
-  its answer, driving progress meanwhile: over TCP a ``Get`` runs at a quarter of a
-  ``Put``'s speed.
+  rings the shard's bell and waits for its answer, driving its own side meanwhile; the
+  shard does the RMA.  A push: the client leaves its part in its outbox window and rings;
+  the shard ``Get``s it into the client's inbox slot and answers (plain SGD sends the
+  update itself, ``-lr x gradient``, which the shard adds: never a software
+  ``Accumulate``, which runs at a tenth of a ``Put``'s speed there).  A fetch: the shard
+  ``Put``s its slice into this client's landing window (``theta``) and answers.  Neither
+  side calls ``Win_flush``, which MPI implementations busy-poll.
 
 Either way a fetch of shard s sees one version of it (never half an update), and each push
 a shard takes is applied exactly once, as one update.  Staleness of a push = the shard's
@@ -24,13 +24,12 @@ version when it is applied minus the version the client fetched.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import numpy as np
 
 from ..optim import all_finite
 from .rma import FLAG, HEADER, Atomics, SeqLock, inbox_slots, settle
-from .shard import BELL_ATTEND, BELL_FETCH, BELL_FETCHED, BELL_RELEASE, GRADIENT, UPDATE
+from .shard import (BELL_FETCH, BELL_FETCHED, BELL_PUSH, BELL_TAKEN, BELL_WORDS, GRADIENT,
+                    UPDATE)
 
 __all__ = ["PSClient"]
 
@@ -53,12 +52,14 @@ class PSClient:
     direct_lr : set for plain SGD: pushes carry ``-lr x gradient``
     attended : indices of the shards I must ring (see the module doc); ``bell`` their bell
     landing : my landing window, ``4 x (hi - lo)`` bytes: :attr:`theta` lives there
+    outbox : my outbox window, as large, where attended shards take my pushes from
+        (:attr:`outbox`: a push of that very array is not copied)
     """
 
     def __init__(self, params_wins, inbox_wins, ranges, shard_ranks, rank: int, client: int,
                  lo: int = 0, hi: int | None = None, slot_ranges=None,
                  direct_lr: float | None = None, attended=frozenset(), bell=None,
-                 landing=None, max_staleness_bins: int = 64):
+                 landing=None, outbox=None, max_staleness_bins: int = 64):
         self.pw, self.iw = params_wins, inbox_wins
         self.direct_lr = direct_lr
         self.ranges, self.shard_ranks = ranges, shard_ranks
@@ -85,34 +86,23 @@ class PSClient:
         self.staleness = np.zeros(max_staleness_bins, dtype=np.int64)   # of direct pushes
         self._meta = {s: np.zeros(3, dtype=np.int64) for s, *_ in self.parts}
         self._scaled = None
-        self._bell = np.zeros(3, dtype=np.int64)
-        self._asks = {s: np.zeros(3, dtype=np.int64) for s in self.attended}
+        self._asks = {s: np.zeros(BELL_WORDS, dtype=np.int64) for s in self.attended}
         self._answers = {s: np.zeros(1, dtype=np.int64) for s in self.attended}
         self.landing = landing
         # my copy of the parameters: fetches land here (in MPI memory when I have a window)
         self.theta = (landing.view(0, self.hi - self.lo, np.float32) if landing is not None
                       else np.empty(self.hi - self.lo, dtype=np.float32))
+        self._outbox = outbox
+        self.outbox = (outbox.view(0, self.hi - self.lo, np.float32)
+                       if outbox is not None and outbox.nbytes else None)
+        if self.outbox is not None:
+            outbox.lock_all()          # for Win.Sync: my stores, then the shards' Gets
         for w in list(params_wins) + list(inbox_wins):
             w.lock_all()
         # the seqlocks of the shards I read and write myself (passive); slot flags
         self._seq = {s: SeqLock(self.pw[s], shard_ranks[s], rank + 1) for s, *_ in self.parts
                      if s not in self.attended}
         self._flags = {s: Atomics(self.iw[s], shard_ranks[s]) for s in self.slot}
-
-    @contextmanager
-    def _attend(self, shards):
-        """Ring the attended ones among ``shards`` for the length of the block (a push)."""
-        ring = [self.shard_ranks[s] for s in shards if s in self.attended]
-        if not ring:
-            yield
-            return
-        MPI = _mpi()
-        reqs = [self.bell.Isend(self._bell, dest=r, tag=BELL_ATTEND) for r in ring]
-        try:
-            yield
-        finally:
-            reqs += [self.bell.Isend(self._bell, dest=r, tag=BELL_RELEASE) for r in ring]
-            MPI.Request.Waitall(reqs)      # tiny messages: sent at once
 
     def fetch(self, out: np.ndarray | None = None) -> np.ndarray:
         """Read my slice of the parameters into :attr:`theta` (and copy it to ``out`` if
@@ -122,7 +112,7 @@ class PSClient:
         asked = [p for p in self.parts if p[0] in self.attended]
         reqs = []
         for s, off, mine, n in asked:         # every attended shard starts at once
-            self._asks[s][:] = (off, mine, n)
+            self._asks[s][:3] = (off, mine, n)
             rank = self.shard_ranks[s]
             reqs.append(self.bell.Irecv(self._answers[s], source=rank, tag=BELL_FETCHED))
             reqs.append(self.bell.Isend(self._asks[s], dest=rank, tag=BELL_FETCH))
@@ -158,15 +148,14 @@ class PSClient:
         if self.direct_lr is None and len(self.slot) < len(self.parts):
             raise RuntimeError(f"client {self.client} has no inbox slot at some of its shards "
                                "and pushes no direct updates")
-        taken = []
-        with self._attend([p[0] for p in self.parts]):
-            inbox = [p for p in self.parts if p[0] in self.slot]
-            for s, off, mine, n in self._push_inbox(inbox, send, kind):
+        taken = [(mine, n) for _, _, mine, n in self._push_pulled(
+            [p for p in self.parts if p[0] in self.attended], send, kind)]
+        inbox = [p for p in self.parts if p[0] in self.slot and p[0] not in self.attended]
+        for s, off, mine, n in self._push_inbox(inbox, send, kind):
+            taken.append((mine, n))
+        for s, off, mine, n in self.parts:
+            if s not in self.slot and self._push_direct(s, off, send[mine:mine + n], finite):
                 taken.append((mine, n))
-            for s, off, mine, n in self.parts:
-                if s not in self.slot and self._push_direct(s, off, send[mine:mine + n],
-                                                            finite):
-                    taken.append((mine, n))
         self.push_attempts += len(self.parts)
         self.pushes_sent += len(taken)
         if len(taken) == len(self.parts):
@@ -175,23 +164,38 @@ class PSClient:
             acc[mine:mine + n] = 0
         return False
 
-    def _settle(self, reqs, shards) -> None:
-        """Wait for ``reqs`` (to ``shards``): yielding the core if any shard is attended."""
-        if any(s in self.attended for s in shards):
-            settle(reqs)
-        else:
-            _mpi().Request.Waitall(reqs)
+    def _push_pulled(self, parts, send: np.ndarray, kind: int):
+        """Ring each attended shard in ``parts`` to take its part of ``send`` from my outbox,
+        all at once; wait (driving my side of their Gets) until each has it.  Returns the
+        parts, all taken."""
+        if not parts:
+            return []
+        if self.outbox is None:
+            raise RuntimeError(f"client {self.client} pushes to attended shards but has no "
+                               "outbox window")
+        if not np.shares_memory(send, self.outbox):
+            for _, _, mine, n in parts:
+                self.outbox[mine:mine + n] = send[mine:mine + n]
+        self._outbox.win.Sync()
+        reqs = []
+        for s, off, mine, n in parts:
+            self._asks[s][:] = (off, mine, n, self.client, kind, self.fetched_version[s])
+            rank = self.shard_ranks[s]
+            reqs.append(self.bell.Irecv(self._answers[s], source=rank, tag=BELL_TAKEN))
+            reqs.append(self.bell.Isend(self._asks[s], dest=rank, tag=BELL_PUSH))
+        settle(reqs)
+        return parts
 
     def _push_inbox(self, parts, send: np.ndarray, kind: int):
-        """Hand each part over through my slot at its shard, where the shard has emptied
-        it; every step goes to all the shards at once (three rounds, not three a shard).
-        Returns the parts taken."""
+        """Hand each part over through my slot at its (passive) shard, where the shard has
+        emptied it; every step goes to all the shards at once (three rounds, not three a
+        shard).  Returns the parts taken."""
         if not parts:
             return []
         MPI = _mpi()
         shards = [p[0] for p in parts]
-        self._settle([self._flags[s].start(self.slot[s] + FLAG, 0, MPI.NO_OP)
-                      for s in shards], shards)
+        MPI.Request.Waitall([self._flags[s].start(self.slot[s] + FLAG, 0, MPI.NO_OP)
+                             for s in shards])
         free = [p for p in parts if not self._flags[p[0]].result()]   # else not taken yet
         reqs = []
         for s, off, mine, n in free:
@@ -199,11 +203,11 @@ class PSClient:
             self._meta[s][:] = (self.fetched_version[s], off, n)
             reqs += [win.Rput(send[mine:mine + n], rank, target=(slot + HEADER, n, MPI.FLOAT)),
                      win.Rput(self._meta[s], rank, target=(slot + 8, 3, MPI.INT64_T))]
-        self._settle(reqs, shards)
+        MPI.Request.Waitall(reqs)
         for s, *_ in free:                 # the data lands before the flag that hands it over
             self.iw[s].win.Flush(self.shard_ranks[s])
-        self._settle([self._flags[s].start(self.slot[s] + FLAG, kind, MPI.REPLACE)
-                      for s, *_ in free], shards)
+        MPI.Request.Waitall([self._flags[s].start(self.slot[s] + FLAG, kind, MPI.REPLACE)
+                             for s, *_ in free])
         return free
 
     def _push_direct(self, s: int, off: int, delta: np.ndarray, finite: bool) -> bool:

@@ -51,19 +51,25 @@ class PSSetup:
                                   if mine else 0))
         self.bell = comm.Dup()
         me = comm.Get_rank()
-        # each client's copy of its slice, where attended shards Put its fetches
+        # each client's copy of its slice, where attended shards Put its fetches (and the
+        # shards of Sandblaster each trial point)
         lo, hi = {"replica": self.layout.ranges[topo.partition] if topo.role == "replica"
                   else (0, 0), "coordinator": (0, net.num_params)}.get(topo.role, (0, 0))
         self.landing = Window(comm, 4 * (hi - lo))
+        # a replica partition's pushes, where the shards it attends take them from
+        self.outbox = Window(comm, 4 * (hi - lo) if topo.role == "replica" and attended[me]
+                             else 0)
         self.client = None
         if topo.role == "replica":
             self.client = PSClient(self.pw, self.iw, self.ranges, topo.shard_ranks, me,
                                    topo.index * topo.partitions + topo.partition, lo, hi,
                                    slot_ranges=self.slot_ranges, direct_lr=direct_lr,
-                                   attended=attended[me], bell=self.bell, landing=self.landing)
+                                   attended=attended[me], bell=self.bell, landing=self.landing,
+                                   outbox=self.outbox)
         elif topo.role == "coordinator":
             self.client = PSClient(self.pw, self.iw, self.ranges, topo.shard_ranks, me, 0,
-                                   attended=attended[me], bell=self.bell, landing=self.landing)
+                                   attended=attended[me], bell=self.bell, landing=self.landing,
+                                   outbox=self.outbox)
 
     def start(self, topo) -> None:
         """Collective: shards have initialised their memory before anyone reads it."""
@@ -72,6 +78,6 @@ class PSSetup:
     def free(self) -> None:
         """Collective; only on success (after an error the launcher aborts the job, and a
         rank waiting in a collective would hang)."""
-        for w in self.pw + self.iw + [self.landing]:
+        for w in self.pw + self.iw + [self.landing, self.outbox]:
             w.free()
         self.bell.Free()
