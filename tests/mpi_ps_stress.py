@@ -2,13 +2,14 @@
 servers with random delays and check every fetch for torn shards; the coordinator drains
 the shards and prints JSON with the final parameters' exactness.
 
-Usage: mpiexec -n (1 + SHARDS + REPLICAS) python tests/mpi_ps_stress.py SHARDS REPLICAS PUSHES N [NAN_EVERY [MODE [PROGRESS]]]
+Usage: mpiexec -n (1 + SHARDS + REPLICAS) python tests/mpi_ps_stress.py SHARDS REPLICAS PUSHES N [NAN_EVERY [MODE [PROGRESS [PULL_MAX_BYTES]]]]
 
 With NAN_EVERY > 0, replica 0 also pushes, on its own, a gradient holding a NaN every
 NAN_EVERY pushes: each must be rejected whole and leave the parameters unchanged.  MODE is
 ``direct`` (replicas Accumulate into the shards themselves) or ``inbox`` (the shards apply);
 PROGRESS is ``cluster.ps_progress`` (auto, passive or attended: replicas ring the shards and
-push through their inboxes even in direct mode).
+push through their inboxes even in direct mode); PULL_MAX_BYTES, the largest attended push
+part the shards Get (larger ones the replicas Put).
 """
 
 import json
@@ -22,6 +23,7 @@ from dbmpi.algorithms.downpour import (TAGS, _poll_recv, direct_pushes, make_sha
                                       request_snapshots, serve_shard)
 from dbmpi.config import parse
 from dbmpi.server import PSSetup
+from dbmpi.server.shard import PULL_MAX_BYTES
 from dbmpi.topology import Topology
 
 
@@ -45,6 +47,7 @@ def main():
     nan_every = int(sys.argv[5]) if len(sys.argv) > 5 else 0
     mode = sys.argv[6] if len(sys.argv) > 6 else "direct"
     progress = sys.argv[7] if len(sys.argv) > 7 else "auto"
+    pull_max = int(sys.argv[8]) if len(sys.argv) > 8 else PULL_MAX_BYTES
     cfg = parse({"model": {"input_shape": [1, 1, 1], "layers": [{"type": "softmax", "classes": 2}]},
                  "optimizer": {"algorithm": "downpour", "learning_rate": 1.0,
                                "direct_push": mode == "direct"},
@@ -52,7 +55,7 @@ def main():
     world = MPI.COMM_WORLD
     topo = Topology.split(world, cfg)
     net = ZeroNet(n)
-    ps = PSSetup(topo, net, 1.0 if direct_pushes(cfg) else None, progress)
+    ps = PSSetup(topo, net, 1.0 if direct_pushes(cfg) else None, progress, pull_max)
     ranges = ps.ranges
     if topo.role == "shard":
         server = make_shard(topo, cfg, net, ps)
@@ -89,6 +92,7 @@ def main():
             while not empty:                   # deliver the rest, retrying while slots are full
                 empty = client.push(acc)
                 time.sleep(0.001)
+            client.wait_applied()
             topo.ctrl.send({"replica": topo.index, "total": total, "torn": torn,
                             "sent": client.pushes_sent, "nans": nans,
                             "rejected": client.rejected}, dest=0, tag=TAGS["DONE"])

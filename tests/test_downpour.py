@@ -12,14 +12,19 @@ def _cfg(tmp_path, digits_path, name="digits_downpour.toml"):
     return job_config(tmp_path, digits_path, name)
 
 
-@pytest.mark.parametrize("shards,replicas,nan_every,mode", [
-    (2, 3, 0, "direct"), (3, 2, 0, "inbox"), (3, 4, 25, "direct"), (2, 3, 25, "inbox")])
-def test_no_update_lost_or_applied_twice_and_no_torn_fetch(shards, replicas, nan_every, mode):
+@pytest.mark.parametrize("shards,replicas,nan_every,mode,how", [
+    (2, 3, 0, "direct", ()), (3, 2, 0, "inbox", ()), (3, 4, 25, "direct", ()),
+    (2, 3, 25, "inbox", ()),
+    # every pair attended, whatever the transport: parts the shards Get, parts replicas Put
+    (2, 3, 25, "direct", ("attended",)), (2, 3, 25, "inbox", ("attended", 0))],
+    ids=["direct", "inbox", "direct-nan", "inbox-nan", "attended-pulled", "attended-put"])
+def test_no_update_lost_or_applied_twice_and_no_torn_fetch(shards, replicas, nan_every, mode,
+                                                           how):
     """Stress: many replicas push known integers (n_push = 1, random delays) into several
     shards, applied by the replicas (direct) or the shards (inbox); with nan_every, NaN
     pushes too, which must be rejected whole."""
     r = run_mpi(1 + shards + replicas, ROOT / "tests" / "mpi_ps_stress.py", shards, replicas,
-                300, 10007, nan_every, mode, module=False, timeout=150)
+                300, 10007, nan_every, mode, *how, module=False, timeout=150)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["min"] == out["max"] == out["expected"], out   # exact integer sum
@@ -190,6 +195,17 @@ def test_raw_rma_baseline_reports_put_and_get():
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["floats"] == 1000 and out["repeats"] == 3
     assert out["put_ms"] > 0 and out["get_ms"] > 0
+
+
+def test_raw_push_compares_a_flushed_put_with_the_shards_get():
+    """The attended push's physical comparison: Put + Win_flush by the replicas against the
+    shards' Get of the same bytes, rounds alternating, as JSON."""
+    r = run_mpi(5, ROOT / "jobs" / "raw_push.py", 1000, 4, module=False, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["floats"] == 1000 and out["replicas"] == 2
+    assert out["flush_ms"] > 0 and out["pull_ms"] > 0
+    assert out["flush_over_pull"] == out["flush_ms"] / out["pull_ms"]
 
 
 def test_raw_steps_of_two_replicas_report_each_step_and_the_rate():

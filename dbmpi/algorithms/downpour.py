@@ -246,6 +246,7 @@ def _run_replica(topo, cfg, net, client, resume=None):
     if not acc_empty and all_finite(acc) and np.any(acc):
         # offer what is left once; what no shard had room for is dropped
         client.push(acc, finite=True, update=direct)
+    client.wait_applied()       # before the coordinator drains the shards
     wall = time.perf_counter() - t0
     mine = {"pushes_sent": client.pushes_sent, "push_attempts": client.push_attempts,
             "nonfinite_dropped": dropped, "pushes_rejected": client.rejected,

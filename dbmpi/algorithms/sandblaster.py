@@ -296,6 +296,7 @@ def _run_replica(topo, cfg, client):
         backoff = Backoff(lo=5e-5, hi=1e-3)
         while not client.push(acc):      # my slot is still full: wait for the shard
             backoff.idle()
+        client.wait_applied()            # before the coordinator collects the sums
         acc[:] = 0
         pushed = accepted
         if P > 1:

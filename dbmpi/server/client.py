@@ -9,13 +9,14 @@ Two ways to reach a shard, chosen per client-shard pair at start-up
   the client itself with ``Accumulate`` inside the seqlock's write section, so the shard
   computes nothing; Adagrad pushes go through the inbox.
 - *attended*: the shard's MPI library does the RMA work in software (TCP).  The client
-  rings the shard's bell and waits for its answer, driving its own side meanwhile; the
-  shard does the RMA.  A push: the client leaves its part in its outbox window and rings;
-  the shard ``Get``s it into the client's inbox slot and answers (plain SGD sends the
+  rings the shard's bell and waits for its answer, driving its own side meanwhile.  A
+  push part up to ``PULL_MAX_BYTES``: the client leaves it in its outbox window and rings;
+  the shard ``Get``s it into the client's inbox slot and answers, and nobody calls
+  ``Win_flush``, which MPI implementations busy-poll.  A larger part the client ``Put``s
+  into its slot between two rings, while the shard keeps calling MPI.  Plain SGD sends the
   update itself, ``-lr x gradient``, which the shard adds: never a software
-  ``Accumulate``, which runs at a tenth of a ``Put``'s speed there).  A fetch: the shard
-  ``Put``s its slice into this client's landing window (``theta``) and answers.  Neither
-  side calls ``Win_flush``, which MPI implementations busy-poll.
+  ``Accumulate``, which runs at a tenth of a ``Put``'s speed there.  A fetch: the shard
+  ``Put``s its slice into this client's landing window (``theta``) and answers.
 
 Either way a fetch of shard s sees one version of it (never half an update), and each push
 a shard takes is applied exactly once, as one update.  Staleness of a push = the shard's
@@ -28,8 +29,8 @@ import numpy as np
 
 from ..optim import all_finite
 from .rma import FLAG, HEADER, Atomics, SeqLock, inbox_slots, settle
-from .shard import (BELL_FETCH, BELL_FETCHED, BELL_PUSH, BELL_TAKEN, BELL_WORDS, GRADIENT,
-                    UPDATE)
+from .shard import (BELL_FETCH, BELL_FETCHED, BELL_PUSH, BELL_PUT, BELL_PUT_DONE, BELL_TAKEN,
+                    BELL_WORDS, GRADIENT, PULL_MAX_BYTES, UPDATE)
 
 __all__ = ["PSClient"]
 
@@ -52,14 +53,15 @@ class PSClient:
     direct_lr : set for plain SGD: pushes carry ``-lr x gradient``
     attended : indices of the shards I must ring (see the module doc); ``bell`` their bell
     landing : my landing window, ``4 x (hi - lo)`` bytes: :attr:`theta` lives there
-    outbox : my outbox window, as large, where attended shards take my pushes from
-        (:attr:`outbox`: a push of that very array is not copied)
+    outbox : my outbox window, as large, where attended shards take my push parts of up to
+        ``pull_max_bytes`` from (:attr:`outbox`: a push of that very array is not copied)
     """
 
     def __init__(self, params_wins, inbox_wins, ranges, shard_ranks, rank: int, client: int,
                  lo: int = 0, hi: int | None = None, slot_ranges=None,
                  direct_lr: float | None = None, attended=frozenset(), bell=None,
-                 landing=None, outbox=None, max_staleness_bins: int = 64):
+                 landing=None, outbox=None, pull_max_bytes: int = PULL_MAX_BYTES,
+                 max_staleness_bins: int = 64):
         self.pw, self.iw = params_wins, inbox_wins
         self.direct_lr = direct_lr
         self.ranges, self.shard_ranks = ranges, shard_ranks
@@ -87,12 +89,14 @@ class PSClient:
         self._meta = {s: np.zeros(3, dtype=np.int64) for s, *_ in self.parts}
         self._scaled = None
         self._asks = {s: np.zeros(BELL_WORDS, dtype=np.int64) for s in self.attended}
+        self._taken = {s: np.zeros(1, dtype=np.int64) for s in self.attended}
+        self._applying = {s: [] for s in self.attended}   # a large part's answer and rings
         self._answers = {s: np.zeros(1, dtype=np.int64) for s in self.attended}
         self.landing = landing
         # my copy of the parameters: fetches land here (in MPI memory when I have a window)
         self.theta = (landing.view(0, self.hi - self.lo, np.float32) if landing is not None
                       else np.empty(self.hi - self.lo, dtype=np.float32))
-        self._outbox = outbox
+        self._outbox, self.pull_max_bytes = outbox, pull_max_bytes
         self.outbox = (outbox.view(0, self.hi - self.lo, np.float32)
                        if outbox is not None and outbox.nbytes else None)
         if self.outbox is not None:
@@ -148,7 +152,7 @@ class PSClient:
         if self.direct_lr is None and len(self.slot) < len(self.parts):
             raise RuntimeError(f"client {self.client} has no inbox slot at some of its shards "
                                "and pushes no direct updates")
-        taken = [(mine, n) for _, _, mine, n in self._push_pulled(
+        taken = [(mine, n) for _, _, mine, n in self._push_attended(
             [p for p in self.parts if p[0] in self.attended], send, kind)]
         inbox = [p for p in self.parts if p[0] in self.slot and p[0] not in self.attended]
         for s, off, mine, n in self._push_inbox(inbox, send, kind):
@@ -164,27 +168,55 @@ class PSClient:
             acc[mine:mine + n] = 0
         return False
 
-    def _push_pulled(self, parts, send: np.ndarray, kind: int):
-        """Ring each attended shard in ``parts`` to take its part of ``send`` from my outbox,
-        all at once; wait (driving my side of their Gets) until each has it.  Returns the
+    def _push_attended(self, parts, send: np.ndarray, kind: int):
+        """Hand each part to its attended shard, all shards at once: the small ones the
+        shard Gets from my outbox, and I wait (yielding, driving my side of the Gets) for
+        its answer; the large ones I Put into my slot, and the shard's answer (applied)
+        is waited for at my next push there, or by :meth:`wait_applied`.  Returns the
         parts, all taken."""
         if not parts:
             return []
-        if self.outbox is None:
-            raise RuntimeError(f"client {self.client} pushes to attended shards but has no "
-                               "outbox window")
-        if not np.shares_memory(send, self.outbox):
-            for _, _, mine, n in parts:
-                self.outbox[mine:mine + n] = send[mine:mine + n]
-        self._outbox.win.Sync()
+        MPI = _mpi()
+        pulled = [p for p in parts if 4 * p[3] <= self.pull_max_bytes]
+        put = [p for p in parts if 4 * p[3] > self.pull_max_bytes]
+        if pulled:
+            if self.outbox is None:
+                raise RuntimeError(f"client {self.client} pushes to attended shards but has "
+                                   "no outbox window")
+            if not np.shares_memory(send, self.outbox):
+                for _, _, mine, n in pulled:
+                    self.outbox[mine:mine + n] = send[mine:mine + n]
+            self._outbox.win.Sync()
+        if any(self._applying[s] for s, *_ in put):     # my slot there: the last part applied
+            settle([r for s, *_ in put for r in self._applying[s]])
         reqs = []
         for s, off, mine, n in parts:
             self._asks[s][:] = (off, mine, n, self.client, kind, self.fetched_version[s])
             rank = self.shard_ranks[s]
-            reqs.append(self.bell.Irecv(self._answers[s], source=rank, tag=BELL_TAKEN))
-            reqs.append(self.bell.Isend(self._asks[s], dest=rank, tag=BELL_PUSH))
+            answer = self.bell.Irecv(self._taken[s], source=rank, tag=BELL_TAKEN)
+            if 4 * n <= self.pull_max_bytes:
+                reqs += [answer, self.bell.Isend(self._asks[s], dest=rank, tag=BELL_PUSH)]
+            else:
+                self._applying[s] = [answer, self.bell.Isend(self._asks[s], dest=rank,
+                                                             tag=BELL_PUT)]
+        if put:
+            settle([self.iw[s].win.Rput(send[mine:mine + n], self.shard_ranks[s],
+                                        target=(self.slot[s] + HEADER, n, MPI.FLOAT))
+                    for s, off, mine, n in put])
+            for s, *_ in put:
+                self.iw[s].win.Flush(self.shard_ranks[s])
+                self._applying[s].append(self.bell.Isend(self._asks[s], dest=self.shard_ranks[s],
+                                                         tag=BELL_PUT_DONE))
         settle(reqs)
         return parts
+
+    def wait_applied(self) -> None:
+        """Until every shard has applied every part I pushed (the large attended parts are
+        applied after :meth:`push` returns)."""
+        pending = [r for reqs in self._applying.values() for r in reqs]
+        if pending:
+            settle(pending)
+        self._applying = {s: [] for s in self._applying}
 
     def _push_inbox(self, parts, send: np.ndarray, kind: int):
         """Hand each part over through my slot at its (passive) shard, where the shard has

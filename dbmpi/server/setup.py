@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .client import PSClient
 from .rma import Window, inbox_slots, probe_progress
+from .shard import PULL_MAX_BYTES
 
 __all__ = ["PSSetup"]
 
@@ -16,10 +17,12 @@ class PSSetup:
     Collective over ``topo.rma``.  ``direct_lr``: plain SGD, whose passive pushes the
     clients apply themselves (then only attended clients get inbox slots).  ``progress``:
     ``auto`` (probe each pair), ``passive`` or ``attended`` (see
-    :func:`~dbmpi.server.rma.probe_progress`).
+    :func:`~dbmpi.server.rma.probe_progress`).  ``pull_max_bytes``: attended push parts up
+    to this size are taken by the shard (see :mod:`dbmpi.server.shard`).
     """
 
-    def __init__(self, topo, net, direct_lr: float | None = None, progress: str = "auto"):
+    def __init__(self, topo, net, direct_lr: float | None = None, progress: str = "auto",
+                 pull_max_bytes: int = PULL_MAX_BYTES):
         from ..model.partition import Identity, Layout
         from ..topology import shard_ranges
         # the shards hold the vector partition-major
@@ -56,20 +59,22 @@ class PSSetup:
         lo, hi = {"replica": self.layout.ranges[topo.partition] if topo.role == "replica"
                   else (0, 0), "coordinator": (0, net.num_params)}.get(topo.role, (0, 0))
         self.landing = Window(comm, 4 * (hi - lo))
-        # a replica partition's pushes, where the shards it attends take them from
-        self.outbox = Window(comm, 4 * (hi - lo) if topo.role == "replica" and attended[me]
-                             else 0)
+        # a replica partition's pushes, where the shards it attends take the small ones from
+        pulled = topo.role == "replica" and any(
+            0 < min(b, hi) - max(a, lo) <= pull_max_bytes // 4
+            for s, (a, b) in enumerate(self.ranges) if s in attended[me])
+        self.outbox = Window(comm, 4 * (hi - lo) if pulled else 0)
         self.client = None
         if topo.role == "replica":
             self.client = PSClient(self.pw, self.iw, self.ranges, topo.shard_ranks, me,
                                    topo.index * topo.partitions + topo.partition, lo, hi,
                                    slot_ranges=self.slot_ranges, direct_lr=direct_lr,
                                    attended=attended[me], bell=self.bell, landing=self.landing,
-                                   outbox=self.outbox)
+                                   outbox=self.outbox, pull_max_bytes=pull_max_bytes)
         elif topo.role == "coordinator":
             self.client = PSClient(self.pw, self.iw, self.ranges, topo.shard_ranks, me, 0,
                                    attended=attended[me], bell=self.bell, landing=self.landing,
-                                   outbox=self.outbox)
+                                   outbox=self.outbox, pull_max_bytes=pull_max_bytes)
 
     def start(self, topo) -> None:
         """Collective: shards have initialised their memory before anyone reads it."""
