@@ -11,9 +11,10 @@
   sequential portions to the same replica, faster replicas get more, idle replicas get
   backup copies of outstanding portions near the end, and the first result of a portion
   wins.  The shards Put each trial point into the replicas' landing windows (RMA) before
-  the coordinator starts the batch; replicas push the gradient sums
-  of their accepted portions (RMA Put into their inbox slot) before a last-round portion,
-  when they run out of work, and every ``push_every`` portions (1: each portion alone, so
+  the coordinator starts the batch; replicas push the gradient sums of their accepted
+  portions (into their inbox slot, by RMA: see :mod:`dbmpi.server`) before a last-round
+  portion, when they run out of work, and every ``push_every`` portions (1: each portion
+  alone, so
   the shards' float64 sums, and a resumed run's trajectory, do not depend on timing) or,
   with 0, before any portion they expect to take longer than the push (running means of
   both): a fast transport then pushes every portion and a slow one (TCP) a few times a

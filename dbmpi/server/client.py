@@ -88,7 +88,10 @@ class PSClient:
         self.staleness = np.zeros(max_staleness_bins, dtype=np.int64)   # of direct pushes
         self._meta = {s: np.zeros(3, dtype=np.int64) for s, *_ in self.parts}
         self._scaled = None
+        # what I ring with: a push's words stay in use until its part is applied (a large
+        # part's two rings), so fetches have their own
         self._asks = {s: np.zeros(BELL_WORDS, dtype=np.int64) for s in self.attended}
+        self._fetch_asks = {s: np.zeros(BELL_WORDS, dtype=np.int64) for s in self.attended}
         self._taken = {s: np.zeros(1, dtype=np.int64) for s in self.attended}
         self._applying = {s: [] for s in self.attended}   # a large part's answer and rings
         self._answers = {s: np.zeros(1, dtype=np.int64) for s in self.attended}
@@ -116,10 +119,10 @@ class PSClient:
         asked = [p for p in self.parts if p[0] in self.attended]
         reqs = []
         for s, off, mine, n in asked:         # every attended shard starts at once
-            self._asks[s][:3] = (off, mine, n)
+            self._fetch_asks[s][:3] = (off, mine, n)
             rank = self.shard_ranks[s]
             reqs.append(self.bell.Irecv(self._answers[s], source=rank, tag=BELL_FETCHED))
-            reqs.append(self.bell.Isend(self._asks[s], dest=rank, tag=BELL_FETCH))
+            reqs.append(self.bell.Isend(self._fetch_asks[s], dest=rank, tag=BELL_FETCH))
         for s, off, mine, n in self.parts:
             if s not in self.attended:
                 rank, win = self.shard_ranks[s], self.pw[s].win

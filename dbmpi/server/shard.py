@@ -259,8 +259,8 @@ class ShardServer:
         return done
 
     # a shard that clients ring naps at most this long: a client's bell waits for the nap
-    # to end, and on a node that spends
-    # 2 ms of every 30 ms step on it, a few thousand cheap wake-ups a second cost less
+    # to end, and on a node that spends 2 ms of every 30 ms step on it, a few thousand
+    # cheap wake-ups a second cost less
     ATTENDED_NAP_S = 2e-4
 
     def backoff(self, lo: float = 2e-4, hi: float = 2e-3):
