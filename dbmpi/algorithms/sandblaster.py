@@ -34,7 +34,7 @@ from ..model import build
 from ..rundir import RunDir, save_checkpoint
 from ..mpiwait import Backoff
 from ..server import PSSetup, ShardServer
-from ..server.rma import settle
+from ..server.rma import overlaps, settle
 from .common import Evaluator, Progress, stop_for_time
 
 __all__ = ["PortionScheduler", "run_sandblaster", "wolfe_line_search"]
@@ -194,13 +194,10 @@ def _make_shard(topo, cfg, net, ps):
     s = topo.index
     lo, hi = ps.ranges[s]
     init = ps.layout.init_range(net, cfg["optimizer"]["seed"], lo, hi)    # my range alone
-    readers = []
-    for reps in topo.replica_ranks:
-        for part, rank in enumerate(reps):
-            a, b = ps.layout.ranges[part]
-            x, y = max(a, lo), min(b, hi)
-            if x < y:
-                readers.append((rank, x - lo, x - a, y - x))
+    # each replica partition's part of my range: (its rank, offset here, offset there, n)
+    readers = [(rank, off, there, n) for reps in topo.replica_ranks
+               for part, rank in enumerate(reps)
+               for _, off, there, n in overlaps([(lo, hi)], *ps.layout.ranges[part])]
     return SandblasterShard(ps.pw[s], ps.iw[s], topo.shard_ranks[s], lo, hi,
                             ps.slot_ranges[s], cfg["optimizer"]["lbfgs_history"],
                             init.astype(np.float64), ps.bell if ps.rung[s] else None,

@@ -28,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..optim import all_finite
-from .rma import FLAG, HEADER, Atomics, SeqLock, inbox_slots, settle
+from .rma import FLAG, HEADER, Atomics, SeqLock, inbox_slots, overlaps, settle
 from .shard import (BELL_FETCH, BELL_FETCHED, BELL_PUSH, BELL_PUT, BELL_PUT_DONE, BELL_TAKEN,
                     BELL_WORDS, GRADIENT, PULL_MAX_BYTES, UPDATE)
 
@@ -69,11 +69,7 @@ class PSClient:
         self.lo, self.hi = lo, ranges[-1][1] if hi is None else hi
         self.attended, self.bell = frozenset(attended), bell
         # (shard, offset in shard, offset in my slice, length) for each overlapping shard
-        self.parts = []
-        for s, (a, b) in enumerate(ranges):
-            x, y = max(a, self.lo), min(b, self.hi)
-            if x < y:
-                self.parts.append((s, x - a, x - self.lo, y - x))
+        self.parts = overlaps(ranges, self.lo, self.hi)
         # my inbox slot's byte offset in each shard I push to through its inbox
         self.slot = {}
         for s, *_ in self.parts:

@@ -14,7 +14,8 @@ from contextlib import contextmanager
 
 import numpy as np
 
-__all__ = ["Window", "SeqLock", "Atomics", "HEADER", "inbox_slots", "probe_progress", "settle"]
+__all__ = ["Window", "SeqLock", "Atomics", "HEADER", "inbox_slots", "overlaps", "probe_progress",
+           "settle"]
 
 HEADER = 32          # bytes: four int64
 VERSION, MUTEX = 0, 8   # byte offsets in the params window's header
@@ -184,6 +185,17 @@ class SeqLock:
                 if self.version() == v:
                     return v // 2
             pause = _nap(pause)
+
+
+def overlaps(ranges, lo: int, hi: int):
+    """Where ``[lo, hi)`` meets each of ``ranges``: ``(index, offset in that range, offset in
+    [lo, hi), length)`` for every range it meets."""
+    out = []
+    for i, (a, b) in enumerate(ranges):
+        x, y = max(a, lo), min(b, hi)
+        if x < y:
+            out.append((i, x - a, x - lo, y - x))
+    return out
 
 
 def inbox_slots(shard_range, client_ranges):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .client import PSClient
-from .rma import Window, inbox_slots, probe_progress
+from .rma import Window, inbox_slots, overlaps, probe_progress
 from .shard import PULL_MAX_BYTES
 
 __all__ = ["PSSetup"]
@@ -61,8 +61,8 @@ class PSSetup:
         self.landing = Window(comm, 4 * (hi - lo))
         # a replica partition's pushes, where the shards it attends take the small ones from
         pulled = topo.role == "replica" and any(
-            0 < min(b, hi) - max(a, lo) <= pull_max_bytes // 4
-            for s, (a, b) in enumerate(self.ranges) if s in attended[me])
+            s in attended[me] and 4 * n <= pull_max_bytes
+            for s, _, _, n in overlaps(self.ranges, lo, hi))
         self.outbox = Window(comm, 4 * (hi - lo) if pulled else 0)
         self.client = None
         if topo.role == "replica":
