@@ -4,8 +4,9 @@ the shards and prints JSON with the final parameters' exactness.
 
 Usage: mpiexec -n (1 + SHARDS + REPLICAS) python tests/mpi_ps_stress.py SHARDS REPLICAS PUSHES N [NAN_EVERY [MODE [PROGRESS [PULL_MAX_BYTES]]]]
 
-With NAN_EVERY > 0, replica 0 also pushes, on its own, a gradient holding a NaN every
-NAN_EVERY pushes: each must be rejected whole and leave the parameters unchanged.  MODE is
+With NAN_EVERY > 0, replica 0 also pushes, on its own, a gradient holding a NaN (in one
+shard's slice) every NAN_EVERY pushes: each must be rejected whole, at every shard, and
+leave the parameters unchanged.  MODE is
 ``direct`` (replicas Accumulate into the shards themselves) or ``inbox`` (the shards apply);
 PROGRESS is ``cluster.ps_progress`` (auto, passive or attended: replicas ring the shards and
 push through their inboxes even in direct mode); PULL_MAX_BYTES, the largest attended push
@@ -75,7 +76,8 @@ def main():
                     while not empty:               # a NaN push goes alone, never merged
                         empty = client.push(acc)
                     bad = np.full(n, 7.0, np.float32)
-                    bad[[lo for lo, _ in ranges]] = np.nan   # every shard's slice holds one
+                    bad[ranges[-1][0]] = np.nan   # in the last shard's slice only: no
+                    # shard may apply its finite part (7 would show in the exact sum)
                     while not client.push(bad):
                         time.sleep(0.001)
                     nans += 1

@@ -9,6 +9,7 @@ operation: under MPICH such an epoch waits for the target's next MPI call, every
 
 from __future__ import annotations
 
+import os
 import time
 from contextlib import contextmanager
 
@@ -126,9 +127,26 @@ class Atomics:
         return int(self._res[0])
 
 
-def _nap(pause: float) -> float:
-    time.sleep(pause)
-    return min(pause * 2, 1e-3)
+class _Retry:
+    """Between tries at a seqlock held by another rank: give the core away
+    (``sched_yield``) for the first tries, then nap, longer each time.  A write section
+    lasts microseconds, unless its writer lost its core; then yielding lets it run at once
+    where it shares mine, where the shortest nap (about 60 us, timer slack included) would
+    cost more than the wait itself.  On an oversubscribed node, readers that napped at
+    once spent most of a fetch asleep (MPICH: 1,300-1,600 naps in 8,000 reads)."""
+
+    YIELDS = 64
+
+    def __init__(self):
+        self.tries, self.pause = 0, 2e-5
+
+    def __call__(self) -> None:
+        self.tries += 1
+        if self.tries <= self.YIELDS:
+            os.sched_yield()
+        else:
+            time.sleep(self.pause)
+            self.pause = min(self.pause * 2, 1e-3)
 
 
 class SeqLock:
@@ -154,9 +172,9 @@ class SeqLock:
         if self.solo:
             yield
             return
-        pause = 2e-5
+        retry = _Retry()
         while self.a.cas(MUTEX, 0, self.token):
-            pause = _nap(pause)          # another writer: short naps, not a spin
+            retry()                      # another writer: yields, then naps, not a spin
         try:
             yield
         finally:
@@ -176,7 +194,7 @@ class SeqLock:
     def read(self, get) -> int:
         """Call ``get()`` (which issues the Gets) until it ran on one version; returns the
         number of updates that version holds."""
-        pause = 2e-5
+        retry = _Retry()
         while True:
             v = self.version()
             if not v % 2:
@@ -184,7 +202,7 @@ class SeqLock:
                 self.w.win.Flush(self.rank)
                 if self.version() == v:
                     return v // 2
-            pause = _nap(pause)
+            retry()
 
 
 def overlaps(ranges, lo: int, hi: int):
