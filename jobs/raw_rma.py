@@ -14,7 +14,9 @@ runs REPEATS raw steps, all replicas at once: a step's matrix products (forward,
 two of backward, per layer: what a training step of that model computes), then a ``Get``
 and a ``Put`` of the FLOATS.  Prints one JSON line with each replica's median step
 (``step_ms``) and the steps per second of all replicas together (``steps_per_s``): the
-ceiling of Downpour's samples/s ratio between R and 1 replicas on this machine.
+ceiling of Downpour's samples/s ratio between R and 1 replicas on this machine; and the
+first replica's mean ``Get`` and ``Put`` milliseconds, the first step left out
+(``get_ms``, ``put_ms``: each transfer as a training step issues it).
 """
 
 import argparse
@@ -82,20 +84,28 @@ def main():
             mats = products([int(w) for w in args.layers.split(",")], args.batch,
                             np.random.default_rng(rank))
             replicas.Barrier()                  # the replicas start their steps together
-            ts = []
+            ts, gets, puts = [], [], []
             t_start = time.perf_counter()
             for _ in range(args.repeats):
                 t = time.perf_counter()
                 compute(mats)
+                t_get = time.perf_counter()
                 win.Get(buf, 1, target=(0, n, MPI.FLOAT))
                 win.Flush(1)
+                t_put = time.perf_counter()
                 win.Put(buf, 1, target=(0, n, MPI.FLOAT))
                 win.Flush(1)
                 ts.append(time.perf_counter() - t)
+                gets.append(t_put - t_get)
+                puts.append(ts[-1] - (t_put - t))
             rate = replicas.allreduce(args.repeats / (time.perf_counter() - t_start))
             steps = replicas.gather(1e3 * float(np.median(ts)))
+            # each transfer as a step issues it: once, after the step's compute (the first
+            # step's, which sets up the connection, left out)
             out = {"floats": n, "repeats": args.repeats, "replicas": comm.Get_size() - 2,
-                   "step_ms": steps, "steps_per_s": rate}
+                   "step_ms": steps, "steps_per_s": rate,
+                   "get_ms": 1e3 * float(np.mean(gets[1:])),
+                   "put_ms": 1e3 * float(np.mean(puts[1:]))}
         win.Unlock_all()
         if rank == 2:
             print(json.dumps(out), flush=True)

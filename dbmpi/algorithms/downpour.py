@@ -16,7 +16,7 @@ import numpy as np
 
 from .. import aligned
 from ..mpiwait import Backoff, wait
-from ..optim import all_finite, make_optimizer
+from ..optim import make_optimizer
 from ..rundir import RunDir, save_checkpoint
 from ..server import PSSetup, ShardServer
 from .common import Batches, Evaluator, Progress, stop_for_time
@@ -225,10 +225,12 @@ def _run_replica(topo, cfg, net, client, resume=None):
         t_compute += time.perf_counter() - t
         if step % o["n_push"] == 0:
             t = time.perf_counter()
-            if all_finite(acc):
-                acc_empty, bad_run = client.push(acc, finite=True, update=direct), 0
-            else:   # never send a gradient with NaN/Inf: shards would apply its finite parts
-                acc_empty, dropped, bad_run = True, dropped + 1, bad_run + 1
+            before = client.rejected
+            acc_empty = client.push(acc, update=direct)
+            if client.rejected == before:
+                bad_run = 0
+            else:   # it held NaN/Inf: the client dropped it whole, at every shard
+                dropped, bad_run = dropped + 1, bad_run + 1
                 if bad_run == DIVERGED_AFTER:
                     ctrl.send(dropped, dest=0, tag=TAGS["DIVERGED"])
             t_push += time.perf_counter() - t
@@ -243,9 +245,9 @@ def _run_replica(topo, cfg, net, client, resume=None):
             ctrl.recv(source=0, tag=TAGS["STOP"])
             stopped = 1
         stopped = agree(stopped)
-    if not acc_empty and all_finite(acc) and np.any(acc):
+    if not acc_empty and np.any(acc):
         # offer what is left once; what no shard had room for is dropped
-        client.push(acc, finite=True, update=direct)
+        client.push(acc, update=direct)
     client.wait_applied()       # before the coordinator drains the shards
     wall = time.perf_counter() - t0
     mine = {"pushes_sent": client.pushes_sent, "push_attempts": client.push_attempts,

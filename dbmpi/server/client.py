@@ -19,8 +19,10 @@ Two ways to reach a shard, chosen per client-shard pair at start-up
   ``Put``s its slice into this client's landing window (``theta``) and answers.
 
 Either way a fetch of shard s sees one version of it (never half an update), and each push
-a shard takes is applied exactly once, as one update.  Staleness of a push = the shard's
-version when it is applied minus the version the client fetched.
+a shard takes is applied exactly once, as one update.  A push holding NaN/Inf is dropped
+whole by the client, at every shard (checked while its large parts are on the wire, which
+the shards then discard).  Staleness of a push = the shard's version when it is applied
+minus the version the client fetched.
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ class PSClient:
         self.fetched_version = {s: 0 for s, *_ in self.parts}
         self.pushes_sent = 0
         self.push_attempts = 0
-        self.rejected = 0             # direct pushes holding NaN/Inf, dropped here
+        self.rejected = 0             # parts of pushes holding NaN/Inf, dropped here
         self.staleness = np.zeros(max_staleness_bins, dtype=np.int64)   # of direct pushes
         self._meta = {s: np.zeros(3, dtype=np.int64) for s, *_ in self.parts}
         self._scaled = None
@@ -88,6 +90,7 @@ class PSClient:
         # part's two rings), so fetches have their own
         self._asks = {s: np.zeros(BELL_WORDS, dtype=np.int64) for s in self.attended}
         self._fetch_asks = {s: np.zeros(BELL_WORDS, dtype=np.int64) for s in self.attended}
+        self._done_words = {s: np.zeros(BELL_WORDS, dtype=np.int64) for s in self.attended}
         self._taken = {s: np.zeros(1, dtype=np.int64) for s in self.attended}
         self._applying = {s: [] for s in self.attended}   # a large part's answer and rings
         self._answers = {s: np.zeros(1, dtype=np.int64) for s in self.attended}
@@ -139,8 +142,12 @@ class PSClient:
         Returns True when every shard took its part (the caller may then treat ``acc`` as
         empty without zeroing it); otherwise zeroes the parts that were taken, so the rest
         goes with the next push, and returns False.  Direct pushes are always taken.
-        ``finite``: the caller has checked that acc holds no NaN/Inf (saves a pass);
-        ``update`` (plain SGD): acc is already ``-lr x gradient`` (saves another)."""
+
+        A push holding NaN/Inf is dropped whole, at every shard (no shard applies its finite
+        parts): it counts in :attr:`rejected` (a part each) and True is returned.  The check
+        runs while the large attended parts are on the wire, and they are handed over only
+        once it passed.  ``finite``: the caller has checked (saves the pass); ``update``
+        (plain SGD): acc is already ``-lr x gradient`` (saves another)."""
         send = acc
         if self.direct_lr is not None and not update:
             if self._scaled is None:
@@ -151,15 +158,27 @@ class PSClient:
         if self.direct_lr is None and len(self.slot) < len(self.parts):
             raise RuntimeError(f"client {self.client} has no inbox slot at some of its shards "
                                "and pushes no direct updates")
-        taken = [(mine, n) for _, _, mine, n in self._push_attended(
-            [p for p in self.parts if p[0] in self.attended], send, kind)]
+        attended = [p for p in self.parts if p[0] in self.attended]
+        put = [p for p in attended if 4 * p[3] > self.pull_max_bytes]
+        moving = self._start_puts(put, send)
+        ok = finite or self._finite_while(send, moving)
+        self.push_attempts += len(self.parts)
+        self.pushes_sent += len(self.parts) if not ok else 0
+        if not ok:
+            self.rejected += len(self.parts)
+            self._end_puts(put, moving, 0)        # the shards drop what I Put
+            return True
+        pulled = self._ring_pulled([p for p in attended if p not in put], send, kind)
+        self._end_puts(put, moving, kind)
+        settle(pulled)
+        taken = [(mine, n) for _, _, mine, n in attended]
         inbox = [p for p in self.parts if p[0] in self.slot and p[0] not in self.attended]
         for s, off, mine, n in self._push_inbox(inbox, send, kind):
             taken.append((mine, n))
         for s, off, mine, n in self.parts:
-            if s not in self.slot and self._push_direct(s, off, send[mine:mine + n], finite):
+            if s not in self.slot:
+                self._push_direct(s, off, send[mine:mine + n])
                 taken.append((mine, n))
-        self.push_attempts += len(self.parts)
         self.pushes_sent += len(taken)
         if len(taken) == len(self.parts):
             return True
@@ -167,47 +186,73 @@ class PSClient:
             acc[mine:mine + n] = 0
         return False
 
-    def _push_attended(self, parts, send: np.ndarray, kind: int):
-        """Hand each part to its attended shard, all shards at once: the small ones the
-        shard Gets from my outbox, and I wait (yielding, driving my side of the Gets) for
-        its answer; the large ones I Put into my slot, and the shard's answer (applied)
-        is waited for at my next push there, or by :meth:`wait_applied`.  Returns the
-        parts, all taken."""
+    # elements checked between two polls of the Puts under way (1 MiB: about 20 us)
+    CHECK_CHUNK = 1 << 18
+
+    def _finite_while(self, a: np.ndarray, reqs) -> bool:
+        """Whether ``a`` holds no NaN/Inf, checked a chunk at a time while driving my side of
+        the transfers ``reqs`` (over TCP the sender's MPI moves the bytes only when called)."""
+        if not reqs:
+            return all_finite(a)
+        for i in range(0, len(a), self.CHECK_CHUNK):
+            if not all_finite(a[i:i + self.CHECK_CHUNK]):
+                return False
+            _mpi().Request.Testall(reqs)
+        return True
+
+    def _start_puts(self, parts, send: np.ndarray):
+        """The large attended parts: once each shard has applied my last part there (my
+        slot is free), ring it and ``Put`` the part into my slot.  Returns the Puts'
+        requests (:meth:`_end_puts` completes them)."""
         if not parts:
             return []
         MPI = _mpi()
-        pulled = [p for p in parts if 4 * p[3] <= self.pull_max_bytes]
-        put = [p for p in parts if 4 * p[3] > self.pull_max_bytes]
-        if pulled:
-            if self.outbox is None:
-                raise RuntimeError(f"client {self.client} pushes to attended shards but has "
-                                   "no outbox window")
-            if not np.shares_memory(send, self.outbox):
-                for _, _, mine, n in pulled:
-                    self.outbox[mine:mine + n] = send[mine:mine + n]
-            self._outbox.win.Sync()
-        if any(self._applying[s] for s, *_ in put):     # my slot there: the last part applied
-            settle([r for s, *_ in put for r in self._applying[s]])
+        if any(self._applying[s] for s, *_ in parts):
+            settle([r for s, *_ in parts for r in self._applying[s]])
+        for s, off, mine, n in parts:
+            self._asks[s][:] = (off, mine, n, self.client, 0, self.fetched_version[s])
+            rank = self.shard_ranks[s]
+            self._applying[s] = [self.bell.Irecv(self._taken[s], source=rank, tag=BELL_TAKEN),
+                                 self.bell.Isend(self._asks[s], dest=rank, tag=BELL_PUT)]
+        return [self.iw[s].win.Rput(send[mine:mine + n], self.shard_ranks[s],
+                                    target=(self.slot[s] + HEADER, n, MPI.FLOAT))
+                for s, off, mine, n in parts]
+
+    def _end_puts(self, parts, reqs, kind: int) -> None:
+        """Complete the Puts, then tell each shard to apply its part as ``kind`` (0: drop
+        it).  Its answer (applied) is waited for at my next push there, or by
+        :meth:`wait_applied`."""
+        if not parts:
+            return
+        settle(reqs)
+        for s, off, mine, n in parts:
+            rank = self.shard_ranks[s]
+            self.iw[s].win.Flush(rank)
+            self._done_words[s][:] = self._asks[s]
+            self._done_words[s][4] = kind
+            self._applying[s].append(self.bell.Isend(self._done_words[s], dest=rank,
+                                                     tag=BELL_PUT_DONE))
+
+    def _ring_pulled(self, parts, send: np.ndarray, kind: int):
+        """The small attended parts: leave each in my outbox and ring its shard, which Gets
+        it (nobody flushes) and answers "taken".  Returns the requests to wait for
+        (yielding, which drives my side of the Gets)."""
+        if not parts:
+            return []
+        if self.outbox is None:
+            raise RuntimeError(f"client {self.client} pushes to attended shards but has no "
+                               "outbox window")
+        if not np.shares_memory(send, self.outbox):
+            for _, _, mine, n in parts:
+                self.outbox[mine:mine + n] = send[mine:mine + n]
+        self._outbox.win.Sync()
         reqs = []
         for s, off, mine, n in parts:
             self._asks[s][:] = (off, mine, n, self.client, kind, self.fetched_version[s])
             rank = self.shard_ranks[s]
-            answer = self.bell.Irecv(self._taken[s], source=rank, tag=BELL_TAKEN)
-            if 4 * n <= self.pull_max_bytes:
-                reqs += [answer, self.bell.Isend(self._asks[s], dest=rank, tag=BELL_PUSH)]
-            else:
-                self._applying[s] = [answer, self.bell.Isend(self._asks[s], dest=rank,
-                                                             tag=BELL_PUT)]
-        if put:
-            settle([self.iw[s].win.Rput(send[mine:mine + n], self.shard_ranks[s],
-                                        target=(self.slot[s] + HEADER, n, MPI.FLOAT))
-                    for s, off, mine, n in put])
-            for s, *_ in put:
-                self.iw[s].win.Flush(self.shard_ranks[s])
-                self._applying[s].append(self.bell.Isend(self._asks[s], dest=self.shard_ranks[s],
-                                                         tag=BELL_PUT_DONE))
-        settle(reqs)
-        return parts
+            reqs += [self.bell.Irecv(self._taken[s], source=rank, tag=BELL_TAKEN),
+                     self.bell.Isend(self._asks[s], dest=rank, tag=BELL_PUSH)]
+        return reqs
 
     def wait_applied(self) -> None:
         """Until every shard has applied every part I pushed (the large attended parts are
@@ -241,13 +286,10 @@ class PSClient:
                              for s, *_ in free])
         return free
 
-    def _push_direct(self, s: int, off: int, delta: np.ndarray, finite: bool) -> bool:
-        """Add ``delta`` (-lr x gradient) to shard s's parameters myself, inside its
-        seqlock's write section; a part with NaN/Inf is dropped whole, as a shard would."""
+    def _push_direct(self, s: int, off: int, delta: np.ndarray) -> None:
+        """Add ``delta`` (-lr x gradient, checked finite) to shard s's parameters myself,
+        inside its seqlock's write section."""
         MPI = _mpi()
-        if not (finite or all_finite(delta)):
-            self.rejected += 1
-            return True
         rank, win = self.shard_ranks[s], self.pw[s].win
         with self._seq[s].writing() as before:
             win.Accumulate(delta, rank, target=(HEADER + 4 * off, len(delta), MPI.FLOAT),
@@ -255,4 +297,3 @@ class PSClient:
             win.Flush(rank)
         stale = before - self.fetched_version[s]
         self.staleness[min(max(stale, 0), len(self.staleness) - 1)] += 1
-        return True

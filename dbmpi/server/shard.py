@@ -19,8 +19,9 @@ driving their own side meanwhile:
   implementations busy-poll: on a shared core, three clients flushing 13 KB towards two
   shards at once took 11 ms, where the pull took 0.3 ms.
 - a larger part: the client rings, ``Put``s the part into its slot, flushes and rings
-  again; between the two rings the shard keeps calling MPI instead of napping, so the
-  transfer moves at the transport's speed; then it applies the part and answers.  The
+  again with the kind (0: drop it; the client checks the push for NaN/Inf while the
+  bytes move); between the two rings the shard keeps calling MPI instead of napping, so
+  the transfer moves at the transport's speed; then it applies the part and answers.  The
   client does not wait for that answer (it goes on computing) until its next push to the
   shard, or until it must know the part applied (:meth:`PSClient.wait_applied`).  Over
   TCP a bulk ``Put`` runs at twice a ``Get``'s speed, and the flush's spin is short beside
@@ -179,8 +180,9 @@ class ShardServer:
                 self._pulls.append((src, *words))
             elif tag == BELL_PUT:
                 self._putting[src] = words
-            elif tag == BELL_PUT_DONE:
-                self._puts.append((src, *self._putting.pop(src)))
+            elif tag == BELL_PUT_DONE:     # its words as rung at BELL_PUT, but the kind
+                self._putting.pop(src)
+                self._puts.append((src, *words))
             elif tag == BELL_FETCH:
                 self._fetches.append((src, *words[:3]))
             else:
@@ -216,8 +218,9 @@ class ShardServer:
         self._complete_answers()
         self.iw.win.Sync()                   # see what the clients' Puts wrote
         for src, off, _, n, c, kind, fetched in self._puts:
-            self._apply(self.iw.view(self._slot_of[c] + HEADER, n, np.float32), fetched, off,
-                        kind == UPDATE)
+            if kind:                         # 0: the client found NaN/Inf and dropped it
+                self._apply(self.iw.view(self._slot_of[c] + HEADER, n, np.float32), fetched,
+                            off, kind == UPDATE)
             self._answers.append(self.bell.Isend(self._taken, dest=src, tag=BELL_TAKEN))
         done, self._puts = len(self._puts), []
         self.attended_s += time.perf_counter() - t
