@@ -3,6 +3,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 
 from conftest import ROOT, job_config, run_mpi
@@ -52,9 +53,9 @@ def test_downpour_digits_two_replicas_two_shards(tmp_path, digits_path):
     assert "settings" in s["transport"]
     tcp = LAUNCHER == "mpich" and os.environ.get("MPIR_CVAR_NOLOCAL") == "1"
     assert s["ps_pairs"] == {"passive": 0 if tcp else 6, "attended": 6 if tcp else 0}
-    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-    assert {l["replica"] for l in lines if l["kind"] == "train"} == {0, 1}
-    assert any(l["kind"] == "eval" for l in lines)
+    lines = [json.loads(m) for m in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {m["replica"] for m in lines if m["kind"] == "train"} == {0, 1}
+    assert any(m["kind"] == "eval" for m in lines)
     assert (out / "checkpoint.h5").exists()
 
 
@@ -130,6 +131,43 @@ def test_sync_two_replicas(tmp_path, digits_path):
     assert s["algorithm"] == "sync" and s["steps"] == 600 and s["final_test_accuracy"] > 0.93
 
 
+SYNC = ("--set", "optimizer.algorithm=sync", "--set", "optimizer.adagrad=false",
+        "--set", "optimizer.learning_rate=0.1")
+
+
+def test_sync_resume_reads_the_batches_an_uninterrupted_run_reads(tmp_path, digits_path):
+    """40 steps, then a resume to 80, against 80 at once: the same parameters (every
+    replica goes on from its place in its data order, kept in the checkpoint)."""
+    from dbmpi.rundir import load_checkpoint
+    cfg = _cfg(tmp_path, digits_path)
+    half, whole = tmp_path / "half", tmp_path / "whole"
+    for out, steps in ((half, 40), (whole, 80)):
+        r = run_mpi(2, "train", cfg, "--out", out, "--quiet", *SYNC,
+                    "--set", f"run.max_steps={steps}", timeout=120)
+        assert r.returncode == 0, r.stderr[-3000:]
+    c = load_checkpoint(half / "checkpoint.h5")["counters"]
+    assert c["step"] == 40 and c["replica1_offset"] > 0, c
+    r = run_mpi(2, "train", "--resume", half, "--quiet", "--set", "run.max_steps=80",
+                timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = (load_checkpoint(d / "checkpoint.h5") for d in (half, whole))
+    assert a["counters"]["step"] == b["counters"]["step"] == 80
+    np.testing.assert_array_equal(a["params"], b["params"])
+
+
+def test_sync_stops_as_diverged_with_the_last_finite_parameters(tmp_path, digits_path):
+    out = tmp_path / "run"
+    r = run_mpi(2, "train", _cfg(tmp_path, digits_path), "--out", out, "--quiet", *SYNC,
+                "--set", "optimizer.learning_rate=1e30", "--set", "run.max_steps=2000",
+                timeout=120)
+    assert r.returncode == 3, (r.returncode, r.stderr[-3000:])
+    assert r.stderr.count("training diverged") == 1, r.stderr
+    s = json.loads((out / "summary.json").read_text())
+    assert s["stop_reason"] == "diverged" and s["steps"] < 2000
+    from dbmpi.rundir import load_checkpoint
+    assert np.isfinite(load_checkpoint(out / "checkpoint.h5")["params"]).all()
+
+
 def test_inbox_slots_hold_each_clients_overlap_only():
     """A shard's inbox has room for the part of its range each client pushes, not a whole
     range per client: with P partitions it holds about R copies of the range, not R x P."""
@@ -161,7 +199,9 @@ def test_downpour_across_two_hosts(tmp_path, digits_path):
     import signal
     import subprocess
     import sys
+
     import netns_hosts
+
     from conftest import MPIEXEC
     out = tmp_path / "run"
     with netns_hosts.hosts(2) as h:

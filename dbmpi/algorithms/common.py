@@ -10,7 +10,7 @@ import numpy as np
 from ..data import open_split
 
 __all__ = ["Batches", "Evaluator", "Progress", "replica_part", "stop_for_time", "EVAL",
-           "STOP", "CHECKPOINT", "lead_decision"]
+           "STOP", "CHECKPOINT", "TARGET", "DIVERGED", "lead_decision"]
 
 
 def stop_for_time(t_start: float, run_cfg: dict, now: float | None = None) -> str | None:
@@ -32,6 +32,7 @@ def replica_part(n: int, replica: int, replicas: int) -> np.ndarray:
 
 
 EVAL, STOP, CHECKPOINT = 1, 2, 4   # bits of the decision rank 0 broadcasts every step
+TARGET, DIVERGED = 8, 16           # the evaluation reached the target; a gradient was NaN/Inf
 
 
 def lead_decision(run_cfg: dict, t_start: float, last_eval: float, last_ckpt: float):

@@ -4,7 +4,11 @@ No parameter server: every replica holds the whole parameter vector (with partit
 each partition its slice, and it averages that slice with the same partition of the other
 replicas), and applies the same averaged gradient, so all copies stay identical.  The
 baseline Downpour is compared with.  World rank 0 (replica 0, partition 0) evaluates, logs
-and checkpoints; one small broadcast a step carries its decisions to every rank.
+and checkpoints; one small reduction a step carries its decisions to every rank, and any
+rank's finding that the averaged gradient holds NaN/Inf: then no rank applies it and the
+run stops as diverged (exit 3), its checkpoint holding the last finite parameters.  A
+checkpoint keeps each replica's place in its data order, so a resumed run reads the
+batches an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -15,15 +19,17 @@ import numpy as np
 
 from .. import aligned
 from ..mpiwait import wait
-from ..optim import make_optimizer
+from ..optim import all_finite, make_optimizer
 from ..rundir import RunDir, save_checkpoint
-from .common import CHECKPOINT, EVAL, STOP, Batches, Evaluator, Progress, lead_decision
+from .common import (CHECKPOINT, DIVERGED, EVAL, STOP, TARGET, Batches, Evaluator, Progress,
+                     lead_decision)
 
 __all__ = ["run_sync"]
 
 
 def run_sync(topo, cfg, net, out, resume=None, quiet=False):
     from mpi4py import MPI
+
     from ..model.partition import PartitionedNetwork
     o, r = cfg["optimizer"], cfg["run"]
     P, R, rep = topo.partitions, topo.replicas, topo.index
@@ -31,15 +37,17 @@ def run_sync(topo, cfg, net, out, resume=None, quiet=False):
     local = (lambda v: model.local(v)) if P > 1 else (lambda v: np.array(v))
     theta = model.init_local(o["seed"]) if P > 1 else net.init_params(o["seed"])
     opt = make_optimizer(o, len(theta))
-    step0 = 0
+    step0, c = 0, resume["counters"] if resume is not None else {}
     if resume is not None:
         theta[:] = local(resume["params"])
         for k, v in resume["state"].items():
             if k in opt.state:
                 opt.state[k][:] = local(v)
-        step0 = int(resume["counters"].get("step", 0))
+        step0 = int(c.get("step", 0))
+    position = (int(c.get(f"replica{rep}_epoch", 0)), int(c.get(f"replica{rep}_offset", 0)))
     batches = Batches(cfg["data"]["path"], o["batch_size"], o["seed"], rep, R,
-                      cfg["data"]["cache_mb"], share=topo.model if P > 1 else None)
+                      cfg["data"]["cache_mb"], position=position,
+                      share=topo.model if P > 1 else None)
     world, peers = topo.ctrl, topo.peers
     lead = world.Get_rank() == 0
     run = RunDir(out, cfg, append=resume is not None) if lead else None
@@ -53,18 +61,24 @@ def run_sync(topo, cfg, net, out, resume=None, quiet=False):
         return model.gather_canonical(v)
 
     def checkpoint(step):
+        """Collective over every rank: replica 0's vectors and every replica's place in
+        its data order."""
+        places = world.gather((rep, *batches.position), root=0)
         if rep != 0:
             return
         params = canonical(theta)
         state = {k: canonical(v) for k, v in opt.state.items()}
         if lead:
-            save_checkpoint(run.checkpoint, params, state, {"step": step}, cfg)
+            counters = {"step": step}
+            for r_, epoch, offset in places:
+                counters[f"replica{r_}_epoch"], counters[f"replica{r_}_offset"] = epoch, offset
+            save_checkpoint(run.checkpoint, params, state, counters, cfg)
 
     gsum = aligned.empty_like(theta)
     t0 = time.time()
     last_eval = last_ckpt = t0
     step, stop, t_comm, ev = step0, "max_steps", 0.0, None
-    flag = np.zeros(1, dtype=np.int32)           # bits: EVAL, STOP, CHECKPOINT (common.py)
+    flag = np.zeros(1, dtype=np.int32)           # bits: EVAL, STOP, ... (common.py)
     gbuf = aligned.empty_like(theta)  # the gradient's buffer, every step
     while step < r["max_steps"]:
         x, y = batches.next()
@@ -72,15 +86,22 @@ def run_sync(topo, cfg, net, out, resume=None, quiet=False):
         t = time.perf_counter()
         wait([peers.Iallreduce(g, gsum, op=MPI.SUM)])
         t_comm += time.perf_counter() - t
-        gsum /= R
-        opt.step(theta, gsum)
-        step += 1
-        if lead:
+        finite = all_finite(gsum)     # the same verdict on every replica of my partition
+        if finite:
+            gsum /= R
+            opt.step(theta, gsum)
+            step += 1
+        flag[0] = 0 if finite else DIVERGED
+        if lead and finite:
             if step % r["log_every"] == 0 or step == 1:
                 run.log("train", replica=0, step=step, loss=loss)
-            flag[0], why = lead_decision(r, t0, last_eval, last_ckpt)
+            bits, why = lead_decision(r, t0, last_eval, last_ckpt)
+            flag[0] |= bits
             stop = why or stop
-        wait([world.Ibcast(flag, root=0)])
+        wait([world.Iallreduce(MPI.IN_PLACE, flag, op=MPI.BOR)])
+        if flag[0] & DIVERGED:       # no rank applied this step's gradient
+            stop = "diverged"
+            break
         if flag[0] & EVAL and rep == 0:
             params = canonical(theta)
             if lead:
@@ -90,10 +111,10 @@ def run_sync(topo, cfg, net, out, resume=None, quiet=False):
                 say(f"step {step}  test accuracy {ev['accuracy']:.4f}  {time.time() - t0:.1f} s")
                 if r["target_accuracy"] and ev["accuracy"] >= r["target_accuracy"]:
                     stop = "target_accuracy"
-                    flag[0] |= 8
+                    flag[0] |= TARGET
         if flag[0] & EVAL:
             wait([world.Ibcast(flag, root=0)])   # did the evaluation reach the target?
-            if flag[0] & 8:
+            if flag[0] & TARGET:
                 break
         if flag[0] & CHECKPOINT:
             checkpoint(step)
