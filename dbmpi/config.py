@@ -8,7 +8,6 @@ the key and what is allowed.  Nothing here needs MPI.
 
 from __future__ import annotations
 
-import copy
 import difflib
 import math
 import tomllib
@@ -328,6 +327,3 @@ def dumps(cfg: dict) -> str:
         lines.append("")
     return "\n".join(lines)
 
-
-def resolved_copy(cfg: dict) -> dict:
-    return copy.deepcopy(cfg)

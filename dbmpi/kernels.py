@@ -45,7 +45,7 @@ def _keep_freed_memory() -> bool:
     return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 256 << 20))
 
 
-MALLOC_TUNED = _keep_freed_memory()
+_keep_freed_memory()
 _VW = K.VECTOR_WIDTH
 _RB = K.ROW_BLOCK
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -86,21 +87,33 @@ def _remove_stale_temporaries(path: Path) -> None:
             pass
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write via a temporary file, flush and fsync it, rename it over ``path``: a kill at any
-    moment leaves either the previous file or the new one, whole."""
+@contextmanager
+def replacing(path):
+    """Yield a temporary path beside ``path`` (hidden, named for this process); when the
+    block ends, fsync the file written there and rename it over ``path``, then fsync the
+    directory.  A kill at any moment leaves either the previous file or the new one, whole;
+    an exception leaves the previous one and no temporary."""
+    path = Path(path)
     _remove_stale_temporaries(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
     _fsync_dir(path.parent)
+
+
+def _atomic_write(path: Path, write) -> None:
+    """``write(f)`` into a file that replaces ``path`` atomically (:func:`replacing`)."""
+    with replacing(path) as tmp, open(tmp, "wb") as f:
+        write(f)
 
 
 def save_checkpoint(path, params: np.ndarray, state: dict, counters: dict, cfg: dict) -> None:

@@ -49,9 +49,7 @@ class Topology:
     partition : partition index inside the replica (replicas only)
     ctrl : duplicate of the world communicator for dbmpi's control messages
     rma : duplicate of the world communicator over which the RMA windows are created
-    ps : communicator of the shards (None elsewhere)
     model : the replica's model-partition communicator (None elsewhere)
-    replicas_comm : one rank per replica (partition 0s)
     peers : the ranks holding the same partition of every replica, for ``sync``'s Allreduce
     """
     role: str
@@ -62,9 +60,7 @@ class Topology:
     partitions: int
     ctrl: object
     rma: object
-    ps: object
     model: object
-    replicas_comm: object
     peers: object
     shard_ranks: list
     replica_ranks: list  # replica_ranks[r][p] = world rank
@@ -82,19 +78,14 @@ class Topology:
         ctrl, rma = world.Dup(), world.Dup()
         color = {"coordinator": 0, "shard": 1, "replica": 2 + index}[role]
         group = world.Split(color, rank)
-        ps = group if role == "shard" else None
         model = group if role == "replica" else None
-        if role != "shard" and role != "replica":
+        if model is None:
             group.Free()
-        lead = world.Split(0 if (role == "replica" and part == 0) else 1, rank)
-        replicas_comm = lead if role == "replica" and part == 0 else None
-        if replicas_comm is None:
-            lead.Free()
         same = world.Split(part if role == "replica" else P + 1, rank)
         peers = same if role == "replica" else None
         if peers is None:
             same.Free()
-        return cls(role, index, part, S, R, P, ctrl, rma, ps, model, replicas_comm, peers,
+        return cls(role, index, part, S, R, P, ctrl, rma, model, peers,
                    list(range(1, 1 + S)),
                    [[first + r * P + p for p in range(P)] for r in range(R)])
 

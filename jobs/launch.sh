@@ -19,8 +19,15 @@ preempted=
 trap 'preempted=1' USR1 TERM
 config=$1
 shift
-sets=()
-for a in "$@"; do case "$a" in --set|--out|--resume|--quiet) ;; *=*) sets+=(--set "$a") ;; esac; done
+sets=()            # the --set options, for validate (a path after --out may hold an =)
+args=("$@")
+for ((i = 0; i < ${#args[@]}; i++)); do
+  case "${args[i]}" in
+    --set) sets+=(--set "${args[i + 1]:-}"); i=$((i + 1)) ;;
+    --set=*) sets+=(--set "${args[i]#--set=}") ;;
+    --out|--resume) i=$((i + 1)) ;;
+  esac
+done
 info=$("$PYTHON" -m dbmpi validate "$config" --no-data "${sets[@]}") || exit $?  # it said why
 read -r ranks data <<< "$("$PYTHON" -c 'import json,sys; v = json.loads(sys.argv[1])
 print(v["ranks"], v["data_path"])' "$info")"

@@ -26,8 +26,11 @@ def test_data_make_script(tmp_path):
     from conftest import ROOT
     from dbmpi.data import check_file
     env = dict(os.environ, DATA_DIR=str(tmp_path), PYTHON=sys.executable)
-    run = lambda *a: subprocess.run(["bash", str(ROOT / "data" / "make.sh"), *a], env=env,
-                                    capture_output=True, text=True, timeout=300)
+
+    def run(*a):
+        return subprocess.run(["bash", str(ROOT / "data" / "make.sh"), *a], env=env,
+                              capture_output=True, text=True, timeout=300)
+
     r = run("--count", "150", "synth32", "digits")
     assert r.returncode == 0, r.stderr
     info = check_file(tmp_path / "synth32.h5", 10, (1, 32, 32))
@@ -57,9 +60,9 @@ def test_train_sgd_run_directory_and_evaluate(tmp_path, digits_path):
     assert r.returncode == 0, r.stderr
     for f in ("config.toml", "metrics.jsonl", "summary.json", "checkpoint.h5"):
         assert (out / f).exists(), f
-    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-    train = [l for l in lines if l["kind"] == "train"]
-    evals = [l for l in lines if l["kind"] == "eval"]
+    lines = [json.loads(m) for m in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [m for m in lines if m["kind"] == "train"]
+    evals = [m for m in lines if m["kind"] == "eval"]
     assert train and evals and {"replica", "step", "loss"} <= set(train[0])
     assert {"updates", "test_loss", "test_accuracy", "time"} <= set(evals[-1])
     s = json.loads((out / "summary.json").read_text())
@@ -107,3 +110,21 @@ def test_launch_script_bad_config_is_one_clear_line(tmp_path):
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and msg in r.stderr, r.stderr
         assert "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
+
+
+def test_launch_script_passes_only_the_sets_to_validate(tmp_path, digits_path):
+    """An --out path holding an "=" is a path, not a --set; --set K=V and --set=K=V are
+    both overrides."""
+    import os
+    import subprocess
+    import sys
+    from conftest import ROOT
+    env = dict(os.environ, PYTHON=sys.executable)
+    out = tmp_path / "lr=0.05"
+    r = subprocess.run(["bash", str(ROOT / "jobs" / "launch.sh"),
+                        str(ROOT / "jobs" / "digits_sgd.toml"), "--out", str(out), "--quiet",
+                        "--set", f"data.path={digits_path}", "--set=run.max_steps=30"],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["steps"] == 30, s

@@ -112,3 +112,21 @@ def test_ranks_reading_the_same_samples_share_one_cache_per_node(digits_path):
     assert [d["seen"] for d in res] == [1234.5, 1234.5]      # one memory
     assert [d["uncached_shared"] for d in res] == [False, False]
     assert res[0]["labels"] == res[1]["labels"]
+
+
+def test_write_dataset_replaces_whole_or_not_at_all(tmp_path):
+    """A write that fails leaves the previous file as it was and no temporary beside it; a
+    write that succeeds replaces it."""
+    from dbmpi.data import write_dataset
+    p = tmp_path / "d.h5"
+    x = np.zeros((4, 1, 2, 2), np.float32)
+    write_dataset(p, (x, [0, 1, 0, 1]), (x[:2], [1, 0]), 2, "first")
+    before = p.read_bytes()
+    with pytest.raises(ValueError):
+        write_dataset(p, (x, [0, 1, 0, 1]), (np.array([["not a number"]]), [1]), 2, "second")
+    assert p.read_bytes() == before
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["d.h5"]
+    write_dataset(p, (x, [0, 1, 0, 1]), (x[:1], [1]), 2, "third")
+    info = check_file(p, classes=2)
+    assert info["source"] == "third" and info["test"] == 1
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["d.h5"]

@@ -338,12 +338,19 @@ def test_parameters_gradients_and_outputs_lie_on_cache_lines():
     """Weights the kernels stream start on 64-byte lines (dbmpi.aligned): numpy's own
     placement, 16 bytes past a page, split a third of the vector loads of every weight row."""
     from dbmpi import aligned
-    for shape, dtype in (((4099,), np.float32), ((300, 5), np.float64), (0, np.float32),
-                         ((20, 30, 40), np.int32), (7, np.float32)):
-        a = aligned.empty(shape, dtype)
-        assert a.dtype == dtype and a.flags.c_contiguous
-        assert a.shape == (shape if isinstance(shape, tuple) else (shape,))
-        assert aligned.is_aligned(a) or a.nbytes < aligned.SMALL
+    # from SMALL bytes up every array is placed (numpy alone lands on a 64-byte line one
+    # time in four); below, numpy places it
+    large = (((aligned.SMALL // 4,), np.float32), ((16385,), np.float32),
+             ((300, 50), np.float64), ((20, 30, 40), np.int32), (70001, np.float32))
+    small = (((4099,), np.float32), ((300, 5), np.float64), (0, np.float32), (7, np.float32))
+    for (shape, dtype), placed in [(c, True) for c in large] + [(c, False) for c in small]:
+        for make in (aligned.empty, aligned.zeros):
+            a = make(shape, dtype)
+            assert a.dtype == dtype and a.flags.c_contiguous
+            assert a.shape == (shape if isinstance(shape, tuple) else (shape,))
+            assert (a.nbytes >= aligned.SMALL) == placed
+            if placed:
+                assert aligned.is_aligned(a), (shape, dtype, a.ctypes.data % 64)
     assert not aligned.zeros((4, 4)).any()
     net = build({"input_shape": [1, 20, 20], "layers": [      # y: 83 KB
         {"type": "locally_connected", "channels": 16, "kernel": 3},

@@ -25,17 +25,16 @@ def _h5():
     return h5py
 
 
-def write_dataset(path, train, test, classes: int, source: str, progress=None) -> None:
-    """Write ``train=(x, y)`` and ``test=(x, y)`` to an HDF5 file atomically.
-
-    ``x`` may also be an iterable of chunks (a generator); then ``train`` is
-    ``(n, shape, chunks_x, y)``.
-    """
+def write_dataset(path, train, test, classes: int, source: str) -> None:
+    """Write ``train=(x, y)`` and ``test=(x, y)`` (arrays) to an HDF5 file in the format
+    above.  The file is written beside ``path`` under a temporary name of this process,
+    fsynced and renamed over it: a reader sees the old file or the new one, whole, and a
+    write that fails leaves the old one and no temporary."""
+    from ..rundir import replacing
     h5py = _h5()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with h5py.File(tmp, "w") as f:
+    with replacing(path) as tmp, h5py.File(tmp, "w") as f:
         f.attrs["classes"] = int(classes)
         f.attrs["source"] = source
         for name, (x, y) in (("train", train), ("test", test)):
@@ -44,7 +43,6 @@ def write_dataset(path, train, test, classes: int, source: str, progress=None) -
             chunk = (min(len(x), 256),) + x.shape[1:] if len(x) else None
             g.create_dataset("x", data=x, chunks=chunk)
             g.create_dataset("y", data=np.asarray(y, dtype=np.int32))
-    tmp.replace(path)
 
 
 def check_file(path, classes: int | None = None, input_shape=None, scan: bool = True) -> dict:
@@ -154,6 +152,7 @@ class Split:
         of them; None (for all of them) where a rank is alone on its node or /dev/shm has
         too little room (writing past a full tmpfs would crash the reader)."""
         import os
+
         from mpi4py import MPI
         node = share.Split_type(MPI.COMM_TYPE_SHARED)
         try:
