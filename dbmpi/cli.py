@@ -63,8 +63,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _model_summary(net) -> list:
-    return [{"type": l.spec["type"], "out_shape": [l.out_shape[2], l.out_shape[0], l.out_shape[1]],
-             "params": l.num_params} for l in net.layers]
+    return [{"type": layer.spec["type"],
+             "out_shape": [layer.out_shape[2], layer.out_shape[0], layer.out_shape[1]],
+             "params": layer.num_params} for layer in net.layers]
 
 
 def cmd_data(args) -> int:

@@ -77,7 +77,7 @@ def mpi_facts(world) -> dict:
     import os
     from mpi4py import MPI
     lines = MPI.Get_library_version().replace("\x00", "").strip().splitlines()
-    device = [l.split(":", 1)[1].strip() for l in lines if l.startswith("MPICH Device:")]
+    device = [line.split(":", 1)[1].strip() for line in lines if line.startswith("MPICH Device:")]
     hosts = {}
     for rank, name in enumerate(world.allgather(MPI.Get_processor_name())):
         hosts.setdefault(name, []).append(rank)

@@ -235,7 +235,7 @@ def train(text: str, workdir: Path, name: str, timeout: float = 900, cores=None)
     if r.returncode != 0:
         raise RuntimeError(f"{name}: train failed ({r.returncode}):\n{r.stderr[-2000:]}")
     s = json.loads((out / "summary.json").read_text())
-    s["metrics"] = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    s["metrics"] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     s["ranks"] = ranks
     return s
 

@@ -758,7 +758,7 @@ def l2_pool_back(const float[::1] x, Py_ssize_t xs, const float[::1] y, Py_ssize
 
 
 cdef double softmax_xent_c(const float* z, const Py_ssize_t* y, float* dz, int n,
-                          int k) noexcept nogil:
+                           int k) noexcept nogil:
     """Mean over rows of log(sum exp z) - z[y]; dz = (softmax(z) - onehot(y)) / n."""
     cdef int s, t
     cdef float m, e

@@ -175,7 +175,7 @@ def test_sgd_losses_match_single_partition_for_50_steps(tmp_path, digits_path):
     losses = []
     for d in ("p1", "p3"):
         lines = (tmp_path / d / "metrics.jsonl").read_text().splitlines()
-        losses.append([json.loads(l)["loss"] for l in lines if '"train"' in l])
+        losses.append([json.loads(line)["loss"] for line in lines if '"train"' in line])
     assert len(losses[0]) == len(losses[1]) == 50
     np.testing.assert_allclose(losses[1], losses[0], rtol=2e-5)
     s = json.loads((tmp_path / "p3" / "summary.json").read_text())
@@ -213,8 +213,8 @@ def test_partitioned_sgd_stops_evaluates_and_checkpoints_on_partition_0s_word(
     assert r.returncode == 0, r.stderr[-2000:]
     s = json.loads((out / "summary.json").read_text())
     assert s["stop_reason"] == reason and 0 < s["steps"] < 1000000, s
-    evals = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()
-             if '"eval"' in l]
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+             if '"eval"' in line]
     assert len(evals) >= (3 if reason == "max_time_s" else 2)   # periodic ones and the last
     if reason == "target_accuracy":
         assert evals[-2]["test_accuracy"] >= 0.9 and s["final_test_accuracy"] >= 0.9

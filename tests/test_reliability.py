@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import (MPIEXEC, PREEMPT_SIGNAL, ROOT, job_config, ppid, run_cli, run_mpi,
-                      running, wait_until_gone)
+                      wait_until_gone)
 from dbmpi.rundir import load_checkpoint
 
 
@@ -47,9 +47,9 @@ def _wait_for_step(metrics, step, p, timeout=120):
             lines = metrics.read_text().splitlines()
         except OSError:
             lines = []
-        for l in lines:
+        for line in lines:
             try:
-                m = json.loads(l)
+                m = json.loads(line)
             except ValueError:
                 continue                 # a line being written
             if m.get("kind") == "train" and m.get("step", 0) >= step:
@@ -175,14 +175,14 @@ def test_downpour_sigterm_then_resume_matches_uninterrupted(tmp_path, digits_pat
     r = run_mpi(5, "train", "--resume", part, "--quiet", timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     s = json.loads((part / "summary.json").read_text())
-    lines = [json.loads(l) for l in (part / "metrics.jsonl").read_text().splitlines()[n_lines:]]
+    lines = [json.loads(line) for line in (part / "metrics.jsonl").read_text().splitlines()[n_lines:]]
     for i in range(2):
-        first = min(l["step"] for l in lines if l["kind"] == "train" and l["replica"] == i)
+        first = min(m["step"] for m in lines if m["kind"] == "train" and m["replica"] == i)
         assert saved[i] < first <= saved[i] + 20      # continues from its saved step
     # Downpour is asynchronous: one evaluation of two runs differs by up to ~1.5% (7 of the
     # 449 test digits) run to run; the mean of each run's last three is compared
     tail_full = _last_evals(full / "metrics.jsonl", 3)
-    tail_part = [l["test_accuracy"] for l in lines if l["kind"] == "eval"][-3:]
+    tail_part = [m["test_accuracy"] for m in lines if m["kind"] == "eval"][-3:]
     assert len(tail_full) == len(tail_part) == 3, (tail_full, tail_part)
     mean_full, mean_part = sum(tail_full) / 3, sum(tail_part) / 3
     print(f"\n{PREEMPT_SIGNAL} past step 300: exit {p.returncode} after {t_end - t0:.1f} s; "
@@ -192,8 +192,8 @@ def test_downpour_sigterm_then_resume_matches_uninterrupted(tmp_path, digits_pat
 
 
 def _last_evals(metrics, n):
-    evals = [json.loads(l) for l in metrics.read_text().splitlines()]
-    return [l["test_accuracy"] for l in evals if l["kind"] == "eval"][-n:]
+    evals = [json.loads(m) for m in metrics.read_text().splitlines()]
+    return [m["test_accuracy"] for m in evals if m["kind"] == "eval"][-n:]
 
 
 def test_preemption_signal_while_the_job_finishes_is_not_a_failure(tmp_path, digits_path):
