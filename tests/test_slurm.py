@@ -109,18 +109,23 @@ def test_downpour_job_runs_to_completion_through_each_script(slurm, tmp_path, di
 
 
 def test_time_limit_checkpoints_requeues_and_resumes(slurm, tmp_path, digits_path):
-    """--time=2 with --signal=B:USR1@60: Slurm warns the script about 30 s into each run
-    (its timer ticks every 30 s); the job needs about twice that, so it is preempted at
-    least once, requeues itself, resumes and finishes, as accurate as a run left alone."""
-    steps = 150000
-    sets = ("--set", f"run.max_steps={steps}", "--set", "run.max_time_s=3600",
-            "--set", "run.eval_every_s=5")
+    """--time=2 with --signal=B:USR1@60: Slurm warns the script 30-60 s into each run (its
+    timer ticks every 30 s); the job is sized to train 90 s at the pace the reference run
+    (left alone) measured on this machine, so it is preempted at least once, requeues
+    itself, resumes (as often as it needs) and finishes, at least as accurate as the
+    reference."""
+    ref_steps = 150000
+    sets = ("--set", "run.max_time_s=3600", "--set", "run.eval_every_s=5")
     cfg = job_config(tmp_path, digits_path, "digits_downpour.toml")
-    ref, ref_out = _sbatch(slurm, "slurm_srun.sbatch", 5, cfg, tmp_path / "ref", *sets)
+    ref, ref_out = _sbatch(slurm, "slurm_srun.sbatch", 5, cfg, tmp_path / "ref", *sets,
+                           "--set", f"run.max_steps={ref_steps}")
     info = slurm.wait_job(ref, 600)
     assert info["JobState"] == "COMPLETED", ref_out.read_text()[-3000:]
+    pace = ref_steps / _summary(tmp_path / "ref")["wall_time_s"]   # a replica's steps/s
+    steps = max(ref_steps, int(90 * pace))
     run = tmp_path / "run"
     job, out = _sbatch(slurm, "slurm_srun.sbatch", 5, cfg, run, *sets,
+                       "--set", f"run.max_steps={steps}",
                        sbatch=("--time=2", "--signal=B:USR1@60"))
     info = slurm.wait_job(job, 900)
     log = out.read_text()
@@ -130,9 +135,10 @@ def test_time_limit_checkpoints_requeues_and_resumes(slurm, tmp_path, digits_pat
     s, r = _summary(run), _summary(tmp_path / "ref")
     assert s["stop_reason"] == "max_steps"
     _assert_steps_continue(run, steps)
-    print(f"time limit: {info['Restarts']} restarts; accuracy {s['final_test_accuracy']:.4f} "
-          f"against {r['final_test_accuracy']:.4f} uninterrupted")
-    assert abs(s["final_test_accuracy"] - r["final_test_accuracy"]) <= 0.01
+    print(f"time limit: {steps} steps, {info['Restarts']} restarts; accuracy "
+          f"{s['final_test_accuracy']:.4f} against {r['final_test_accuracy']:.4f} "
+          f"uninterrupted ({ref_steps} steps)")
+    assert s["final_test_accuracy"] >= r["final_test_accuracy"] - 0.01
 
 
 @pytest.mark.parametrize("script,how", [
