@@ -163,8 +163,8 @@ class PSClient:
         moving = self._start_puts(put, send)
         ok = finite or self._finite_while(send, moving)
         self.push_attempts += len(self.parts)
-        self.pushes_sent += len(self.parts) if not ok else 0
-        if not ok:
+        if not ok:                                # every part offered, and dropped here
+            self.pushes_sent += len(self.parts)
             self.rejected += len(self.parts)
             self._end_puts(put, moving, 0)        # the shards drop what I Put
             return True
