@@ -136,7 +136,7 @@ class PSClient:
             return out
         return theta
 
-    def push(self, acc: np.ndarray, finite: bool = False, update: bool = False) -> bool:
+    def push(self, acc: np.ndarray, update: bool = False) -> bool:
         """Offer my accumulated gradient slice to every shard.
 
         Returns True when every shard took its part (the caller may then treat ``acc`` as
@@ -146,8 +146,8 @@ class PSClient:
         A push holding NaN/Inf is dropped whole, at every shard (no shard applies its finite
         parts): it counts in :attr:`rejected` (a part each) and True is returned.  The check
         runs while the large attended parts are on the wire, and they are handed over only
-        once it passed.  ``finite``: the caller has checked (saves the pass); ``update``
-        (plain SGD): acc is already ``-lr x gradient`` (saves another)."""
+        once it passed.  ``update`` (plain SGD): acc is already ``-lr x gradient`` (saves a
+        pass)."""
         send = acc
         if self.direct_lr is not None and not update:
             if self._scaled is None:
@@ -161,7 +161,7 @@ class PSClient:
         attended = [p for p in self.parts if p[0] in self.attended]
         put = [p for p in attended if 4 * p[3] > self.pull_max_bytes]
         moving = self._start_puts(put, send)
-        ok = finite or self._finite_while(send, moving)
+        ok = self._finite_while(send, moving)
         self.push_attempts += len(self.parts)
         if not ok:                                # every part offered, and dropped here
             self.pushes_sent += len(self.parts)
