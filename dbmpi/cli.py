@@ -9,14 +9,12 @@ import sys
 import time
 from pathlib import Path
 
+from . import exitcodes
 from .config import ConfigError, load, ranks_needed
 from .data import DataError, check_file
 from .rundir import CheckpointError
 
 __all__ = ["main"]
-
-EXIT_USAGE = 2        # bad config, data, checkpoint or rank count
-EXIT_DIVERGED = 3     # training diverged (non-finite loss)
 
 
 class UsageError(Exception):
@@ -80,7 +78,7 @@ def cmd_data(args) -> int:
                         args.test_labels)
     info.update(out=str(args.out), seconds=round(time.time() - t0, 2))
     print(json.dumps(info))
-    return 0
+    return exitcodes.OK
 
 
 def cmd_validate(args) -> int:
@@ -93,7 +91,7 @@ def cmd_validate(args) -> int:
     if not args.no_data:
         out["data"] = check_file(cfg["data"]["path"], net.classes, net.input_shape)
     print(json.dumps(out))
-    return 0
+    return exitcodes.OK
 
 
 def _from_env(names, default):
@@ -147,14 +145,14 @@ def prepare(args):
 
 
 def cmd_train(args) -> int:
-    from .signals import EXIT_PREEMPTED, install_preemption
+    from .signals import install_preemption
     install_preemption()
     cfg, net, resume, out = prepare(args)
     algo = cfg["optimizer"]["algorithm"]
     need = ranks_needed(cfg)
     size = mpi_size_from_env()
     if algo == "sgd" and need == 1 and size == 1:
-        from .algorithms import train_sgd
+        from .algorithms.sgd import train_sgd
         from .rundir import RunDir, add_to_summary, peak_rss_mb
         run = RunDir(out, cfg, append=resume is not None)
         try:
@@ -163,7 +161,7 @@ def cmd_train(args) -> int:
             run.close()
         add_to_summary(out, {"peak_rss_mb": {"replicas": [[peak_rss_mb()]]}})
         print(json.dumps({"run_dir": str(out), **summary}))
-        return EXIT_PREEMPTED if summary["stop_reason"] == "preempted" else 0
+        return exitcodes.PREEMPTED if summary["stop_reason"] == "preempted" else exitcodes.OK
     from .launch import train_mpi
     from .signals import Guard
     from .topology import describe, role_of
@@ -187,7 +185,7 @@ def cmd_evaluate(args) -> int:
     ev = Evaluator(net, cfg["data"]["path"], args.split)(ck["params"])
     print(json.dumps({"run_dir": str(rd), "split": args.split, **ev,
                       "counters": ck["counters"]}))
-    return 0
+    return exitcodes.OK
 
 
 def main(argv=None) -> int:
@@ -200,11 +198,11 @@ def main(argv=None) -> int:
     try:
         return cmd(args)
     except (ConfigError, DataError, CheckpointError, UsageError) as e:
-        code, msg = EXIT_USAGE, str(e)
+        code, msg = exitcodes.USAGE, str(e)
     except FloatingPointError as e:
-        code, msg = EXIT_DIVERGED, str(e)
+        code, msg = exitcodes.DIVERGED, str(e)
     except ValueError as e:  # a layer that cannot take its input, a bad batch size
-        code, msg = EXIT_USAGE, str(e)
+        code, msg = exitcodes.USAGE, str(e)
     if say:
         print(f"dbmpi: error: {msg}", file=sys.stderr, flush=True)
     elif mpi_size_from_env() > 1:

@@ -13,6 +13,8 @@ import math
 import tomllib
 from pathlib import Path
 
+from .algorithms import ALGORITHMS
+
 __all__ = ["ConfigError", "DEFAULTS", "LAYER_KEYS", "load", "parse", "apply_override",
            "ranks_needed", "dumps"]
 
@@ -21,7 +23,6 @@ class ConfigError(ValueError):
     """A config file, key or value that cannot be used; the message says how to fix it."""
 
 
-ALGORITHMS = ("sgd", "downpour", "sandblaster", "sync")
 
 # table -> key -> (default, kind).  kind is a type, a tuple of allowed strings, or a
 # (type, minimum) pair for numbers that must be at least the minimum.
@@ -42,7 +43,7 @@ DEFAULTS: dict[str, dict[str, tuple]] = {
         "ps_progress": ("auto", ("auto", "passive", "attended")),
     },
     "optimizer": {
-        "algorithm": ("sgd", ALGORITHMS),
+        "algorithm": ("sgd", tuple(ALGORITHMS)),
         "learning_rate": (0.05, (float, 0.0)),
         "adagrad": (False, bool),
         "adagrad_eps": (1e-8, (float, 0.0)),
@@ -225,9 +226,10 @@ def parse(raw: dict, source: str = "") -> dict:
             out.setdefault(k, default)
         cfg[table] = out
     c, o = cfg["cluster"], cfg["optimizer"]
-    if o["algorithm"] == "sgd" and c["replicas"] != 1:
+    if ALGORITHMS[o["algorithm"]].one_replica and c["replicas"] != 1:
         raise ConfigError(f"{_where(source, 'cluster.replicas')} = {c['replicas']}: algorithm "
-                          "\"sgd\" trains one replica; set replicas = 1 or use \"downpour\"")
+                          f"\"{o['algorithm']}\" trains one replica; set replicas = 1 or use "
+                          "\"downpour\"")
     if cfg["faults"]["slow_replica"] >= c["replicas"]:
         raise ConfigError(f"{_where(source, 'faults.slow_replica')} = "
                           f"{cfg['faults']['slow_replica']} but there are only {c['replicas']} "
@@ -289,12 +291,9 @@ def load(path, overrides=()) -> dict:
 
 def ranks_needed(cfg: dict) -> int:
     """World size the config needs: see README, "Ranks"."""
-    c = cfg["cluster"]
-    workers = c["replicas"] * c["partitions"]
-    algo = cfg["optimizer"]["algorithm"]
-    if algo in ("downpour", "sandblaster"):
-        return 1 + c["ps_shards"] + workers
-    return workers
+    from .topology import shards_of
+    c, S = cfg["cluster"], shards_of(cfg)
+    return (1 + S if S else 0) + c["replicas"] * c["partitions"]
 
 
 def _toml_value(v) -> str:

@@ -3,8 +3,7 @@
 Launch as ``mpiexec -n N python -m mpi4py -m dbmpi train CONFIG``.  An exception on any
 rank prints one line naming the rank and its role and aborts the whole job (MPI_Abort),
 so no rank is left hanging; a rank that dies outright is named by its guard
-(:mod:`dbmpi.signals`).  Exit codes: 0 done, 2 bad input or rank count, 3 diverged,
-75 preempted (checkpointed: resume with ``--resume``).
+(:mod:`dbmpi.signals`).  Exit codes: :mod:`dbmpi.exitcodes`.
 """
 
 from __future__ import annotations
@@ -13,17 +12,18 @@ import json
 import signal
 import sys
 
+from .algorithms import ALGORITHMS
 from .config import ranks_needed
-from .signals import EXIT_PREEMPTED
+from . import exitcodes
 from .rundir import add_to_summary, peak_rss_mb
 
 __all__ = ["train_mpi"]
 
 
 def _explain(cfg) -> str:
-    c, algo = cfg["cluster"], cfg["optimizer"]["algorithm"]
+    c = cfg["cluster"]
     workers = f"{c['replicas']} replicas x {c['partitions']} partitions"
-    if algo in ("downpour", "sandblaster"):
+    if ALGORITHMS[cfg["optimizer"]["algorithm"]].parameter_server:
         return f"1 coordinator + {c['ps_shards']} parameter-server shards + {workers}"
     return workers
 
@@ -110,7 +110,7 @@ def train_mpi(cfg, net, resume, out, quiet=False, guard=None, agree_out=False) -
             print(f"dbmpi: error: this config needs {need} ranks ({_explain(cfg)}) but the job "
                   f"has {size}: launch it with `mpiexec -n {need} ...`", file=sys.stderr,
                   flush=True)
-        return _leave(world, 2, guard)
+        return _leave(world, exitcodes.USAGE, guard)
     if agree_out:
         out = world.bcast(out, root=0)
     bad = None
@@ -124,25 +124,14 @@ def train_mpi(cfg, net, resume, out, quiet=False, guard=None, agree_out=False) -
     if bad is not None:
         if rank == 0:
             print(f"dbmpi: error: {bad}", file=sys.stderr, flush=True)
-        return _leave(world, 2, guard)
+        return _leave(world, exitcodes.USAGE, guard)
     algo = cfg["optimizer"]["algorithm"]
     from .topology import Topology
     facts = mpi_facts(world)
     topo = Topology.split(world, cfg)
     try:
         _arm_fault(cfg, rank)
-        if algo == "downpour":
-            from .algorithms.downpour import run_downpour
-            summary = run_downpour(topo, cfg, net, out, resume, quiet)
-        elif algo == "sandblaster":
-            from .algorithms.sandblaster import run_sandblaster
-            summary = run_sandblaster(topo, cfg, net, out, resume, quiet)
-        elif algo == "sync":
-            from .algorithms.sync import run_sync
-            summary = run_sync(topo, cfg, net, out, resume, quiet)
-        else:
-            from .algorithms.sgd import train_sgd_partitioned
-            summary = train_sgd_partitioned(topo, cfg, out, resume, quiet)
+        summary = ALGORITHMS[algo].run(topo, cfg, net, out, resume, quiet)
         signal.setitimer(signal.ITIMER_REAL, 0)
         reason = world.bcast(summary.get("stop_reason") if summary else None, root=0)
         peaks = world.gather(peak_rss_mb(), root=0)
@@ -157,22 +146,22 @@ def train_mpi(cfg, net, resume, out, quiet=False, guard=None, agree_out=False) -
             guard.error()
         else:
             print(line, file=sys.stderr, flush=True)
-        world.Abort(1)
-        return 1
+        world.Abort(exitcodes.FAILED)
+        return exitcodes.FAILED
     if summary is not None:
         print(json.dumps({"run_dir": str(out), **{k: v for k, v in summary.items()
                                                    if k not in ("replicas", "shards",
                                                                 "peak_rss_mb")}}), flush=True)
-    code = 0
+    code = exitcodes.OK
     if reason == "diverged":
         if rank == 0:
             print("dbmpi: error: training diverged (non-finite gradients or loss); the "
                   "parameters in the checkpoint are the last finite ones; try a smaller "
                   f"optimizer.learning_rate than {cfg['optimizer']['learning_rate']}",
                   file=sys.stderr, flush=True)
-        code = 3
+        code = exitcodes.DIVERGED
     elif reason == "preempted":
-        code = EXIT_PREEMPTED
+        code = exitcodes.PREEMPTED
     return _leave(world, code, guard)
 
 

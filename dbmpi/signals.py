@@ -2,7 +2,7 @@
 
 Preemption: SIGTERM and SIGUSR1 (what ``mpiexec``/Hydra and Slurm's ``--signal`` deliver to
 every rank) set a flag; the trainers check it between steps, checkpoint, stop every rank
-cleanly and exit with :data:`EXIT_PREEMPTED`.
+cleanly and exit with :data:`dbmpi.exitcodes.PREEMPTED`.
 
 Dead ranks: MPI cannot outlive a dead rank, and the launcher ends the other ranks with
 SIGKILL, so no MPI process can report a death.  Watching from outside does not work either:
@@ -30,9 +30,9 @@ import socket
 import sys
 import time
 
-__all__ = ["EXIT_PREEMPTED", "install_preemption", "preempted", "Guard"]
+from . import exitcodes
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpointed because of a signal; resume with --resume
+__all__ = ["install_preemption", "preempted", "Guard"]
 
 _flag = {"signal": None}
 
@@ -118,7 +118,7 @@ class Guard:
             self.w = w
             _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
             if os.getppid() != parent:   # the guard is already gone
-                os._exit(1)
+                os._exit(exitcodes.FAILED)
             _prctl(_PR_SET_NAME, ctypes.c_char_p(f"dbmpi-r{rank}".encode()[:15]))
             return
         os.close(w)
@@ -196,7 +196,7 @@ class Guard:
             try:
                 done, status = os.waitpid(pid, os.WNOHANG)
             except ChildProcessError:
-                return 1 << 8
+                return exitcodes.FAILED << 8
             if done:
                 return status
             if self.marker is not None and os.getppid() != launcher:

@@ -9,19 +9,27 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Topology", "shard_ranges", "role_of"]
+from .algorithms import ALGORITHMS
+
+__all__ = ["Topology", "shard_ranges", "role_of", "shards_of"]
+
+
+def shards_of(cfg: dict) -> int:
+    """The number of parameter-server shards: ``cluster.ps_shards`` where the algorithm has
+    a parameter server (the registry, dbmpi.algorithms), else 0."""
+    if ALGORITHMS[cfg["optimizer"]["algorithm"]].parameter_server:
+        return cfg["cluster"]["ps_shards"]
+    return 0
 
 
 def role_of(rank: int, cfg: dict) -> tuple[str, int, int]:
     """(role, index, partition) of world rank ``rank`` under ``cfg``; needs no MPI."""
-    c = cfg["cluster"]
-    has_ps = cfg["optimizer"]["algorithm"] in ("downpour", "sandblaster")
-    S = c["ps_shards"] if has_ps else 0
-    if has_ps and rank == 0:
+    S = shards_of(cfg)
+    if S and rank == 0:
         return "coordinator", 0, 0
-    if has_ps and rank <= S:
+    if S and rank <= S:
         return "shard", rank - 1, 0
-    index, part = divmod(rank - (1 + S if has_ps else 0), c["partitions"])
+    index, part = divmod(rank - (1 + S if S else 0), cfg["cluster"]["partitions"])
     return "replica", index, part
 
 
@@ -69,10 +77,9 @@ class Topology:
     def split(cls, world, cfg: dict) -> "Topology":
         """Collective over ``world``: split it by role."""
         c = cfg["cluster"]
-        has_ps = cfg["optimizer"]["algorithm"] in ("downpour", "sandblaster")
-        S = c["ps_shards"] if has_ps else 0
         R, P = c["replicas"], c["partitions"]
-        first = 1 + S if has_ps else 0
+        S = shards_of(cfg)
+        first = 1 + S if S else 0
         rank = world.Get_rank()
         role, index, part = role_of(rank, cfg)
         ctrl, rma = world.Dup(), world.Dup()

@@ -20,7 +20,9 @@ import time
 import numpy as np
 from mpi4py import MPI
 
-from dbmpi.algorithms.downpour import (TAGS, _poll_recv, direct_pushes, make_shard,
+from dbmpi import tags
+from dbmpi.mpiwait import recv
+from dbmpi.algorithms.downpour import (direct_pushes, make_shard,
                                       request_snapshots, serve_shard)
 from dbmpi.config import parse
 from dbmpi.server import PSSetup
@@ -97,13 +99,13 @@ def main():
             client.wait_applied()
             topo.ctrl.send({"replica": topo.index, "total": total, "torn": torn,
                             "sent": client.pushes_sent, "nans": nans,
-                            "rejected": client.rejected}, dest=0, tag=TAGS["DONE"])
-            _poll_recv(topo.ctrl, 0, TAGS["FINISH"])
+                            "rejected": client.rejected}, dest=0, tag=tags.DONE)
+            recv(topo.ctrl, 0, tags.FINISH)
         else:
-            done = [_poll_recv(topo.ctrl, MPI.ANY_SOURCE, TAGS["DONE"]) for _ in range(R)]
+            done = [recv(topo.ctrl, MPI.ANY_SOURCE, tags.DONE) for _ in range(R)]
             snaps = request_snapshots(topo, "DRAIN")
             for rank in topo.shard_ranks + [r for reps in topo.replica_ranks for r in reps]:
-                topo.ctrl.send(None, dest=rank, tag=TAGS["FINISH"])
+                topo.ctrl.send(None, dest=rank, tag=tags.FINISH)
             params = np.concatenate([m["params"] for m in snaps])
             expected = -sum(d["total"] for d in done)   # SGD with lr 1: theta = -sum(grads)
             print(json.dumps({

@@ -14,31 +14,18 @@ import time
 
 import numpy as np
 
-from .. import aligned
-from ..mpiwait import Backoff, wait
+from .. import aligned, tags
+from ..mpiwait import Backoff, recv, wait
 from ..optim import make_optimizer
 from ..rundir import RunDir, save_checkpoint
 from ..server import PSSetup, ShardServer
 from .common import Batches, Evaluator, Progress, stop_for_time
 
-__all__ = ["run_downpour", "TAGS"]
-
-TAGS = dict(LOG=11, DONE=12, STOP=13, WARM=14, GO=15, SNAP_REQ=16, SNAP=17, DRAIN=18,
-            FINISH=19, DIVERGED=20, SNAP_DATA=21)
+__all__ = ["run_downpour"]
 
 # A shard that rejects this many pushes in a row (NaN/Inf) reports the run as diverging.
 DIVERGED_AFTER = 20
 
-
-def _poll_recv(comm, source, tag, backoff=None):
-    """A blocking receive that sleeps between probes instead of spinning (MPI's blocking
-    receives busy-poll a core)."""
-    from mpi4py import MPI
-    backoff = backoff or Backoff()
-    st = MPI.Status()
-    while not comm.Iprobe(source=source, tag=tag, status=st):
-        backoff.idle()
-    return comm.recv(source=st.Get_source(), tag=st.Get_tag())
 
 
 # -- shard ---------------------------------------------------------------------------------
@@ -79,14 +66,14 @@ def serve_shard(topo, server):
             if server.applied != seen[0]:
                 seen = (server.applied, server.rejected)      # a good push resets the run
             elif server.rejected - seen[1] >= DIVERGED_AFTER:
-                ctrl.send(server.rejected, dest=0, tag=TAGS["DIVERGED"])
+                ctrl.send(server.rejected, dest=0, tag=tags.DIVERGED)
                 warned = True
         if ctrl.Iprobe(source=0, status=st):
             tag = st.Get_tag()
             ctrl.recv(source=0, tag=tag)
-            if tag == TAGS["FINISH"]:
+            if tag == tags.FINISH:
                 break
-            if tag == TAGS["DRAIN"]:
+            if tag == tags.DRAIN:
                 while server.poll():
                     pass
             params, state, version = server.snapshot()
@@ -99,9 +86,9 @@ def serve_shard(topo, server):
                        "staleness": server.staleness.tolist(),
                        "cpu_s": time.process_time() - cpu0, "idle_s": idle_s,
                        "attended_s": server.attended_s},
-                      dest=0, tag=TAGS["SNAP"])
+                      dest=0, tag=tags.SNAP)
             for _, v in vectors:
-                ctrl.Send(v, dest=0, tag=TAGS["SNAP_DATA"])
+                ctrl.Send(v, dest=0, tag=tags.SNAP_DATA)
             del params, state, vectors
         else:
             t = time.perf_counter()
@@ -109,21 +96,21 @@ def serve_shard(topo, server):
             idle_s += time.perf_counter() - t
 
 
-def request_snapshots(topo, tag="SNAP_REQ"):
+def request_snapshots(topo, tag=tags.SNAP_REQ):
     """From the coordinator: every shard's snapshot (``DRAIN``: after applying every push
     it holds), in shard order, each a dict with ``params`` and ``state`` (see
     serve_shard)."""
     from mpi4py import MPI
     ctrl = topo.ctrl
     for rank in topo.shard_ranks:
-        ctrl.send(None, dest=rank, tag=TAGS[tag])
+        ctrl.send(None, dest=rank, tag=tag)
     snaps = [None] * topo.shards
     for _ in topo.shard_ranks:
-        m = _poll_recv(ctrl, MPI.ANY_SOURCE, TAGS["SNAP"])
+        m = recv(ctrl, MPI.ANY_SOURCE, tags.SNAP)
         rank, m["state"] = topo.shard_ranks[m["shard"]], {}
         for name, n, dtype in m.pop("vectors"):    # sent right after, in this order
             v = np.empty(n, dtype=dtype)
-            ctrl.Recv(v, source=rank, tag=TAGS["SNAP_DATA"])
+            ctrl.Recv(v, source=rank, tag=tags.SNAP_DATA)
             if name == "params":
                 m["params"] = v
             else:
@@ -180,11 +167,9 @@ def _run_replica(topo, cfg, net, client, resume=None):
     stopped = 0
     if warm and rep != 0:
         if lead:   # wait for the coordinator's go (or a stop) without spinning
-            st, backoff = MPI.Status(), Backoff(hi=0.02)
-            while not ctrl.Iprobe(source=0, status=st):
-                backoff.idle()
-            ctrl.recv(source=0, tag=st.Get_tag())
-            stopped = int(st.Get_tag() == TAGS["STOP"])
+            st = MPI.Status()
+            recv(ctrl, 0, MPI.ANY_TAG, Backoff(hi=0.02), st)
+            stopped = int(st.Get_tag() == tags.STOP)
         stopped = agree(stopped)
     t0 = time.perf_counter()
     t_fetch = t_push = t_compute = 0.0
@@ -232,17 +217,17 @@ def _run_replica(topo, cfg, net, client, resume=None):
             else:   # it held NaN/Inf: the client dropped it whole, at every shard
                 dropped, bad_run = dropped + 1, bad_run + 1
                 if bad_run == DIVERGED_AFTER:
-                    ctrl.send(dropped, dest=0, tag=TAGS["DIVERGED"])
+                    ctrl.send(dropped, dest=0, tag=tags.DIVERGED)
             t_push += time.perf_counter() - t
         if lead and (step % r["log_every"] == 0 or step == 1):
             ctrl.send({"replica": rep, "step": step, "loss": float(loss),
                        "epoch": batches.epoch, "offset": batches.offset}, dest=0,
-                      tag=TAGS["LOG"])
+                      tag=tags.LOG)
         if lead and warm and rep == 0 and step == min(warm, r["max_steps"]):
             # warm (or all its steps done, when they are fewer): the others may start
-            ctrl.send(step, dest=0, tag=TAGS["WARM"])
-        if lead and ctrl.Iprobe(source=0, tag=TAGS["STOP"]):
-            ctrl.recv(source=0, tag=TAGS["STOP"])
+            ctrl.send(step, dest=0, tag=tags.WARM)
+        if lead and ctrl.Iprobe(source=0, tag=tags.STOP):
+            ctrl.recv(source=0, tag=tags.STOP)
             stopped = 1
         stopped = agree(stopped)
     if not acc_empty and np.any(acc):
@@ -270,10 +255,10 @@ def _run_replica(topo, cfg, net, client, resume=None):
                    "partition_bytes_per_step": [b / max(step - step0, 1) for b in bytes_sent],
                    "partition_exchange_ms_per_step": [1e3 * e / max(step - step0, 1)
                                                       for e in exch_s],
-                   **mine}, dest=0, tag=TAGS["DONE"])
+                   **mine}, dest=0, tag=tags.DONE)
     if not (lead and stopped):  # the coordinator sends STOP to every rank; take it
-        _poll_recv(ctrl, 0, TAGS["STOP"], Backoff(hi=0.02))
-    _poll_recv(ctrl, 0, TAGS["FINISH"], Backoff(hi=0.02))
+        recv(ctrl, 0, tags.STOP, Backoff(hi=0.02))
+    recv(ctrl, 0, tags.FINISH, Backoff(hi=0.02))
 
 
 # -- coordinator ---------------------------------------------------------------------------
@@ -294,7 +279,7 @@ class _Coordinator:
                           for i in range(topo.replicas)}
         self.diverged = False
 
-    def snapshots(self, tag="SNAP_REQ"):
+    def snapshots(self, tag=tags.SNAP_REQ):
         self.last_snaps = request_snapshots(self.topo, tag)
         return self.last_snaps
 
@@ -324,17 +309,17 @@ class _Coordinator:
             any_msg = True
             src, tag = st.Get_source(), st.Get_tag()
             m = ctrl.recv(source=src, tag=tag)
-            if tag == TAGS["LOG"]:
+            if tag == tags.LOG:
                 self.positions[m["replica"]] = (m["step"], m.pop("epoch"), m.pop("offset"))
                 self.run.log("train", **m)
-            elif tag == TAGS["DONE"]:
+            elif tag == tags.DONE:
                 self.done[m["replica"]] = m
                 self.positions[m["replica"]] = (m["steps"], m["epoch"], m["offset"])
-            elif tag == TAGS["DIVERGED"]:
+            elif tag == tags.DIVERGED:
                 self.diverged = True
-            elif tag == TAGS["WARM"]:
+            elif tag == tags.WARM:
                 for reps in self.topo.replica_ranks[1:]:
-                    ctrl.send(None, dest=reps[0], tag=TAGS["GO"])
+                    ctrl.send(None, dest=reps[0], tag=tags.GO)
         return any_msg
 
     def loop(self):
@@ -373,7 +358,7 @@ class _Coordinator:
         ctrl = self.topo.ctrl
         for reps in self.topo.replica_ranks:
             for rank in reps:
-                ctrl.send(None, dest=rank, tag=TAGS["STOP"])
+                ctrl.send(None, dest=rank, tag=tags.STOP)
         while len(self.done) < self.topo.replicas:
             if not self.handle_messages():
                 backoff.idle()
@@ -448,6 +433,6 @@ def run_downpour(topo, cfg, net, out, resume=None, quiet=False):
         finally:
             run.close()
         for rank in topo.shard_ranks + [x for reps in topo.replica_ranks for x in reps]:
-            topo.ctrl.send(None, dest=rank, tag=TAGS["FINISH"])
+            topo.ctrl.send(None, dest=rank, tag=tags.FINISH)
     ps.free()
     return summary

@@ -32,14 +32,14 @@ from .. import aligned
 from ..config import check_model
 from ..model import build
 from ..rundir import RunDir, save_checkpoint
-from ..mpiwait import Backoff
+from .. import tags
+from ..mpiwait import Backoff, recv, until
 from ..server import PSSetup, ShardServer
 from ..server.rma import overlaps, settle
 from .common import Evaluator, Progress, stop_for_time
 
 __all__ = ["PortionScheduler", "run_sandblaster", "wolfe_line_search"]
 
-TAG_CMD, TAG_REPLY, TAG_WORK, TAG_DATA = 31, 32, 33, 35
 
 
 # -- work portions ---------------------------------------------------------------------------
@@ -209,17 +209,17 @@ def _serve_shard(topo, shard):
     ctrl, st, backoff = topo.ctrl, MPI.Status(), shard.backoff(lo=5e-5, hi=1e-3)
     while True:
         busy = shard.serve()
-        if ctrl.Iprobe(source=0, tag=TAG_CMD, status=st):
-            cmd, args = ctrl.recv(source=0, tag=TAG_CMD)
+        if ctrl.Iprobe(source=0, tag=tags.CMD, status=st):
+            cmd, args = ctrl.recv(source=0, tag=tags.CMD)
             if cmd == "finish":
                 return
             if cmd == "send_vector":      # raw, no reply: see _Coordinator.gather_vector
-                ctrl.Send(shard.v[args[0]], dest=0, tag=TAG_DATA)
+                ctrl.Send(shard.v[args[0]], dest=0, tag=tags.DATA)
                 continue
             if cmd == "recv_vector":      # raw, then the usual reply (restore)
-                ctrl.Recv(shard.v[args[0]], source=0, tag=TAG_DATA)
+                ctrl.Recv(shard.v[args[0]], source=0, tag=tags.DATA)
             ctrl.send(None if cmd == "recv_vector" else shard.command(cmd, args), dest=0,
-                      tag=TAG_REPLY)
+                      tag=tags.REPLY)
             backoff.busy()
         else:
             shard.pause(busy, backoff)
@@ -227,7 +227,6 @@ def _serve_shard(topo, shard):
 
 # -- replica ---------------------------------------------------------------------------------
 
-TAG_RELAY = 34
 
 
 def _run_replica(topo, cfg, client):
@@ -263,16 +262,12 @@ def _run_replica(topo, cfg, client):
         push first) relayed to the other partitions."""
         backoff = Backoff(lo=5e-5, hi=2e-3)
         if lead:
-            while not ctrl.Iprobe(source=0, tag=TAG_WORK):
-                backoff.idle()
-            return ctrl.recv(source=0, tag=TAG_WORK), None
-        while not topo.model.Iprobe(source=0, tag=TAG_RELAY):
-            backoff.idle()
-        return topo.model.recv(source=0, tag=TAG_RELAY)
+            return recv(ctrl, 0, tags.WORK, backoff), None
+        return recv(topo.model, 0, tags.RELAY, backoff)
 
     def relay(msg, push=None):
         for q in range(1, P):
-            topo.model.send((msg, push), dest=q, tag=TAG_RELAY)
+            topo.model.send((msg, push), dest=q, tag=tags.RELAY)
 
     def push_first(last) -> bool:
         """Push the held sums before this portion?  Before a last-round portion; then every
@@ -291,9 +286,7 @@ def _run_replica(topo, cfg, client):
         if accepted == pushed:
             return
         t = time.perf_counter()
-        backoff = Backoff(lo=5e-5, hi=1e-3)
-        while not client.push(acc):      # my slot is still full: wait for the shard
-            backoff.idle()
+        until(lambda: client.push(acc), Backoff(lo=5e-5, hi=1e-3))   # my slot may be full
         client.wait_applied()            # before the coordinator collects the sums
         acc[:] = 0
         pushed = accepted
@@ -302,7 +295,7 @@ def _run_replica(topo, cfg, client):
         stats["push_s"] += time.perf_counter() - t
         running("push", time.perf_counter() - t)
         if lead:   # tell the coordinator at once: it may be waiting only for these sums
-            ctrl.send(("flushed", batch, rep, pushed), dest=0, tag=TAG_WORK)
+            ctrl.send(("flushed", batch, rep, pushed), dest=0, tag=tags.WORK)
 
     def verdict(ok):
         nonlocal accepted, pending
@@ -321,13 +314,13 @@ def _run_replica(topo, cfg, client):
             allp = topo.model.gather(mine, root=0) if P > 1 else [mine]
             if lead:
                 mine["pushes_sent"] = sum(m["pushes_sent"] for m in allp)
-                ctrl.send(mine, dest=0, tag=TAG_REPLY)
+                ctrl.send(mine, dest=0, tag=tags.REPLY)
             return
         if kind == "batch":      # the shards have Put the trial point into theta
             batch, accepted, pushed, pending = msg[1], 0, 0, None
             acc[:] = 0
             if lead:
-                ctrl.send(("ready", batch, rep, 0), dest=0, tag=TAG_WORK)
+                ctrl.send(("ready", batch, rep, 0), dest=0, tag=tags.WORK)
             continue
         _, b, ok = msg[:3]
         if b != batch:
@@ -358,7 +351,7 @@ def _run_replica(topo, cfg, client):
         pending = g
         if lead:
             ctrl.send(("result", batch, rep, pushed, p, loss * len(idx), len(idx)), dest=0,
-                      tag=TAG_WORK)
+                      tag=tags.WORK)
 
 
 # -- coordinator -----------------------------------------------------------------------------
@@ -373,13 +366,11 @@ class _Shards:
     def __call__(self, cmd, *args):
         ctrl = self.topo.ctrl
         for rank in self.topo.shard_ranks:
-            ctrl.send((cmd, args), dest=rank, tag=TAG_CMD)
+            ctrl.send((cmd, args), dest=rank, tag=tags.CMD)
         out = []
         for rank in self.topo.shard_ranks:
             self.backoff.busy()
-            while not ctrl.Iprobe(source=rank, tag=TAG_REPLY):
-                self.backoff.idle()
-            out.append(ctrl.recv(source=rank, tag=TAG_REPLY))
+            out.append(recv(ctrl, rank, tags.REPLY, self.backoff))
         return out
 
 
@@ -527,16 +518,16 @@ class _Coordinator:
         o = self.cfg["optimizer"]
         sched = PortionScheduler(self.portions, R, o["balance"], o["backups"])
         for reps in self.topo.replica_ranks:
-            ctrl.send(("batch", b), dest=reps[0], tag=TAG_WORK)
+            ctrl.send(("batch", b), dest=reps[0], tag=tags.WORK)
         accepted, pushed = [0] * R, [0] * R
         loss, count = 0.0, 0
         st, backoff = MPI.Status(), Backoff(lo=2e-5, hi=5e-4)
         while not (sched.complete and accepted == pushed):
-            if not ctrl.Iprobe(source=MPI.ANY_SOURCE, tag=TAG_WORK, status=st):
+            if not ctrl.Iprobe(source=MPI.ANY_SOURCE, tag=tags.WORK, status=st):
                 backoff.idle()
                 continue
             backoff.busy()
-            m = ctrl.recv(source=st.Get_source(), tag=TAG_WORK)
+            m = ctrl.recv(source=st.Get_source(), tag=tags.WORK)
             if m[1] != b:
                 continue                       # a straggler's result from an earlier batch
             kind, r = m[0], m[2]
@@ -553,9 +544,9 @@ class _Coordinator:
             nxt = sched.next_for(r)
             dest = self.topo.replica_ranks[r][0]
             if nxt is None:
-                ctrl.send(("idle", b, ok), dest=dest, tag=TAG_WORK)
+                ctrl.send(("idle", b, ok), dest=dest, tag=tags.WORK)
             else:
-                ctrl.send(("work", b, ok, nxt[0], nxt[2]), dest=dest, tag=TAG_WORK)
+                ctrl.send(("work", b, ok, nxt[0], nxt[2]), dest=dest, tag=tags.WORK)
         self.copies += sched.copies
         c = self.shards("collect", count, self.net.l2)
         self.evals += 1
@@ -587,10 +578,10 @@ class _Coordinator:
             if not (k.startswith("lbfgs_") and k[len("lbfgs_"):] in names):
                 continue
             for (lo, hi), rank in zip(self.ranges, self.topo.shard_ranks):
-                ctrl.send(("recv_vector", (k[len("lbfgs_"):],)), dest=rank, tag=TAG_CMD)
+                ctrl.send(("recv_vector", (k[len("lbfgs_"):],)), dest=rank, tag=tags.CMD)
                 ctrl.Send(self.layout.take(v, lo, hi).astype(np.float64, copy=False),
-                          dest=rank, tag=TAG_DATA)
-                ctrl.recv(source=rank, tag=TAG_REPLY)
+                          dest=rank, tag=tags.DATA)
+                ctrl.recv(source=rank, tag=tags.REPLY)
         self.shards("publish")
         self.evals, self.batch = int(c["evaluations"]), int(c["batch"])
         self.rng.bit_generator.state = json.loads(c["rng"])
@@ -686,11 +677,11 @@ class _Coordinator:
         slice goes straight into place, one slice in memory at a time besides the result."""
         ctrl = self.topo.ctrl
         for rank in self.topo.shard_ranks:
-            ctrl.send(("send_vector", (name,)), dest=rank, tag=TAG_CMD)
+            ctrl.send(("send_vector", (name,)), dest=rank, tag=tags.CMD)
         out = np.empty(self.net.num_params)
         for (lo, hi), rank in zip(self.ranges, self.topo.shard_ranks):
             part = np.empty(hi - lo)
-            ctrl.Recv(part, source=rank, tag=TAG_DATA)
+            ctrl.Recv(part, source=rank, tag=tags.DATA)
             self.layout.scatter(part, lo, out)
         return out
 
@@ -721,11 +712,11 @@ def run_sandblaster(topo, cfg, net, out, resume=None, quiet=False):
                 co.ranges, co.layout = ranges, layout
                 params, f, it, stop, wall, ev = co.loop()
                 for reps in topo.replica_ranks:
-                    topo.ctrl.send(("stop",), dest=reps[0], tag=TAG_WORK)
-                reps = [topo.ctrl.recv(source=reps[0], tag=TAG_REPLY)
+                    topo.ctrl.send(("stop",), dest=reps[0], tag=tags.WORK)
+                reps = [topo.ctrl.recv(source=reps[0], tag=tags.REPLY)
                         for reps in topo.replica_ranks]
                 for rank in topo.shard_ranks:
-                    topo.ctrl.send(("finish", ()), dest=rank, tag=TAG_CMD)
+                    topo.ctrl.send(("finish", ()), dest=rank, tag=tags.CMD)
                 bt = np.array(co.batch_times)
                 summary = {
                     "algorithm": "sandblaster", "ranks": topo.ctrl.Get_size(),

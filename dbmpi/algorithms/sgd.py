@@ -12,7 +12,7 @@ from ..rundir import save_checkpoint
 from .common import (CHECKPOINT, EVAL, STOP, Batches, Evaluator, Progress,
                      lead_decision, stop_for_time)
 
-__all__ = ["train_sgd"]
+__all__ = ["train_sgd", "run_sgd"]
 
 
 def _check_loss(loss, step, o) -> None:
@@ -136,7 +136,7 @@ def train_sgd(cfg: dict, net, run, resume: dict | None = None, progress: bool = 
     return summary
 
 
-def train_sgd_partitioned(topo, cfg, out, resume=None, quiet=False) -> dict | None:
+def run_sgd(topo, cfg, net, out, resume=None, quiet=False) -> dict | None:
     """Algorithm ``sgd`` with one replica of P > 1 partitions (model parallelism).
 
     Every partition reads the same batches (the order never depends on P), computes its

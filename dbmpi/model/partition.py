@@ -25,7 +25,7 @@ import weakref
 
 import numpy as np
 
-from .. import aligned
+from .. import aligned, tags
 from ..mpiwait import wait
 from ..optim import sum_sq
 from . import ops_reference
@@ -35,7 +35,6 @@ from .reference import out_size, softmax_xent
 __all__ = ["PartitionedNetwork", "split", "Layout", "softmax_by_inputs"]
 
 _KERNELS = kernel_ops()
-_GATHER_TAG = 97          # gather_canonical's (exchanges use 100 + 4 i, the logits 90)
 
 
 def split(n: int, parts: int, p: int) -> tuple[int, int]:
@@ -569,7 +568,7 @@ class PartitionedNetwork:
                     for q, pq in enumerate(self.parts)]
             need = self.mine[i].need                  # need[q] for every partition q
             shape = self.full.layers[i].in_shape
-            self.exchanges.append(_Exchange(comm, 100 + 4 * i, shape, prev, need,
+            self.exchanges.append(_Exchange(comm, tags.exchange(i), shape, prev, need,
                                             columns=not self.mine[i].spatial))
         self.logit_bytes = 0
         self._comm_s = 0.0      # the logits' exchange and the l2 term's allreduce
@@ -599,14 +598,14 @@ class PartitionedNetwork:
         as the canonical vector on partition 0, None elsewhere.  The slices come as raw
         buffers, one at a time, each written straight into place."""
         if self.p != 0:
-            self.comm.Send(np.ascontiguousarray(local), dest=0, tag=_GATHER_TAG)
+            self.comm.Send(np.ascontiguousarray(local), dest=0, tag=tags.GATHER)
             return None
         out = np.empty(self.num_params, dtype=local.dtype)
         self.layout.scatter(local, self.ranges[0][0], out)
         for q in range(1, self.P):
             lo, hi = self.ranges[q]
             part = np.empty(hi - lo, dtype=local.dtype)
-            self.comm.Recv(part, source=q, tag=_GATHER_TAG)
+            self.comm.Recv(part, source=q, tag=tags.GATHER)
             self.layout.scatter(part, lo, out)
         return out
 
@@ -760,13 +759,13 @@ class PartitionedNetwork:
             if q == self.p or c1 <= c0:
                 continue
             buf = np.empty((n, c1 - c0), dtype=z_local.dtype)
-            reqs.append(self.comm.Irecv(buf, source=q, tag=90))
+            reqs.append(self.comm.Irecv(buf, source=q, tag=tags.LOGITS))
             bufs.append((buf, c0, c1))
         send = np.ascontiguousarray(full[:, a:b])
         if b > a:
             for q in range(self.P):
                 if q != self.p:
-                    reqs.append(self.comm.Isend(send, dest=q, tag=90))
+                    reqs.append(self.comm.Isend(send, dest=q, tag=tags.LOGITS))
                     self.logit_bytes += send.nbytes
         wait(reqs)
         for buf, c0, c1 in bufs:
@@ -782,10 +781,10 @@ class PartitionedNetwork:
         n = z_local.shape[0]
         mine = np.ascontiguousarray(z_local.reshape(n, self.classes))
         parts = [mine if q == self.p else np.empty_like(mine) for q in range(self.P)]
-        reqs = [self.comm.Irecv(parts[q], source=q, tag=90) for q in range(self.P) if q != self.p]
+        reqs = [self.comm.Irecv(parts[q], source=q, tag=tags.LOGITS) for q in range(self.P) if q != self.p]
         for q in range(self.P):
             if q != self.p:
-                reqs.append(self.comm.Isend(mine, dest=q, tag=90))
+                reqs.append(self.comm.Isend(mine, dest=q, tag=tags.LOGITS))
                 self.logit_bytes += mine.nbytes
         wait(reqs)
         full = parts[0].copy()

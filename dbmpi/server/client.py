@@ -31,8 +31,8 @@ import numpy as np
 
 from ..optim import all_finite
 from .rma import FLAG, HEADER, Atomics, SeqLock, inbox_slots, overlaps, settle
-from .shard import (BELL_FETCH, BELL_FETCHED, BELL_PUSH, BELL_PUT, BELL_PUT_DONE, BELL_TAKEN,
-                    BELL_WORDS, GRADIENT, PULL_MAX_BYTES, UPDATE)
+from ..tags import BELL_FETCH, BELL_FETCHED, BELL_PUSH, BELL_PUT, BELL_PUT_DONE, BELL_TAKEN
+from .shard import BELL_WORDS, GRADIENT, PULL_MAX_BYTES, UPDATE
 
 __all__ = ["PSClient"]
 

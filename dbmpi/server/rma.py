@@ -9,11 +9,12 @@ operation: under MPICH such an epoch waits for the target's next MPI call, every
 
 from __future__ import annotations
 
-import os
 import time
 from contextlib import contextmanager
 
 import numpy as np
+
+from ..mpiwait import Backoff, wait
 
 __all__ = ["Window", "SeqLock", "Atomics", "HEADER", "inbox_slots", "overlaps", "probe_progress",
            "settle"]
@@ -77,7 +78,6 @@ def settle(reqs) -> None:
     """Wait for RMA requests while yielding the core: the target of an attended transfer
     (and its other clients) may need it to make progress, and MPI's own blocking waits
     would spin it away."""
-    from ..mpiwait import wait
     wait(reqs, yield_s=10.0)
 
 
@@ -127,26 +127,14 @@ class Atomics:
         return int(self._res[0])
 
 
-class _Retry:
+def _retry():
     """Between tries at a seqlock held by another rank: give the core away
     (``sched_yield``) for the first tries, then nap, longer each time.  A write section
     lasts microseconds, unless its writer lost its core; then yielding lets it run at once
     where it shares mine, where the shortest nap (about 60 us, timer slack included) would
     cost more than the wait itself.  On an oversubscribed node, readers that napped at
     once spent most of a fetch asleep (MPICH: 1,300-1,600 naps in 8,000 reads)."""
-
-    YIELDS = 64
-
-    def __init__(self):
-        self.tries, self.pause = 0, 2e-5
-
-    def __call__(self) -> None:
-        self.tries += 1
-        if self.tries <= self.YIELDS:
-            os.sched_yield()
-        else:
-            time.sleep(self.pause)
-            self.pause = min(self.pause * 2, 1e-3)
+    return Backoff(lo=2e-5, hi=1e-3, yields=64).idle
 
 
 class SeqLock:
@@ -172,7 +160,7 @@ class SeqLock:
         if self.solo:
             yield
             return
-        retry = _Retry()
+        retry = _retry()
         while self.a.cas(MUTEX, 0, self.token):
             retry()                      # another writer: yields, then naps, not a spin
         try:
@@ -194,7 +182,7 @@ class SeqLock:
     def read(self, get) -> int:
         """Call ``get()`` (which issues the Gets) until it ran on one version; returns the
         number of updates that version holds."""
-        retry = _Retry()
+        retry = _retry()
         while True:
             v = self.version()
             if not v % 2:

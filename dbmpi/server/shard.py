@@ -39,6 +39,7 @@ import time
 import numpy as np
 
 from ..optim import all_finite
+from ..tags import BELL_FETCH, BELL_FETCHED, BELL_PUSH, BELL_PUT, BELL_PUT_DONE, BELL_TAKEN
 from .rma import FLAG, HEADER, MUTEX, VERSION, Atomics, SeqLock, Window, inbox_slots, settle
 
 __all__ = ["ShardServer", "GRADIENT", "UPDATE", "PULL_MAX_BYTES"]
@@ -47,7 +48,6 @@ GRADIENT, UPDATE = 1, 2     # slot flag: apply with the optimizer / add as it is
 # tags on the bell communicator.  A client's bell carries (offset in my range, offset in
 # its window, length) and, for a push, (its client index, the slot flag kind, the version
 # it fetched); my answers: taken (a push), the version sent (a fetch)
-BELL_PUSH, BELL_TAKEN, BELL_FETCH, BELL_FETCHED, BELL_PUT, BELL_PUT_DONE = 1, 2, 3, 4, 5, 6
 BELL_WORDS = 6
 # an attended push part up to this size is pulled by the shard (latency-bound: a client's
 # spinning flush would cost more than the bytes), a larger one Put by the client
