@@ -103,7 +103,7 @@ def main():
             recv(topo.ctrl, 0, tags.FINISH)
         else:
             done = [recv(topo.ctrl, MPI.ANY_SOURCE, tags.DONE) for _ in range(R)]
-            snaps = request_snapshots(topo, "DRAIN")
+            snaps = request_snapshots(topo, tags.DRAIN)
             for rank in topo.shard_ranks + [r for reps in topo.replica_ranks for r in reps]:
                 topo.ctrl.send(None, dest=rank, tag=tags.FINISH)
             params = np.concatenate([m["params"] for m in snaps])

@@ -362,7 +362,7 @@ class _Coordinator:
         while len(self.done) < self.topo.replicas:
             if not self.handle_messages():
                 backoff.idle()
-        snaps = self.snapshots("DRAIN")   # every push the replicas sent is applied by now
+        snaps = self.snapshots(tags.DRAIN)   # every push the replicas sent is applied by now
         params = self.checkpoint(snaps)
         self.say(f"stopped ({stop}); checkpoint {self.run.checkpoint}", force=True)
         ev = self.evaluate(params)
