@@ -152,13 +152,9 @@ def cmd_train(args) -> int:
     need = ranks_needed(cfg)
     size = mpi_size_from_env()
     if algo == "sgd" and need == 1 and size == 1:
-        from .algorithms.sgd import train_sgd
-        from .rundir import RunDir, add_to_summary, peak_rss_mb
-        run = RunDir(out, cfg, append=resume is not None)
-        try:
-            summary = train_sgd(cfg, net, run, resume, progress=not args.quiet)
-        finally:
-            run.close()
+        from .algorithms.sgd import run_sgd
+        from .rundir import add_to_summary, peak_rss_mb
+        summary = run_sgd(None, cfg, net, out, resume, quiet=args.quiet)
         add_to_summary(out, {"peak_rss_mb": {"replicas": [[peak_rss_mb()]]}})
         print(json.dumps({"run_dir": str(out), **summary}))
         return exitcodes.PREEMPTED if summary["stop_reason"] == "preempted" else exitcodes.OK

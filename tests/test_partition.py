@@ -278,3 +278,29 @@ def test_sandblaster_with_partitions_matches_one_partition(tmp_path, digits_path
     assert b["final_objective"] == pytest.approx(a["final_objective"], rel=1e-4)
     assert b["pushes_sent"] == b["pushes_applied"] > 0
     assert run_cli("evaluate", tmp_path / "p2").returncode == 0
+
+
+@pytest.mark.parametrize("name", ["lc_stride", "pools", "lcn", "softmax_inputs", "digits_sgd"])
+def test_one_partition_without_mpi_is_the_whole_network(name):
+    """P = 1 is the one-partition case of the same object: no communicator, no MPI, and the
+    loss, gradient, fused update and evaluation of the whole network, bit for bit; its
+    layout is the canonical one, in one piece."""
+    from mpi_partition_check import NETS
+    from dbmpi.model.partition import PartitionedNetwork
+    spec = NETS[name]
+    net, one = build(spec), PartitionedNetwork(spec)
+    assert (one.P, one.p, one.local_range) == (1, 0, (0, net.num_params))
+    assert one.layout._pieces == [(0, 0, net.num_params)]
+    theta = net.init_params(3)
+    assert np.array_equal(one.init_local(3), theta)
+    rng = np.random.default_rng(0)
+    x = rng.random((6, *net.input_shape), dtype=np.float32)
+    y = rng.integers(0, net.classes, 6)
+    (la, ga), (lb, gb) = one.loss_and_grad(theta, x, y), net.loss_and_grad(theta, x, y)
+    assert la == lb and np.array_equal(ga, gb)
+    ta, tb = theta.copy(), theta.copy()
+    one.loss_and_grad(ta, x, y, out=ta, scale=-0.1, accumulate=True)
+    net.loss_and_grad(tb, x, y, out=tb, scale=-0.1, accumulate=True)
+    assert np.array_equal(ta, tb) and not np.array_equal(ta, theta)
+    assert one.evaluate(theta, x, y) == net.evaluate(theta, x, y)
+    assert np.array_equal(one.gather_canonical(theta), theta)

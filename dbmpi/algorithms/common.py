@@ -1,4 +1,5 @@
-"""Pieces every algorithm uses: batch order, test-set evaluation, progress, stopping."""
+"""Pieces every algorithm uses: batch order, test-set evaluation, progress (the run loop
+and its stop rules: dbmpi.algorithms.loop)."""
 
 from __future__ import annotations
 
@@ -9,43 +10,13 @@ import numpy as np
 
 from ..data import open_split
 
-__all__ = ["Batches", "Evaluator", "Progress", "replica_part", "stop_for_time", "EVAL",
-           "STOP", "CHECKPOINT", "TARGET", "DIVERGED", "lead_decision"]
-
-
-def stop_for_time(t_start: float, run_cfg: dict, now: float | None = None) -> str | None:
-    """"max_time_s" once the run's time is up, "preempted" once SIGTERM/SIGUSR1 arrived
-    (then the caller checkpoints and stops every rank), else None."""
-    from ..signals import preempted
-    now = time.time() if now is None else now
-    if now - t_start >= run_cfg["max_time_s"]:
-        return "max_time_s"
-    if preempted():
-        return "preempted"
-    return None
+__all__ = ["Batches", "Evaluator", "Progress", "replica_part"]
 
 
 def replica_part(n: int, replica: int, replicas: int) -> np.ndarray:
     """The contiguous block of training indices replica ``replica`` reads."""
     lo, hi = n * replica // replicas, n * (replica + 1) // replicas
     return np.arange(lo, hi)
-
-
-EVAL, STOP, CHECKPOINT = 1, 2, 4   # bits of the decision rank 0 broadcasts every step
-TARGET, DIVERGED = 8, 16           # the evaluation reached the target; a gradient was NaN/Inf
-
-
-def lead_decision(run_cfg: dict, t_start: float, last_eval: float, last_ckpt: float):
-    """Rank 0's decision for this step, for the trainers that move in lockstep (partitioned
-    sgd, sync): ``(bits, stop_reason)`` with bits of EVAL, STOP and CHECKPOINT."""
-    now = time.time()
-    bits = EVAL if now - last_eval >= run_cfg["eval_every_s"] else 0
-    why = stop_for_time(t_start, run_cfg, now)
-    if why:
-        bits |= STOP
-    if now - last_ckpt >= run_cfg["checkpoint_every_s"]:
-        bits |= CHECKPOINT
-    return bits, why
 
 
 class Batches:

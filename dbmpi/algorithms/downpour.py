@@ -19,7 +19,8 @@ from ..mpiwait import Backoff, recv, wait
 from ..optim import make_optimizer
 from ..rundir import RunDir, save_checkpoint
 from ..server import PSSetup, ShardServer
-from .common import Batches, Evaluator, Progress, stop_for_time
+from .common import Batches, Evaluator, Progress
+from .loop import DIVERGED, DONE, RunLoop
 
 __all__ = ["run_downpour"]
 
@@ -131,8 +132,8 @@ def _run_replica(topo, cfg, net, client, resume=None):
     o, r = cfg["optimizer"], cfg["run"]
     rep, P = topo.index, topo.partitions
     lead = topo.partition == 0
-    model = PartitionedNetwork(cfg["model"], topo.model) if P > 1 else net
-    size = model.local_size if P > 1 else net.num_params
+    model = PartitionedNetwork(cfg["model"], topo.model)
+    size = model.local_size
     ctrl = topo.ctrl
     flag = np.zeros(1, dtype=np.int32)
 
@@ -149,7 +150,7 @@ def _run_replica(topo, cfg, net, client, resume=None):
     position = (int(c.get(f"replica{rep}_epoch", 0)), int(c.get(f"replica{rep}_offset", 0)))
     batches = Batches(cfg["data"]["path"], o["batch_size"], o["seed"], rep, topo.replicas,
                       cfg["data"]["cache_mb"], position=position,
-                      share=topo.model if P > 1 else None)   # one cache per node (Split)
+                      share=topo.model)   # one cache per node (Split)
     theta = client.theta                    # fetches land here (MPI memory)
     acc, acc_empty = aligned.zeros(size), True
     # one buffer each, every step; the gradient's in my outbox where shards take it from
@@ -323,38 +324,30 @@ class _Coordinator:
         return any_msg
 
     def loop(self):
-        r = self.cfg["run"]
-        t0 = time.time()
-        last_eval, last_ckpt = t0, t0
         backoff = Backoff(hi=0.02)
-        stop = "max_steps"
-        while len(self.done) < self.topo.replicas:
+
+        def step():
+            """Serve the replicas' messages until there is nothing to do."""
             if self.handle_messages():
                 backoff.busy()
             else:
                 backoff.idle()
-            now = time.time()
-            if now - last_eval >= r["eval_every_s"]:
-                ev, updates = self.eval()
-                last_eval = time.time()
-                self.say(f"{now - t0:6.1f} s  updates {updates}  test accuracy "
-                         f"{ev['accuracy']:.4f}  replicas done {len(self.done)}/"
-                         f"{self.topo.replicas}")
-                if r["target_accuracy"] and ev["accuracy"] >= r["target_accuracy"]:
-                    stop = "target_accuracy"
-                    break
-                if not np.isfinite(ev["loss"]):
-                    self.diverged = True
             if self.diverged:
-                stop = "diverged"
-                break
-            if why := stop_for_time(t0, r, now):
-                stop = why
-                break
-            if now - last_ckpt >= r["checkpoint_every_s"]:
-                self.checkpoint(self.snapshots())
-                last_ckpt = time.time()
-        wall = time.time() - t0
+                return DIVERGED
+            return DONE if len(self.done) == self.topo.replicas else 0
+
+        def evaluate():
+            ev, updates = self.eval()
+            self.say(f"{loop.elapsed():6.1f} s  updates {updates}  test accuracy "
+                     f"{ev['accuracy']:.4f}  replicas done {len(self.done)}/"
+                     f"{self.topo.replicas}")
+            if not np.isfinite(ev["loss"]):
+                self.diverged = True
+            return ev
+
+        loop = RunLoop(self.cfg["run"])
+        stop = loop.run(step, evaluate, lambda: self.checkpoint(self.snapshots()))
+        wall = loop.elapsed()
         ctrl = self.topo.ctrl
         for reps in self.topo.replica_ranks:
             for rank in reps:

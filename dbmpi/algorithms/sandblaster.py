@@ -30,13 +30,13 @@ import numpy as np
 
 from .. import aligned
 from ..config import check_model
-from ..model import build
 from ..rundir import RunDir, save_checkpoint
 from .. import tags
 from ..mpiwait import Backoff, recv, until
 from ..server import PSSetup, ShardServer
 from ..server.rma import overlaps, settle
-from .common import Evaluator, Progress, stop_for_time
+from .common import Evaluator, Progress
+from .loop import DONE, RunLoop
 
 __all__ = ["PortionScheduler", "run_sandblaster", "wolfe_line_search"]
 
@@ -239,10 +239,10 @@ def _run_replica(topo, cfg, client):
     o = cfg["optimizer"]
     spec = dict(check_model(cfg["model"]), l2=0.0)   # the l2 term is added at the shards
     P, lead = topo.partitions, topo.partition == 0
-    net = PartitionedNetwork(spec, topo.model) if P > 1 else build(spec)
-    size = net.local_size if P > 1 else net.num_params
+    net = PartitionedNetwork(spec, topo.model)
+    size = net.local_size
     split = open_split(cfg["data"]["path"], "train", cache_mb=cfg["data"]["cache_mb"],
-                       share=topo.model if P > 1 else None)   # one cache per node (Split)
+                       share=topo.model)   # one cache per node (Split)
     ps = o["portion_size"]
     slow = cfg["faults"]["slow_factor"] if cfg["faults"]["slow_replica"] == topo.index else 1.0
     theta = client.theta                    # the shards Put each trial point here
@@ -311,7 +311,7 @@ def _run_replica(topo, cfg, client):
             relay(msg)
         if kind == "stop":
             mine = dict(stats, replica=rep, pushes_sent=client.pushes_sent)
-            allp = topo.model.gather(mine, root=0) if P > 1 else [mine]
+            allp = topo.model.gather(mine, root=0)
             if lead:
                 mine["pushes_sent"] = sum(m["pushes_sent"] for m in allp)
                 ctrl.send(mine, dest=0, tag=tags.REPLY)
@@ -600,9 +600,7 @@ class _Coordinator:
         m = o["lbfgs_history"]
         sh = self.shards
         self.portions = self._portions()
-        t_start = time.time()
-        last_eval = last_ckpt = t_start
-        gamma, it, stop = 1.0, 0, "max_steps"
+        gamma, it = 1.0, 0
         hist: list[tuple[int, float]] = []     # (slot, rho), oldest first
         gram = _Gram(m)
         if self.resume is not None:
@@ -615,11 +613,13 @@ class _Coordinator:
             gram.update(["g"], sh("gram", ["g"]))
             self.run.log("train", replica=0, step=0, loss=f)
         self.gram = gram
-        while it < r["max_steps"]:
+
+        def step():
+            """One L-BFGS iteration: a direction, a line search along it, the new pair."""
+            nonlocal f, it, hist, gamma
             gg = gram.G[gram.g, gram.g]
             if gg ** 0.5 <= 1e-7 * max(1.0, abs(f)):
-                stop = "converged"
-                break
+                return loop.done("converged")
             coef, gd = gram.direction(hist, gamma)
             if gd >= 0:                        # not a descent direction: restart
                 hist = []
@@ -632,8 +632,7 @@ class _Coordinator:
             t, fn, _, ok = wolfe_line_search(self.batch_gradient, f, gd, t0,
                                              max_evals=o["max_line_search"])
             if t == 0.0:
-                stop = "line_search_failed"
-                break
+                return loop.done("line_search_failed")
             free = sorted(set(range(m)) - {sl for sl, _ in hist})
             slot = free[0] if free else hist.pop(0)[0]
             names = [f"s{slot}", f"y{slot}", "g"]
@@ -648,25 +647,21 @@ class _Coordinator:
             self.run.log("train", replica=0, step=it, loss=f)
             self.run.log("lbfgs", iteration=it, objective=f, step=t, wolfe=ok,
                          evaluations=self.evals)
-            now = time.time()
-            if now - last_eval >= r["eval_every_s"]:
-                ev = self._eval()
-                last_eval = time.time()
-                self.say(f"{now - t_start:6.1f} s  iteration {it}  objective {f:.6g}  "
-                         f"test accuracy {ev['accuracy']:.4f}")
-                if r["target_accuracy"] and ev["accuracy"] >= r["target_accuracy"]:
-                    stop = "target_accuracy"
-                    break
-            if now - last_ckpt >= r["checkpoint_every_s"]:
-                self.save(f, it, hist, gamma)
-                last_ckpt = time.time()
-            if why := stop_for_time(t_start, r, now):
-                stop = why
-                break
             if rel < 1e-12:
-                stop = "converged"
-                break
-        wall = time.time() - t_start
+                return loop.done("converged")
+            return DONE if it >= r["max_steps"] else 0
+
+        def evaluate():
+            ev = self._eval()
+            self.say(f"{loop.elapsed():6.1f} s  iteration {it}  objective {f:.6g}  "
+                     f"test accuracy {ev['accuracy']:.4f}")
+            return ev
+
+        loop = RunLoop(r)
+        stop = "max_steps"
+        if it < r["max_steps"]:
+            stop = loop.run(step, evaluate, lambda: self.save(f, it, hist, gamma))
+        wall = loop.elapsed()
         params = self.save(f, it, hist, gamma)
         ev = self.evaluate_test(params)
         self.run.log("eval", updates=it, test_loss=ev["loss"], test_accuracy=ev["accuracy"])

@@ -286,8 +286,10 @@ def _free_requests(reqs, unsent=None, patience=2.0):
     about each), after completing the sends not yet waited for: their peers have read them
     (each waits for its receives), but the sender's MPICH sees that only in a later MPI
     call.  A peer that is gone gets ``patience`` seconds, then its sends are dropped."""
-    from mpi4py import MPI
     unsent = [] if unsent is None else unsent
+    if not reqs and not unsent:       # (one partition: no MPI at all)
+        return
+    from mpi4py import MPI
     if not MPI.Is_finalized():
         end = time.perf_counter() + patience
         while unsent and not MPI.Request.Testall(unsent) and time.perf_counter() < end:
@@ -426,34 +428,6 @@ def _pool_whole_stripe(owned_rows, parts):
                 part.need[q] = (lo, r1)
 
 
-class Identity:
-    """The layout of an unpartitioned vector of ``n`` parameters (P = 1): partitioned =
-    canonical."""
-
-    def __init__(self, n: int):
-        self.P, self.num_params, self.ranges = 1, n, [(0, n)]
-
-    def to_partitioned(self, theta):
-        return np.asarray(theta)
-
-    def to_canonical(self, theta_part):
-        return np.asarray(theta_part)
-
-    def take(self, theta, lo, hi, out=None):
-        out = np.empty(hi - lo, dtype=theta.dtype) if out is None else out
-        out[...] = theta[lo:hi]
-        return out
-
-    def init_range(self, net, seed, lo, hi, out=None):
-        return net.init_range(seed, lo, hi, out)
-
-    def scatter(self, part, lo, out):
-        out[lo:lo + len(part)] = part
-
-    def from_slices(self, slices):
-        return np.concatenate(slices)
-
-
 class Layout:
     """The partitioned layout of a network's flat vector for P partitions (needs no MPI).
 
@@ -479,9 +453,16 @@ class Layout:
             start = pos
             for i, part in enumerate(self.parts[q]):
                 for a, z in part.blocks:
-                    if a < z:
-                        self._pieces.append((pos, full.offsets[i] + a, z - a))
-                        pos += z - a
+                    if a >= z:
+                        continue
+                    c = full.offsets[i] + a
+                    if self._pieces and sum(self._pieces[-1][::2]) == pos and \
+                            sum(self._pieces[-1][1:]) == c:      # one run: one piece
+                        q, c0, n = self._pieces.pop()
+                        self._pieces.append((q, c0, n + z - a))
+                    else:
+                        self._pieces.append((pos, c, z - a))
+                    pos += z - a
             self.ranges.append((start, pos))
         self._starts = [p for p, _, _ in self._pieces]
         self.num_params = pos
@@ -539,17 +520,33 @@ class Layout:
         return out
 
 
+class _OnePartition:
+    """The communicator of a network in one partition, which nothing crosses (no MPI)."""
+
+    @staticmethod
+    def Get_size():
+        return 1
+
+    @staticmethod
+    def Get_rank():
+        return 0
+
+
 class PartitionedNetwork:
-    """The share of a :class:`Network` that partition ``comm.Get_rank()`` of ``comm`` computes.
+    """The share of a :class:`Network` that partition ``comm.Get_rank()`` of ``comm`` computes:
+    the one model interface every algorithm trains, for any number of partitions.
 
     ``loss_and_grad``, ``logits`` and ``evaluate`` are collective over ``comm``: every
     partition calls them with the same batch.  Parameters are this partition's slice of the
-    partitioned layout (``local_range``).
+    partitioned layout (``local_range``).  ``comm=None`` (or a communicator of one rank) is
+    the one-partition case: the slice is the whole canonical vector, nothing is exchanged
+    and, without a communicator, no MPI is used.
     """
 
-    def __init__(self, spec, comm, backend="auto"):
+    def __init__(self, spec, comm=None, backend="auto"):
         self.full = Network(spec, backend)
-        self.comm = comm
+        self.comm = _OnePartition() if comm is None else comm
+        comm = self.comm
         self.P, self.p = comm.Get_size(), comm.Get_rank()
         self.classes, self.l2 = self.full.classes, self.full.l2
         self.input_shape, self.num_params = self.full.input_shape, self.full.num_params
@@ -561,7 +558,7 @@ class PartitionedNetwork:
         # exchanges, planned once: layer i's input is owned as layer i-1's output
         self.exchanges = [None]
         for i in range(1, len(self.full.layers)):
-            if self.mine[i].by_inputs:         # reads only its own block: no exchange
+            if self.P == 1 or self.mine[i].by_inputs:   # reads only its own: no exchange
                 self.exchanges.append(None)
                 continue
             prev = [(pq[i - 1].out_rows[q], pq[i - 1].out_chans[q])
@@ -646,8 +643,10 @@ class PartitionedNetwork:
         for i, part in enumerate(self.mine):
             lo, hi = part.need[self.p]
             ex = self.exchanges[i]
-            region = (a if part.by_inputs else a[:, lo:hi] if i == 0
-                      else ex.forward(n, a, a.dtype))
+            if i == 0:
+                region = a if part.by_inputs else a[:, lo:hi]
+            else:
+                region = a if ex is None else ex.forward(n, a, a.dtype)
             nxt = None if i == last else self.exchanges[i + 1]
             out = None if nxt is None else nxt.own_view(n, a.dtype)
             y, cache = self._local_forward(part, region, params[i], ops, n, out)
@@ -665,6 +664,11 @@ class PartitionedNetwork:
             return np.zeros(shape, dtype=region.dtype), None
         if kind == "locally_connected":
             h, w, c = layer.in_shape
+            if (a, z) == (0, layer.out_shape[0]) and region.shape[1] == h:
+                # every output row (one partition): the kernel pads, as Network's does
+                y = ops.lc_forward(region, params[0], params[1], layer.k, layer.stride,
+                                   layer.pad, layer.act, out=out)
+                return y, (region, y, None, h)
             lo_in = a * layer.stride - layer.pad
             hi_in = (z - 1) * layer.stride - layer.pad + layer.k
             top = max(lo_in, 0) - lo_in           # rows above the image are zero padding
@@ -718,11 +722,12 @@ class PartitionedNetwork:
             return np.zeros((n, hi - lo, w, c), dtype=dtype) if need_dx else None
         if kind == "locally_connected":
             slab, y, top, rows = cache
+            pad = layer.pad if top is None else 0      # see _local_forward
             dslab = ops.lc_backward(slab, params[0], y, dy, layer.k,
-                                    layer.stride, 0, layer.back_act, grads[0], grads[1],
+                                    layer.stride, pad, layer.back_act, grads[0], grads[1],
                                     need_dx, beta)
-            if not need_dx:
-                return None
+            if not need_dx or top is None:
+                return dslab
             return np.ascontiguousarray(dslab[:, top:top + rows, layer.pad:layer.pad + w])
         if kind in ("max_pool", "l2_pool"):
             region, aux = cache
@@ -730,8 +735,11 @@ class PartitionedNetwork:
                                      layer.stride, layer.mode) if need_dx else None
         if kind == "lcn":
             aux, off, rows, shape = cache
-            dfull = np.zeros(shape, dtype=dtype)
-            dfull[:, off:off + rows] = dy
+            if (off, rows) == (0, shape[1]):           # all of its rows (one partition)
+                dfull = dy
+            else:
+                dfull = np.zeros(shape, dtype=dtype)
+                dfull[:, off:off + rows] = dy
             return ops.lcn_backward(dfull, aux, layer.size) if need_dx else None
         x2, y, shape = cache
         if shape is None:                 # column blocks (see _local_forward)
@@ -746,6 +754,8 @@ class PartitionedNetwork:
     def _all_logits(self, z_local):
         """Every partition's slice of the logits, assembled on every partition (or, for a
         softmax split by inputs, every partition's partial logits summed)."""
+        if self.P == 1:                  # all of them are mine
+            return z_local.reshape(z_local.shape[0], self.classes)
         if self.mine[-1].by_inputs:
             return self._sum_logits(z_local)
         t = time.perf_counter()
@@ -841,6 +851,8 @@ class PartitionedNetwork:
 
     def _sum_sq(self, theta_local) -> float:
         """||theta||^2 of the whole network (collective)."""
+        if self.P == 1:
+            return float(sum_sq(theta_local))
         from mpi4py import MPI
         sq = np.array([sum_sq(theta_local)])
         tot = np.zeros(1)

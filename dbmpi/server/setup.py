@@ -23,11 +23,10 @@ class PSSetup:
 
     def __init__(self, topo, net, direct_lr: float | None = None, progress: str = "auto",
                  pull_max_bytes: int = PULL_MAX_BYTES):
-        from ..model.partition import Identity, Layout
+        from ..model.partition import Layout
         from ..topology import shard_ranges
         # the shards hold the vector partition-major
-        self.layout = Layout(net, topo.partitions) if topo.partitions > 1 else Identity(
-            net.num_params)
+        self.layout = Layout(net, topo.partitions)
         self.ranges = shard_ranges(net.num_params, topo.shards)
         comm = topo.rma
         attended = probe_progress(comm, topo.shard_ranks, progress)
