@@ -25,6 +25,7 @@ from dbmpi.mpiwait import recv
 from dbmpi.algorithms.downpour import (direct_pushes, make_shard,
                                       request_snapshots, serve_shard)
 from dbmpi.config import parse
+from dbmpi.model.partition import Layout
 from dbmpi.server import PSSetup
 from dbmpi.server.shard import PULL_MAX_BYTES
 from dbmpi.topology import Topology
@@ -58,7 +59,7 @@ def main():
     world = MPI.COMM_WORLD
     topo = Topology.split(world, cfg)
     net = ZeroNet(n)
-    ps = PSSetup(topo, net, 1.0 if direct_pushes(cfg) else None, progress, pull_max)
+    ps = PSSetup(topo, Layout.whole(n), 1.0 if direct_pushes(cfg) else None, progress, pull_max)
     ranges = ps.ranges
     if topo.role == "shard":
         server = make_shard(topo, cfg, net, ps)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import job_config, run_mpi
-from dbmpi.algorithms.sandblaster import (PortionScheduler, SandblasterShard, _Gram,
+from dbmpi.algorithms.sandblaster import (Gram, PortionScheduler, SandblasterShard,
                                           wolfe_line_search)
 from dbmpi.config import load
 from dbmpi.model import build
@@ -71,7 +71,7 @@ def test_gram_two_loop_equals_the_recursion_on_vectors():
     for h, sl in zip(halves, (slice(0, 20), slice(20, n))):   # two shards' ranges
         h.v = {k: x[sl] for k, x in v.items()}
         h.basis = [f"s{i}" for i in range(m)] + [f"y{i}" for i in range(m)] + ["g"]
-    gram = _Gram(m)
+    gram = Gram(m)
     names = list(v)
     gram.update(names, [h.rows(names) for h in halves])
     np.testing.assert_allclose(gram.G[gram.g, gram.s(2)], v["g"] @ v["s2"])

@@ -10,7 +10,7 @@ import numpy as np
 
 from ..data import open_split
 
-__all__ = ["Batches", "Evaluator", "Progress", "replica_part"]
+__all__ = ["Batches", "Evaluator", "Progress", "replica_part", "restore_local"]
 
 
 def replica_part(n: int, replica: int, replicas: int) -> np.ndarray:
@@ -87,3 +87,15 @@ class Progress:
         if self.enabled and (force or now - self._last >= self.every_s):
             print(text, file=sys.stderr, flush=True)
             self._last = now
+
+
+def restore_local(model, theta, opt, resume) -> dict:
+    """Put my slice of a checkpoint's parameters and optimizer state (``resume``, or None)
+    into ``theta`` and ``opt.state``; returns its counters ({} without one)."""
+    if resume is None:
+        return {}
+    theta[:] = model.local(resume["params"])
+    for k, v in resume["state"].items():
+        if k in opt.state:
+            opt.state[k][:] = model.local(v)
+    return resume["counters"]

@@ -15,105 +15,115 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
-
 from .. import aligned
 from ..mpiwait import wait
 from ..optim import all_finite, make_optimizer
 from ..rundir import RunDir, save_checkpoint
-from .common import Batches, Evaluator, Progress
+from .common import Batches, Evaluator, Progress, restore_local
 from .loop import DIVERGED, DONE, RunLoop, agree_by
 
 __all__ = ["run_sync"]
 
 
-def run_sync(topo, cfg, net, out, resume=None, quiet=False):
-    from mpi4py import MPI
+class SyncReplica:
+    """One partition of one replica: its slice, averaged with the same partition of every
+    other replica each step."""
 
-    from ..model.partition import PartitionedNetwork
-    o, r = cfg["optimizer"], cfg["run"]
-    P, R, rep = topo.partitions, topo.replicas, topo.index
-    model = PartitionedNetwork(cfg["model"], topo.model)
-    theta = model.init_local(o["seed"])
-    opt = make_optimizer(o, len(theta))
-    c = resume["counters"] if resume is not None else {}
-    if resume is not None:
-        theta[:] = model.local(resume["params"])
-        for k, v in resume["state"].items():
-            if k in opt.state:
-                opt.state[k][:] = model.local(v)
-    step0 = int(c.get("step", 0))
-    position = (int(c.get(f"replica{rep}_epoch", 0)), int(c.get(f"replica{rep}_offset", 0)))
-    batches = Batches(cfg["data"]["path"], o["batch_size"], o["seed"], rep, R,
-                      cfg["data"]["cache_mb"], position=position,
-                      share=topo.model)
-    world, peers = topo.ctrl, topo.peers
-    lead = world.Get_rank() == 0
-    run = RunDir(out, cfg, append=resume is not None) if lead else None
-    evaluate_on = Evaluator(net, cfg["data"]["path"]) if lead else None
-    say = Progress(enabled=lead and not quiet)
-    at = {"step": step0, "comm_s": 0.0}
+    def __init__(self, topo, cfg, net, out, resume=None, quiet=False):
+        from ..model.partition import PartitionedNetwork
+        self.topo, self.cfg, self.net = topo, cfg, net
+        o, r = cfg["optimizer"], cfg["run"]
+        self.max_steps, self.log_every = r["max_steps"], r["log_every"]
+        self.R, self.rep = topo.replicas, topo.index
+        self.model = PartitionedNetwork(cfg["model"], topo.model)
+        self.theta = self.model.init_local(o["seed"])
+        self.opt = make_optimizer(o, len(self.theta))
+        c = restore_local(self.model, self.theta, self.opt, resume)
+        self.step0 = self.step = int(c.get("step", 0))
+        rep = self.rep
+        position = (int(c.get(f"replica{rep}_epoch", 0)), int(c.get(f"replica{rep}_offset", 0)))
+        self.batches = Batches(cfg["data"]["path"], o["batch_size"], o["seed"], rep, self.R,
+                               cfg["data"]["cache_mb"], position=position, share=topo.model)
+        self.world, self.peers = topo.ctrl, topo.peers
+        self.lead = self.world.Get_rank() == 0
+        self.run = RunDir(out, cfg, append=resume is not None) if self.lead else None
+        self.evaluate_on = Evaluator(net, cfg["data"]["path"]) if self.lead else None
+        self.say = Progress(enabled=self.lead and not quiet)
+        self.gsum = aligned.empty_like(self.theta)
+        self.gbuf = aligned.empty_like(self.theta)  # the gradient's buffer, every step
+        self.comm_s = 0.0
+        self.loop = RunLoop(r, self.lead, agree_by(self.world))
 
-    def checkpoint():
-        """Collective over every rank: replica 0's vectors and every replica's place in
-        its data order."""
-        places = world.gather((rep, *batches.position), root=0)
-        if rep != 0:
-            return
-        params = model.gather_canonical(theta)
-        state = {k: model.gather_canonical(v) for k, v in opt.state.items()}
-        if lead:
-            counters = {"step": at["step"]}
-            for r_, epoch, offset in places:
-                counters[f"replica{r_}_epoch"], counters[f"replica{r_}_offset"] = epoch, offset
-            save_checkpoint(run.checkpoint, params, state, counters, cfg)
-
-    gsum = aligned.empty_like(theta)
-    gbuf = aligned.empty_like(theta)  # the gradient's buffer, every step
-
-    def step():
-        x, y = batches.next()
-        loss, g = model.loss_and_grad(theta, x, y, out=gbuf)
+    def one_step(self) -> int:
+        from mpi4py import MPI
+        x, y = self.batches.next()
+        loss, g = self.model.loss_and_grad(self.theta, x, y, out=self.gbuf)
         t = time.perf_counter()
-        wait([peers.Iallreduce(g, gsum, op=MPI.SUM)])
-        at["comm_s"] += time.perf_counter() - t
-        if not all_finite(gsum):     # the same verdict on every replica of my partition
+        wait([self.peers.Iallreduce(g, self.gsum, op=MPI.SUM)])
+        self.comm_s += time.perf_counter() - t
+        if not all_finite(self.gsum):   # the same verdict on every replica of my partition
             return DIVERGED
-        np.divide(gsum, R, out=gsum)
-        opt.step(theta, gsum)
-        at["step"] += 1
-        if lead and (at["step"] % r["log_every"] == 0 or at["step"] == 1):
-            run.log("train", replica=0, step=at["step"], loss=loss)
-        return DONE if at["step"] >= r["max_steps"] else 0
+        self.gsum /= self.R
+        self.opt.step(self.theta, self.gsum)
+        self.step += 1
+        if self.lead and (self.step % self.log_every == 0 or self.step == 1):
+            self.run.log("train", replica=0, step=self.step, loss=loss)
+        return DONE if self.step >= self.max_steps else 0
 
-    def evaluate():
+    def evaluate(self):
         """Replica 0's parameters, evaluated by world rank 0."""
-        if rep != 0:
+        if self.rep != 0:
             return None
-        params = model.gather_canonical(theta)
-        if not lead:
+        params = self.model.gather_canonical(self.theta)
+        if not self.lead:
             return None
-        ev = evaluate_on(params)
-        run.log("eval", updates=at["step"], test_loss=ev["loss"], test_accuracy=ev["accuracy"])
-        say(f"step {at['step']}  test accuracy {ev['accuracy']:.4f}  {loop.elapsed():.1f} s")
+        ev = self.evaluate_on(params)
+        self.run.log("eval", updates=self.step, test_loss=ev["loss"],
+                     test_accuracy=ev["accuracy"])
+        self.say(f"step {self.step}  test accuracy {ev['accuracy']:.4f}  "
+                 f"{self.loop.elapsed():.1f} s")
         return ev
 
-    loop = RunLoop(r, lead, agree_by(world))
-    stop = loop.run(step, evaluate, checkpoint) if step0 < r["max_steps"] else "max_steps"
-    wall = loop.elapsed()
-    params = model.gather_canonical(theta) if rep == 0 else None
-    checkpoint()
-    if not lead:
-        return None
-    ev = evaluate_on(params)
-    run.log("eval", updates=at["step"], test_loss=ev["loss"], test_accuracy=ev["accuracy"])
-    summary = {"algorithm": "sync", "ranks": world.Get_size(), "partitions": P,
-               "stop_reason": stop, "steps": at["step"], "wall_time_s": wall,
-               "samples_per_s": ((at["step"] - step0) * o["batch_size"] * R / wall
-                                 if wall else 0.0),
-               "allreduce_s": at["comm_s"], "step_ms_quartiles": loop.step_quartiles(),
-               "final_test_loss": ev["loss"], "final_test_accuracy": ev["accuracy"],
-               "num_params": net.num_params, "pushes_sent": 0, "pushes_applied": 0}
-    run.write_summary(summary)
-    run.close()
-    return summary
+    def checkpoint(self) -> None:
+        """Collective over every rank: replica 0's vectors and every replica's place in
+        its data order."""
+        places = self.world.gather((self.rep, *self.batches.position), root=0)
+        if self.rep != 0:
+            return
+        params = self.model.gather_canonical(self.theta)
+        state = {k: self.model.gather_canonical(v) for k, v in self.opt.state.items()}
+        if self.lead:
+            counters = {"step": self.step}
+            for r_, epoch, offset in places:
+                counters[f"replica{r_}_epoch"], counters[f"replica{r_}_offset"] = epoch, offset
+            save_checkpoint(self.run.checkpoint, params, state, counters, self.cfg)
+
+    def train(self) -> dict | None:
+        loop = self.loop
+        stop = "max_steps"
+        if self.step < self.max_steps:
+            stop = loop.run(self.one_step, self.evaluate, self.checkpoint)
+        wall = loop.elapsed()
+        params = self.model.gather_canonical(self.theta) if self.rep == 0 else None
+        self.checkpoint()
+        if not self.lead:
+            return None
+        ev = self.evaluate_on(params)
+        self.run.log("eval", updates=self.step, test_loss=ev["loss"],
+                     test_accuracy=ev["accuracy"])
+        o = self.cfg["optimizer"]
+        summary = {"algorithm": "sync", "ranks": self.world.Get_size(),
+                   "partitions": self.model.P, "stop_reason": stop, "steps": self.step,
+                   "wall_time_s": wall,
+                   "samples_per_s": ((self.step - self.step0) * o["batch_size"] * self.R / wall
+                                     if wall else 0.0),
+                   "allreduce_s": self.comm_s, "step_ms_quartiles": loop.step_quartiles(),
+                   "final_test_loss": ev["loss"], "final_test_accuracy": ev["accuracy"],
+                   "num_params": self.net.num_params, "pushes_sent": 0, "pushes_applied": 0}
+        self.run.write_summary(summary)
+        self.run.close()
+        return summary
+
+
+def run_sync(topo, cfg, net, out, resume=None, quiet=False):
+    return SyncReplica(topo, cfg, net, out, resume, quiet).train()

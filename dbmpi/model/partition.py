@@ -468,6 +468,15 @@ class Layout:
         self.num_params = pos
         assert pos == full.num_params
 
+    @classmethod
+    def whole(cls, n: int) -> "Layout":
+        """The layout of a vector of ``n`` values kept in one piece (one partition), for
+        a vector that belongs to no network's layers (a parameter-server test's, say)."""
+        lay = cls.__new__(cls)
+        lay.P, lay.parts, lay.num_params = 1, None, n
+        lay.ranges, lay._pieces, lay._starts = [(0, n)], [(0, 0, n)] if n else [], [0]
+        return lay
+
     def pieces(self, lo, hi):
         """The partitioned range [lo, hi) as (offset from lo, canonical start, length)."""
         out = []

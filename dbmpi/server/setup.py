@@ -10,7 +10,8 @@ __all__ = ["PSSetup"]
 
 
 class PSSetup:
-    """The partitioned layout, the shards' ranges and windows, which client-shard pairs are
+    """The shards' ranges and windows, for a vector in ``layout`` (the replicas' partitioned
+    layout, dbmpi.model.partition.Layout), which client-shard pairs are
     attended, and, off the shards, this rank's client (a replica partition's slice and
     inbox slots; the whole vector for the coordinator).
 
@@ -21,13 +22,12 @@ class PSSetup:
     to this size are taken by the shard (see :mod:`dbmpi.server.shard`).
     """
 
-    def __init__(self, topo, net, direct_lr: float | None = None, progress: str = "auto",
+    def __init__(self, topo, layout, direct_lr: float | None = None, progress: str = "auto",
                  pull_max_bytes: int = PULL_MAX_BYTES):
-        from ..model.partition import Layout
         from ..topology import shard_ranges
-        # the shards hold the vector partition-major
-        self.layout = Layout(net, topo.partitions)
-        self.ranges = shard_ranges(net.num_params, topo.shards)
+        self.layout = layout     # the shards hold the vector in it (partition-major)
+        n = layout.num_params
+        self.ranges = shard_ranges(n, topo.shards)
         comm = topo.rma
         attended = probe_progress(comm, topo.shard_ranks, progress)
         n_att = sum(len(a) for a in attended)
@@ -56,7 +56,7 @@ class PSSetup:
         # each client's copy of its slice, where attended shards Put its fetches (and the
         # shards of Sandblaster each trial point)
         lo, hi = {"replica": self.layout.ranges[topo.partition] if topo.role == "replica"
-                  else (0, 0), "coordinator": (0, net.num_params)}.get(topo.role, (0, 0))
+                  else (0, 0), "coordinator": (0, n)}.get(topo.role, (0, 0))
         self.landing = Window(comm, 4 * (hi - lo))
         # a replica partition's pushes, where the shards it attends take the small ones from
         pulled = topo.role == "replica" and any(
