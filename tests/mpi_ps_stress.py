@@ -25,7 +25,7 @@ from dbmpi.mpiwait import recv
 from dbmpi.algorithms.downpour import (direct_pushes, make_shard,
                                       request_snapshots, serve_shard)
 from dbmpi.config import parse
-from dbmpi.model.partition import Layout
+from dbmpi.model.layout import Layout
 from dbmpi.server import PSSetup
 from dbmpi.server.shard import PULL_MAX_BYTES
 from dbmpi.topology import Topology

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import ROOT, job_config, run_cli, run_mpi
 from dbmpi.model import build
-from dbmpi.model.partition import Layout, split
+from dbmpi.model.layout import Layout, split
 
 CHECK = ["lc", "lc_stride", "lc_deep", "pools", "lcn", "fc", "softmax", "thin", "thin_fc",
          "thin_fc_inputs", "softmax_inputs", "lc_units",

@@ -121,8 +121,10 @@ class RunLoop:
         return [round(1e3 * float(v), 4) for v in np.percentile(self.step_s, [25, 50, 75])]
 
 
-def agree_by(comm):
-    """The RunLoop's agreement over ``comm``: every rank's bits OR-ed (None: one process)."""
+def agree_by(comm, lead_only: bool = False):
+    """The RunLoop's agreement over ``comm`` (None: one process, nothing to agree): every
+    rank's bits OR-ed, or with ``lead_only`` rank 0's bits broadcast, for ranks whose own
+    bits never differ from the lead's (then the lead does not wait for the others)."""
     if comm is None or comm.Get_size() == 1:
         return None
     from mpi4py import MPI
@@ -130,6 +132,9 @@ def agree_by(comm):
 
     def agree(bits):
         flag[0] = bits
-        wait([comm.Iallreduce(MPI.IN_PLACE, flag, op=MPI.BOR)])
+        if lead_only:
+            wait([comm.Ibcast(flag, root=0)])
+        else:
+            wait([comm.Iallreduce(MPI.IN_PLACE, flag, op=MPI.BOR)])
         return int(flag[0])
     return agree

@@ -70,7 +70,8 @@ class SgdTrainer:
         self.run = RunDir(out, cfg, append=resume is not None) if self.lead else None
         self.say = Progress(enabled=self.lead and not quiet)
         self.train_step = trainer(self.model, self.opt, self.theta)
-        self.loop = RunLoop(r, self.lead, agree_by(comm))
+        # every partition's step gives the same bits (a diverged loss raises on all)
+        self.loop = RunLoop(r, self.lead, agree_by(comm, lead_only=True))
         self.loss, self.compute_s, self.sent, self.exch = float("nan"), 0.0, 0, 0.0
 
     def one_step(self) -> int:

@@ -11,7 +11,7 @@ stays in the replica's accumulator and goes with its next push.
 from __future__ import annotations
 
 from ... import tags
-from ...model.partition import Layout
+from ...model.layout import Layout
 from ...rundir import RunDir
 from ...server import PSSetup
 from .coordinator import Coordinator

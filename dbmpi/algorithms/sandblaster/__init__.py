@@ -23,7 +23,7 @@
 
 from __future__ import annotations
 
-from ...model.partition import Layout
+from ...model.layout import Layout
 from ...rundir import RunDir
 from ...server import PSSetup
 from .coordinator import Coordinator
