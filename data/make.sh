@@ -3,8 +3,8 @@
 # Makes the HDF5 datasets that the configs in jobs/ read, as data/NAME.h5, skipping those
 # that exist (delete one to remake it):
 #   digits   the real 8x8 digits (1797 images, from scikit-learn's package), 10 classes
-#   synth32  synthetic digits drawn at 32x32 (jobs/speech_fc.toml), 20000 training images
-#   synth64  synthetic digits drawn at 64x64 (jobs/synth64_lc.toml), 20000 training images
+#   synth32  synthetic digits drawn at 32x32 (jobs/configs/speech_fc.toml), 20000 training images
+#   synth64  synthetic digits drawn at 64x64 (jobs/configs/synth64_lc.toml), 20000 training images
 # --count N: training images of the synthetic sets (test: a fifth, at least 100).
 # Overridable: PYTHON (default .venv/bin/python, as bash jobs/install.sh makes it), DATA_DIR
 # (default data).

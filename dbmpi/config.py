@@ -214,7 +214,7 @@ def parse(raw: dict, source: str = "") -> dict:
         if table == "model":
             if "model" not in raw:
                 raise ConfigError(f"{source + ': ' if source else ''}the [model] table is "
-                                  "missing; see jobs/digits_sgd.toml for an example")
+                                  "missing; see jobs/configs/digits_sgd.toml for an example")
             cfg["model"] = check_model(given, source)
             continue
         out = {}
@@ -284,9 +284,35 @@ def load(path, overrides=()) -> dict:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    _include_model(raw, path)
     for o in overrides:
         apply_override(raw, o)
     return parse(raw, str(path))
+
+
+def _include_model(raw: dict, path: Path) -> None:
+    """``[model] file = "NETWORK.toml"``: the network's ``[model]`` table from that file
+    (a path relative to the config's directory), the keys given beside ``file`` over it;
+    so configs share one definition of a network.  The resolved table is what a run
+    directory's config.toml holds."""
+    model = raw.get("model")
+    if not isinstance(model, dict) or "file" not in model:
+        return
+    given = dict(model)
+    name = given.pop("file")
+    if not isinstance(name, str):
+        raise ConfigError(f"{path}: model.file must be a path to a TOML file; got {name!r}")
+    net_path = path.parent / name
+    try:
+        shared = tomllib.loads(net_path.read_text()).get("model")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: model.file: {net_path} not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: model.file: {net_path} is not valid TOML ({e})") from None
+    if not isinstance(shared, dict) or "file" in shared:
+        raise ConfigError(f"{path}: model.file: {net_path} must hold a [model] table "
+                          "(without a file key of its own)")
+    raw["model"] = {**shared, **given}
 
 
 def ranks_needed(cfg: dict) -> int:

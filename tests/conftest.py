@@ -47,9 +47,11 @@ def digits_path(tmp_path_factory):
 
 
 def job_config(tmp_path, digits_path, name, extra=""):
-    """jobs/NAME with its data path pointed at the test's dataset (plus ``extra`` text)."""
-    text = (ROOT / "jobs" / name).read_text().replace('path = "data/digits.h5"',
-                                                      f'path = "{digits_path}"')
+    """jobs/configs/NAME with its data path pointed at the test's dataset (plus ``extra``
+    text); the network it includes stays where it is."""
+    text = (ROOT / "jobs" / "configs" / name).read_text().replace(
+        'path = "data/digits.h5"', f'path = "{digits_path}"').replace(
+        'file = "../networks/', f'file = "{ROOT / "jobs" / "networks"}/')
     p = tmp_path / name
     p.write_text(text + extra)
     return p

@@ -20,7 +20,7 @@ def _ratios(text: str, label: str) -> list[float]:
 
 
 def _run(script, *args, timeout=600):
-    r = subprocess.run([sys.executable, str(ROOT / "jobs" / script), *map(str, args)],
+    r = subprocess.run([sys.executable, str(ROOT / "jobs" / "bench" / script), *map(str, args)],
                        cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, r.stderr[-3000:]
     return r.stdout

@@ -87,7 +87,7 @@ def test_data_commands(tmp_path):
 
 
 def test_digits_sgd_reaches_97_percent(tmp_path, digits_path):
-    """Acceptance: jobs/digits_sgd.toml reaches >= 97% within its 60 s budget."""
+    """Acceptance: jobs/configs/digits_sgd.toml reaches >= 97% within its 60 s budget."""
     out = tmp_path / "run"
     r = run_cli("train", _cfg(tmp_path, digits_path), "--out", out, "--quiet", timeout=150)
     assert r.returncode == 0, r.stderr
@@ -104,7 +104,7 @@ def test_launch_script_bad_config_is_one_clear_line(tmp_path):
     from conftest import ROOT
     env = dict(os.environ, PYTHON=sys.executable)
     for args, msg in [([str(tmp_path / "none.toml")], "config file not found"),
-                      ([str(ROOT / "jobs" / "digits_sgd.toml"), "--set", "optimizer.learnig_rate=1"],
+                      ([str(ROOT / "jobs" / "configs" / "digits_sgd.toml"), "--set", "optimizer.learnig_rate=1"],
                        "did you mean 'learning_rate'")]:
         r = subprocess.run(["bash", str(ROOT / "jobs" / "launch.sh"), *args], env=env,
                            capture_output=True, text=True, timeout=120)
@@ -122,7 +122,7 @@ def test_launch_script_passes_only_the_sets_to_validate(tmp_path, digits_path):
     env = dict(os.environ, PYTHON=sys.executable)
     out = tmp_path / "lr=0.05"
     r = subprocess.run(["bash", str(ROOT / "jobs" / "launch.sh"),
-                        str(ROOT / "jobs" / "digits_sgd.toml"), "--out", str(out), "--quiet",
+                        str(ROOT / "jobs" / "configs" / "digits_sgd.toml"), "--out", str(out), "--quiet",
                         "--set", f"data.path={digits_path}", "--set=run.max_steps=30"],
                        env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -74,3 +74,41 @@ def test_every_job_config_is_valid():
         cfg = load(path)
         assert build(cfg["model"]).num_params > 0, path
         assert ranks_needed(cfg) >= 1
+
+
+def test_a_config_includes_its_network_from_a_file(tmp_path):
+    """``[model] file``: the network's table from a file beside the config, keys given
+    beside ``file`` over it; the resolved table is what a run directory keeps."""
+    (tmp_path / "nets").mkdir()
+    (tmp_path / "nets" / "net.toml").write_text(
+        '[model]\ninput_shape = [1, 8, 8]\nl2 = 0.5\n[[model.layers]]\ntype = "softmax"\n'
+        'classes = 10\n')
+    (tmp_path / "cfgs").mkdir()
+    cfg_path = tmp_path / "cfgs" / "c.toml"
+    cfg_path.write_text('[model]\nfile = "../nets/net.toml"\nl2 = 0.001\n')
+    cfg = load(cfg_path)
+    assert cfg["model"]["l2"] == 0.001 and cfg["model"]["input_shape"] == [1, 8, 8]
+    assert "file" not in cfg["model"] and "file" not in dumps(cfg)
+    assert load(cfg_path, ["model.l2=0.25"])["model"]["l2"] == 0.25   # --set still applies
+    cfg_path.write_text('[model]\nfile = "../nets/missing.toml"\n')
+    with pytest.raises(ConfigError, match="c.toml: model.file: .*missing.toml not found"):
+        load(cfg_path)
+
+
+def test_the_jobs_configs_share_their_networks():
+    from conftest import ROOT
+    configs = sorted((ROOT / "jobs" / "configs").glob("*.toml"))
+    assert len(configs) >= 5
+    digits = [load(p)["model"] for p in configs if p.stem in ("digits_sgd", "digits_downpour")]
+    assert digits[0] == digits[1] == load(ROOT / "jobs" / "networks" / "digits.toml")["model"]
+
+
+def test_the_readme_documents_every_config_key():
+    """The README's config reference names every key a config may hold."""
+    from conftest import ROOT
+    from dbmpi.config import DEFAULTS
+    readme = (ROOT / "README.md").read_text()
+    ref = readme[readme.index("## Config"):readme.index("## Algorithms")]
+    missing = [f"{t}.{k}" for t, keys in DEFAULTS.items() for k in keys
+               if f"`{k}`" not in ref and f"`{t}.{k}`" not in ref]
+    assert not missing, missing

@@ -230,7 +230,7 @@ def test_downpour_across_two_hosts(tmp_path, digits_path):
 
 def test_raw_rma_baseline_reports_put_and_get():
     """bench_downpour's physical limit: raw Put and Get of the same bytes, as JSON."""
-    r = run_mpi(3, ROOT / "jobs" / "raw_rma.py", 1000, 3, module=False, timeout=120)
+    r = run_mpi(3, ROOT / "jobs" / "bench" / "raw_rma.py", 1000, 3, module=False, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["floats"] == 1000 and out["repeats"] == 3
@@ -240,7 +240,7 @@ def test_raw_rma_baseline_reports_put_and_get():
 def test_raw_push_compares_a_flushed_put_with_the_shards_get():
     """The attended push's physical comparison: Put + Win_flush by the replicas against the
     shards' Get of the same bytes, rounds alternating, as JSON."""
-    r = run_mpi(5, ROOT / "jobs" / "raw_push.py", 1000, 4, module=False, timeout=120)
+    r = run_mpi(5, ROOT / "jobs" / "bench" / "raw_push.py", 1000, 4, module=False, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["floats"] == 1000 and out["replicas"] == 2
@@ -250,7 +250,7 @@ def test_raw_push_compares_a_flushed_put_with_the_shards_get():
 
 def test_raw_steps_of_two_replicas_report_each_step_and_the_rate():
     """bench_downpour's ceiling of the 2/1 replicas ratio: raw steps by 2 replicas at once."""
-    r = run_mpi(4, ROOT / "jobs" / "raw_rma.py", 1000, 3, "--layers", "16,8,4", "--batch", 4,
+    r = run_mpi(4, ROOT / "jobs" / "bench" / "raw_rma.py", 1000, 3, "--layers", "16,8,4", "--batch", 4,
                 module=False, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])

@@ -305,7 +305,7 @@ def test_vectorized_activations_match_float64(act, exact):
 FAULTS = """
 import resource, numpy as np
 from dbmpi.model import build
-net = build({"input_shape": [1, 64, 64], "layers": [   # jobs/study_partitions.py's
+net = build({"input_shape": [1, 64, 64], "layers": [   # jobs/networks/lc64.toml
     {"type": "locally_connected", "channels": 16, "kernel": 5},
     {"type": "l2_pool", "size": 2},
     {"type": "locally_connected", "channels": 32, "kernel": 5},

@@ -57,7 +57,7 @@ def slurm(slurm_cluster):
 def _sbatch(slurm, script, ranks, config, run, *args, sbatch=(), env=None):
     out = Path(str(run) + ".out")
     job = slurm.run("sbatch", "--parsable", f"--ntasks={ranks}", f"--output={out}",
-                    f"--export=ALL,PYTHON={PY}", *sbatch, f"jobs/{script}", config, run,
+                    f"--export=ALL,PYTHON={PY}", *sbatch, f"jobs/slurm/{script}", config, run,
                     *args, env=env).strip().split(";")[0]
     return job, out
 
@@ -211,7 +211,7 @@ def test_study_runs_inside_an_allocation_with_srun(slurm, tmp_path):
     log = tmp_path / "study.out"
     job = slurm.run(
         "sbatch", "--parsable", "--ntasks=7", f"--output={log}", f"--export=ALL,PYTHON={PY}",
-        f"--wrap=MPIEXEC='srun --mpi={srun_mpi()}' {PY} jobs/study_accuracy_time.py "
+        f"--wrap=MPIEXEC='srun --mpi={srun_mpi()}' {PY} jobs/studies/study_accuracy_time.py "
         f"--out {out} --smoke").strip()
     info = slurm.wait_job(job, 600)
     assert info["JobState"] == "COMPLETED", log.read_text()[-3000:]

@@ -14,7 +14,7 @@ CPUS = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 
 
 
 @pytest.mark.parametrize("name,csvname,cols,extra", [
-    # the partitions study with its ranks pinned (jobs/pinned.py; the other studies run unpinned)
+    # the partitions study with its ranks pinned (dbmpi.pinned; the other studies run unpinned)
     ("study_partitions", "partitions.csv", {"network", "partitions", "speedup", "step_ms",
                                             "exchange_ms_per_step"},
      ["--cores", ",".join(map(str, CPUS[::-1]))] if CPUS else []),
@@ -23,7 +23,7 @@ CPUS = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 
      []),
 ])
 def test_study_smoke(tmp_path, name, csvname, cols, extra):
-    r = subprocess.run([sys.executable, str(ROOT / "jobs" / f"{name}.py"), "--out",
+    r = subprocess.run([sys.executable, str(ROOT / "jobs" / "studies" / f"{name}.py"), "--out",
                         str(tmp_path), "--smoke", *extra], cwd=ROOT, capture_output=True,
                        text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -41,8 +41,7 @@ def test_study_smoke(tmp_path, name, csvname, cols, extra):
 
 def test_core_speeds_measures_each_core_and_restores_affinity():
     import os
-    sys.path.insert(0, str(ROOT / "jobs"))
-    import studylib
+    from dbmpi import study as studylib
     if not hasattr(os, "sched_getaffinity"):
         pytest.skip("no CPU affinity on this platform")
     mask = os.sched_getaffinity(0)
@@ -54,8 +53,7 @@ def test_core_speeds_measures_each_core_and_restores_affinity():
 
 def test_pace_together_compares_each_core_with_and_without_the_others():
     import os
-    sys.path.insert(0, str(ROOT / "jobs"))
-    import studylib
+    from dbmpi import study as studylib
     if not hasattr(os, "sched_getaffinity"):
         pytest.skip("no CPU affinity on this platform")
     mask = os.sched_getaffinity(0)
@@ -76,12 +74,12 @@ def test_pinned_puts_rank_r_on_the_rth_core_listed():
             "g = MPI.COMM_WORLD.gather((sorted(os.sched_getaffinity(0)), sys.argv[1:])); "
             "MPI.COMM_WORLD.rank or print(g)")
     a, b = CPUS[-1], CPUS[0]
-    r = run_mpi(2, ROOT / "jobs" / "pinned.py", f"{a},{b}", "-c", code, "x", module=False,
+    r = run_mpi(2, "-m", "dbmpi.pinned", f"{a},{b}", "-c", code, "x", module=False,
                 timeout=60)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == str([([a], ["x"]), ([b], ["x"])]), r.stdout
     # a single process is rank 0; a module runs as `python -m` would run it
-    r = subprocess.run([sys.executable, str(ROOT / "jobs" / "pinned.py"), str(b), "-m", "dbmpi",
+    r = subprocess.run([sys.executable, "-m", "dbmpi.pinned", str(b), "-m", "dbmpi",
                         "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "train" in r.stdout, r.stderr[-2000:]
 
@@ -92,7 +90,7 @@ def test_pinned_training_forks_its_guard_before_mpi_starts(tmp_path, digits_path
     guard refuses to fork after it), so the run ends well on any MPI."""
     from conftest import job_config
     cfg = job_config(tmp_path, digits_path, "digits_sgd.toml")
-    r = run_mpi(2, ROOT / "jobs" / "pinned.py", f"{CPUS[0]},{CPUS[-1]}", "-m", "dbmpi",
+    r = run_mpi(2, "-m", "dbmpi.pinned", f"{CPUS[0]},{CPUS[-1]}", "-m", "dbmpi",
                 "train", cfg, "--out", tmp_path / "run", "--quiet", "--set",
                 "cluster.partitions=2", "--set", "run.max_steps=30", module=False, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -112,6 +110,6 @@ def test_guard_refuses_to_fork_after_mpi_init():
     ("4096", "[4096] are not available to this process"),
 ])
 def test_pinned_rejects_bad_cores_with_the_fix(cores, message):
-    r = subprocess.run([sys.executable, str(ROOT / "jobs" / "pinned.py"), cores, "-c", "pass"],
+    r = subprocess.run([sys.executable, "-m", "dbmpi.pinned", cores, "-c", "pass"],
                        cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and message in r.stderr, r.stderr

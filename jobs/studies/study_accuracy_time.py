@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Usage: python jobs/study_accuracy_time.py --out DIR [--quick] [--replicas R] [--shards S]
+"""Usage: python jobs/studies/study_accuracy_time.py --out DIR [--quick] [--replicas R] [--shards S]
 
 The DistBelief paper's Figure 4: test accuracy against wall time for single-replica SGD,
 Downpour SGD, Downpour SGD with Adagrad, Sandblaster L-BFGS and synchronous data-parallel
@@ -12,7 +12,7 @@ without it 60 s a method and the replicas/shards you give (ranks: 1 + S + R).
 import argparse
 from pathlib import Path
 
-import studylib as S
+from dbmpi import study as S
 
 
 def methods(R, shards):

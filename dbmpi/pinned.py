@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Usage: [MPIEXEC -n N python -m mpi4py] jobs/pinned.py CORES (-m MODULE | -c CODE) [ARGS...]
+"""Usage: [MPIEXEC -n N] python [-m mpi4py] -m dbmpi.pinned CORES (-m MODULE | -c CODE) [ARGS...]
 
 Runs ``python -m MODULE ARGS`` (or ``python -c CODE ARGS``) with rank r of the job (as the
 launcher's environment says, without starting MPI) pinned to the r-th core of CORES, a comma-separated list of CPU numbers (cycled when the

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The body of jobs/slurm_srun.sbatch and jobs/slurm_mpirun.sbatch (run inside an allocation):
-#   bash jobs/slurm_job.sh srun|mpirun CONFIG [RUN_DIR] [--set KEY=VALUE ...]
+# The body of jobs/slurm/slurm_srun.sbatch and jobs/slurm/slurm_mpirun.sbatch (run inside an allocation):
+#   bash jobs/slurm/slurm_job.sh srun|mpirun CONFIG [RUN_DIR] [--set KEY=VALUE ...]
 # Starts `train` through jobs/launch.sh with srun or the MPI's mpirun as the launcher, or,
 # when RUN_DIR holds a checkpoint (a requeued job), resumes from it.  USR1 or TERM to this
 # script (Slurm's --signal=B:USR1@N before the time limit) is passed on to every rank as
@@ -10,8 +10,8 @@
 # --mpi=pmix for Open MPI, plus --kill-on-bad-exit=1), MPIRUN (default: the mpiexec beside
 # PYTHON), MPIRUN_ARGS.
 set -euo pipefail
-launcher=${1:?usage: bash jobs/slurm_job.sh srun|mpirun CONFIG [RUN_DIR] [--set KEY=VALUE ...]}
-config=${2:?usage: bash jobs/slurm_job.sh srun|mpirun CONFIG [RUN_DIR] [--set KEY=VALUE ...]}
+launcher=${1:?usage: bash jobs/slurm/slurm_job.sh srun|mpirun CONFIG [RUN_DIR] [--set KEY=VALUE ...]}
+config=${2:?usage: bash jobs/slurm/slurm_job.sh srun|mpirun CONFIG [RUN_DIR] [--set KEY=VALUE ...]}
 shift 2
 run=runs/$(basename "$config" .toml)-${SLURM_JOB_ID:-manual}
 if [ $# -gt 0 ] && [ "${1#--}" = "$1" ]; then run=$1; shift; fi

@@ -4,7 +4,8 @@ Each run is a real ``python -m dbmpi train`` (under ``MPIEXEC`` when it needs mo
 rank), so a study measures exactly what users run.  Ranks beyond the cores here are
 oversubscribed; on a cluster, launch the study inside an allocation and set ``MPIEXEC``
 (for example ``MPIEXEC="srun --mpi=pmix"``).  ``train(..., cores=[...])`` pins rank r to the
-r-th of those cores (``jobs/pinned.py``), whatever the launcher.
+r-th of those cores (:mod:`dbmpi.pinned`), whatever the launcher.  The scripts live in
+``jobs/studies`` and ``jobs/bench``; this module is importable as ``dbmpi.study``.
 """
 
 from __future__ import annotations
@@ -23,25 +24,15 @@ ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 ENV = launcher_env()   # one BLAS thread a rank, Open MPI settings, DBMPI_TRANSPORT
 
-DIGITS_MODEL = """
-[model]
-input_shape = [1, 8, 8]
-l2 = 0.001
-[[model.layers]]
-type = "locally_connected"
-channels = 16
-kernel = 3
-padding = 1
-[[model.layers]]
-type = "max_pool"
-size = 2
-[[model.layers]]
-type = "fully_connected"
-units = 64
-[[model.layers]]
-type = "softmax"
-classes = 10
-"""
+NETWORKS = ROOT / "jobs" / "networks"      # every network the jobs share, one file each
+
+
+def network(name: str) -> str:
+    """The ``[model]`` table that includes jobs/networks/NAME.toml."""
+    return f'[model]\nfile = "{NETWORKS / (name + ".toml")}"\n'
+
+
+DIGITS_MODEL = network("digits")
 
 
 def mpiexec() -> list[str]:
@@ -60,7 +51,7 @@ def parse_cores(text: str | None) -> list[int] | None:
     None for None or ""; a clear error otherwise."""
     if not text:
         return None
-    from pinned import parse_cores as parse
+    from .pinned import parse_cores as parse
     return parse(text)
 
 
@@ -90,6 +81,16 @@ def config(data: Path, model: str, **tables) -> str:
             out.append(f"{k} = " + (f'"{v}"' if isinstance(v, str) else
                                     str(v).lower() if isinstance(v, bool) else repr(v)))
     return "\n".join(out) + "\n"
+
+
+def sgd_run(data, model, P, steps, batch, workdir, name, cores=None) -> dict:
+    """One timed run: algorithm sgd, P partitions, no evaluation or checkpoint on the way;
+    partition r pinned to cores[r] where ``cores`` is given."""
+    text = config(data, model, cluster={"partitions": P},
+                    optimizer={"algorithm": "sgd", "batch_size": batch, "learning_rate": 0.01},
+                    run={"max_steps": steps, "eval_every_s": 1e6, "checkpoint_every_s": 1e6,
+                         "log_every": 1000})
+    return train(text, Path(workdir), name, cores=cores)
 
 
 def _sgemm(seed):
@@ -228,7 +229,7 @@ def train(text: str, workdir: Path, name: str, timeout: float = 900, cores=None)
     ranks = ranks_of(text, workdir)
     cmd = [PY, "-m", "dbmpi", "train", str(cfg), "--out", str(out), "--quiet"]
     if cores:
-        cmd[1:1] = [str(ROOT / "jobs" / "pinned.py"), ",".join(map(str, cores))]
+        cmd[1:1] = ["-m", "dbmpi.pinned", ",".join(map(str, cores))]
     if ranks > 1:
         cmd = mpiexec() + ["-n", str(ranks), PY, "-m", "mpi4py"] + cmd[1:]
     r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)

@@ -1,12 +1,12 @@
 #!/usr/bin/env python
-"""Usage: python jobs/bench_kernels.py [--quick] [--only lc,fc,pool,net]
+"""Usage: python jobs/bench/bench_kernels.py [--quick] [--only lc,fc,pool,net]
 
 Layer-kernel benchmark, one process, one BLAS thread.  Prints, per shape, GFLOP/s of our
 forward, backward and forward+backward, the float32 GEMM ceiling measured in the same run
 (numpy matmul), our fraction of it, our ratio to the numpy reference, and (when PyTorch is
 installed) our ratio to a PyTorch unfold+einsum locally connected layer.  Also the fully
 connected layer against numpy's three matmuls, pooling and LCN against the numpy reference,
-and loss_and_grad of jobs/digits_sgd.toml against the numpy reference path.
+and loss_and_grad of jobs/configs/digits_sgd.toml against the numpy reference path.
 """
 
 import os
@@ -15,13 +15,11 @@ for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[_v] = "1"
 
 import argparse  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dbmpi import aligned  # noqa: E402
 from dbmpi import kernels as KO  # noqa: E402
 from dbmpi.config import load  # noqa: E402
@@ -184,8 +182,8 @@ def bench_pool_lcn(args):
 
 
 def bench_network():
-    root = Path(__file__).resolve().parents[1]
-    cfg = load(root / "jobs" / "digits_sgd.toml")
+    root = Path(__file__).resolve().parents[2]
+    cfg = load(root / "jobs" / "configs" / "digits_sgd.toml")
     nk, nr = build(cfg["model"], "kernels"), build(cfg["model"], "reference")
     theta = nk.init_params(0)
     rng = np.random.default_rng(0)
@@ -193,7 +191,7 @@ def bench_network():
     y = rng.integers(0, 10, len(x))
     tk = best(lambda: nk.loss_and_grad(theta, x, y))
     tr = best(lambda: nr.loss_and_grad(theta, x, y))
-    print(f"\njobs/digits_sgd.toml loss_and_grad, batch {len(x)}: kernels {tk * 1e3:.3f} ms, "
+    print(f"\njobs/configs/digits_sgd.toml loss_and_grad, batch {len(x)}: kernels {tk * 1e3:.3f} ms, "
           f"numpy reference {tr * 1e3:.3f} ms: {tr / tk:.2f}x")
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Usage: python jobs/bench_idle.py [--seconds 5]
+"""Usage: python jobs/bench/bench_idle.py [--seconds 5]
 
 CPU used by ranks that wait, measured from /proc while a Downpour job runs on the digits:
 the parameter-server shards (no replica pushes: n_push is huge), the coordinator (no
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from dbmpi.mpienv import launcher_env
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
 MPIEXEC = os.environ.get("MPIEXEC", str(Path(PY).parent / "mpiexec"))
 
@@ -40,7 +40,7 @@ def main():
             "run.eval_every_s=100000", "run.checkpoint_every_s=100000",
             f"run.max_time_s={args.seconds + 8}"]
     cmd = [MPIEXEC, "-n", "5", PY, "-m", "mpi4py", "-m", "dbmpi", "train",
-           "jobs/digits_downpour.toml", "--quiet", "--out", "/tmp/dbmpi-bench-idle"]
+           "jobs/configs/digits_downpour.toml", "--quiet", "--out", "/tmp/dbmpi-bench-idle"]
     for s in sets:
         cmd += ["--set", s]
     job = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Usage: python jobs/study_partitions.py --out DIR [--quick] [--partitions 1,2,4,8] [--repeats R]
+"""Usage: python jobs/studies/study_partitions.py --out DIR [--quick] [--partitions 1,2,4,8] [--repeats R]
 
 The DistBelief paper's Figure 3: training speed-up against the number of partitions of one
 model replica, for a locally connected image network (64x64 inputs) and a fully connected,
@@ -10,56 +10,18 @@ values interleaved; the figure uses the best samples/s of each (a disturbance on
 machine stalls all partitions at once), the summary adds the median.  --quick: P = 1, 2, 4
 and few steps (about 5 minutes on 2 cores); on a cluster give --partitions up to the cores
 of the allocation and set MPIEXEC.  --cores 2,5,...: partition r pinned to the r-th CPU
-listed (see jobs/bench_partitions.py).
+listed (see jobs/bench/bench_partitions.py).
 """
 
 import argparse
 from pathlib import Path
 
-import studylib as S
+from dbmpi import study as S
 
 NETS = {
-    # locally connected layers with L2 pooling, as in the DistBelief image models (Le et al.
-    # 2012), scaled down; the second pooling keeps the softmax's input (which every
-    # partition needs whole: it is split by output units) at 13x13x32
-    "locally connected, 64x64 images": ("synth64", """
-[model]
-input_shape = [1, 64, 64]
-[[model.layers]]
-type = "locally_connected"
-channels = 16
-kernel = 5
-[[model.layers]]
-type = "l2_pool"
-size = 2
-[[model.layers]]
-type = "locally_connected"
-channels = 32
-kernel = 5
-[[model.layers]]
-type = "l2_pool"
-size = 2
-[[model.layers]]
-type = "softmax"
-classes = 10
-"""),
-    "fully connected, speech-like": ("synth32", """
-[model]
-input_shape = [1, 32, 32]
-""" + "".join('[[model.layers]]\ntype = "fully_connected"\nunits = 2560\n'
-              'activation = "sigmoid"\n' for _ in range(4))
-        + '[[model.layers]]\ntype = "softmax"\nclasses = 10\n'),
+    "locally connected, 64x64 images": ("synth64", S.network("lc64")),
+    "fully connected, speech-like": ("synth32", S.network("speech_fc")),
 }
-
-
-def sgd_run(data, model, P, steps, batch, workdir, name, cores=None) -> dict:
-    """One timed run: algorithm sgd, P partitions, no evaluation or checkpoint on the way;
-    partition r pinned to cores[r] where ``cores`` is given."""
-    text = S.config(data, model, cluster={"partitions": P},
-                    optimizer={"algorithm": "sgd", "batch_size": batch, "learning_rate": 0.01},
-                    run={"max_steps": steps, "eval_every_s": 1e6, "checkpoint_every_s": 1e6,
-                         "log_every": 1000})
-    return S.train(text, Path(workdir), name, cores=cores)
 
 
 def main():
@@ -87,7 +49,7 @@ def main():
             model = model.replace("units = 2560", "units = 64").replace("channels = 32", "channels = 8")
         path = S.ensure_data(data)
         runs, best, med = S.interleaved(
-            lambda P, rep: sgd_run(path, model, P, steps, 32, out / "runs", f"{data}-p{P}-{rep}",
+            lambda P, rep: S.sgd_run(path, model, P, steps, 32, out / "runs", f"{data}-p{P}-{rep}",
                                    cores=pin),
             parts, repeats)
         for P in parts:

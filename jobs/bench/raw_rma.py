@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Usage: mpiexec -n 2+R python jobs/raw_rma.py FLOATS [REPEATS] [--layers A,B,... --batch N]
+"""Usage: mpiexec -n 2+R python jobs/bench/raw_rma.py FLOATS [REPEATS] [--layers A,B,... --batch N]
 
 The physical limit of the parameter server on the transport in use, in a job shaped like a
 Downpour run of R replicas and one shard: rank 0 naps outside MPI as a coordinator does;

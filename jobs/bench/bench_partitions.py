@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Usage: python jobs/bench_partitions.py [--partitions 1,2,4] [--steps N] [--repeats R]
+"""Usage: python jobs/bench/bench_partitions.py [--partitions 1,2,4] [--steps N] [--repeats R]
 
 Model-parallel step throughput against P, all in one run: algorithm sgd (one replica) with
 P partitions for (a) a locally connected image network on 64x64 inputs and (b) a
@@ -26,11 +26,10 @@ import argparse
 import os
 import tempfile
 
-import studylib as S
-from study_partitions import NETS as _STUDY, sgd_run   # the study's networks and runs
+from dbmpi import study as S
 
-NETS = {"lc64": ("synth64", _STUDY["locally connected, 64x64 images"][1]),
-        "speech": ("synth32", _STUDY["fully connected, speech-like"][1])}
+NETS = {"lc64": ("synth64", S.network("lc64")),   # the partitions study's networks
+        "speech": ("synth32", S.network("speech_fc"))}
 
 
 def main():
@@ -57,7 +56,7 @@ def main():
         data = S.ensure_data(dataset)
         with tempfile.TemporaryDirectory() as tmp:
             res, best, med = S.interleaved(
-                lambda P, rep: sgd_run(data, model, P, args.steps, args.batch, tmp,
+                lambda P, rep: S.sgd_run(data, model, P, args.steps, args.batch, tmp,
                                        f"r{P}-{rep}", cores=pin),
                 parts, args.repeats)
         b0, m0 = best[parts[0]], med[parts[0]]

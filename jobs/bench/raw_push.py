@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Usage: mpiexec -n 3+R python jobs/raw_push.py FLOATS [REPEATS]
+"""Usage: mpiexec -n 3+R python jobs/bench/raw_push.py FLOATS [REPEATS]
 
 How a push's bytes best reach the shards on the transport in use, in a job shaped like the
 end of a Sandblaster batch: rank 0 paces the rounds as a coordinator does; ranks 1 and 2

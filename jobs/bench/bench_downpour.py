@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Usage: python jobs/bench_downpour.py [--steps N] [--optimizers sgd,adagrad]
+"""Usage: python jobs/bench/bench_downpour.py [--steps N] [--optimizers sgd,adagrad]
 
 Downpour benchmark, all runs in one invocation: a replica's step time with and without the
 parameter server (n_fetch = n_push = 1, every parameter fetched and pushed every step), and
@@ -7,7 +7,7 @@ the samples/s of 1 and 2 replicas, for each update rule: plain SGD (replicas app
 pushes to the shards themselves with MPI Accumulate where the transport carries RMA without
 the shard, else through the inbox) and Adagrad (pushes go to the shard's inbox and the shard
 applies them with its accumulators).  First, the physical limit on the same transport
-(jobs/raw_rma.py): raw steps (the model's matrix products, then a raw MPI Get and Put of
+(jobs/bench/raw_rma.py): raw steps (the model's matrix products, then a raw MPI Get and Put of
 the model's bytes) by 1 and 2 replicas at once, whose ratio is the ceiling of the 2/1
 replicas ratio on this machine; the Get and the Put in those steps, as a step issues them,
 are the baselines of the ratios fetch/Get and push/Put.  A Get and a Put back to back
@@ -19,27 +19,13 @@ coordinator and the shard ranks share the cores with the replicas (on this 2-cor
 """
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import studylib as S  # noqa: E402
+from dbmpi import study as S
 
 LAYERS = (1024, 2560, 1024, 10)    # MODEL's fully connected widths, input first
-MODEL = """
-[model]
-input_shape = [1, 32, 32]
-[[model.layers]]
-type = "fully_connected"
-units = 2560
-[[model.layers]]
-type = "fully_connected"
-units = 1024
-[[model.layers]]
-type = "softmax"
-classes = 10
-"""
+MODEL = S.network("fc_bench")
 
 
 def config(data, algo, replicas, shards, steps, batch, adagrad):
@@ -88,14 +74,13 @@ def main():
 
 
 def num_params() -> int:
-    import tomllib
-    from dbmpi.config import parse
+    from dbmpi.config import load
     from dbmpi.model import build
-    return build(parse(tomllib.loads(MODEL))["model"]).num_params
+    return build(load(S.NETWORKS / "fc_bench.toml")["model"]).num_params
 
 
 def raw_transfers(floats: int, replicas: int = 0, batch: int = 0, steps: int = 0) -> dict:
-    """jobs/raw_rma.py: median raw Put and Get of ``floats`` float32 (3 ranks), or, given
+    """jobs/bench/raw_rma.py: median raw Put and Get of ``floats`` float32 (3 ranks), or, given
     ``replicas``, the raw steps per second of that many replicas (their products, Get and
     Put, ``steps`` times; 2 + replicas ranks)."""
     import json

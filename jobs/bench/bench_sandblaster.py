@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Usage: python jobs/bench_sandblaster.py [--iterations N] [--config FILE] [--transports PAIRS]
+"""Usage: python jobs/bench/bench_sandblaster.py [--iterations N] [--config FILE] [--transports PAIRS]
 
 Sandblaster straggler benchmark, all runs in one invocation: the mean batch-gradient time
 of L-BFGS with 3 replicas (a) with no straggler, (b) with replica 0 slowed 5x, balancing and
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from dbmpi.mpienv import launcher_env
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
 MPIEXEC = os.environ.get("MPIEXEC", str(Path(PY).parent / "mpiexec"))
 ENV = launcher_env()   # one BLAS thread a rank, Open MPI settings, DBMPI_TRANSPORT
@@ -53,7 +53,7 @@ def compare_transports(cfg, sets, pairs):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--iterations", type=int, default=40)
-    p.add_argument("--config", default=str(ROOT / "jobs" / "digits_sandblaster.toml"))
+    p.add_argument("--config", default=str(ROOT / "jobs" / "configs" / "digits_sandblaster.toml"))
     p.add_argument("--portion-size", type=int, default=32)
     p.add_argument("--transports", type=int, default=0, metavar="PAIRS",
                    help="instead: the config's batch time over TCP against shared memory, "

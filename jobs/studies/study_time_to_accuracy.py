@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Usage: python jobs/study_time_to_accuracy.py --out DIR [--quick] [--target A] [--max-cores N]
+"""Usage: python jobs/studies/study_time_to_accuracy.py --out DIR [--quick] [--target A] [--max-cores N]
 
 The DistBelief paper's Figure 5: time to reach a target test accuracy against the total
 cores (ranks) used, for several configurations of each method: single-replica SGD, Downpour
@@ -14,7 +14,7 @@ import argparse
 import math
 from pathlib import Path
 
-import studylib as S
+from dbmpi import study as S
 
 
 def configs(max_cores):
