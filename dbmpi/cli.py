@@ -84,12 +84,12 @@ def cmd_data(args) -> int:
 def cmd_validate(args) -> int:
     from .model import build
     cfg = load(args.config, args.set)
-    net = build(cfg["model"])
-    out = {"ok": True, "algorithm": cfg["optimizer"]["algorithm"], "ranks": ranks_needed(cfg),
+    net = build(cfg.model)
+    out = {"ok": True, "algorithm": cfg.optimizer.algorithm, "ranks": ranks_needed(cfg),
            "num_params": net.num_params, "layers": _model_summary(net),
-           "data_path": str(cfg["data"]["path"])}
+           "data_path": str(cfg.data.path)}
     if not args.no_data:
-        out["data"] = check_file(cfg["data"]["path"], net.classes, net.input_shape)
+        out["data"] = check_file(cfg.data.path, net.classes, net.input_shape)
     print(json.dumps(out))
     return exitcodes.OK
 
@@ -126,10 +126,10 @@ def prepare(args):
         if not args.config:
             raise UsageError("train: give a CONFIG file (or --resume RUN_DIR)")
         cfg = load(args.config, args.set)
-    net = build(cfg["model"])
+    net = build(cfg.model)
     # shapes and fields here, on every rank; under MPI, reading every value (NaN, label
     # range) is rank 0's job once MPI is up, and its verdict is broadcast (launch.train_mpi)
-    check_file(cfg["data"]["path"], net.classes, net.input_shape,
+    check_file(cfg.data.path, net.classes, net.input_shape,
                scan=mpi_size_from_env() == 1)
     if args.resume:
         # each rank reads the slices it owns when its algorithm restores them
@@ -148,7 +148,7 @@ def cmd_train(args) -> int:
     from .signals import install_preemption
     install_preemption()
     cfg, net, resume, out = prepare(args)
-    algo = cfg["optimizer"]["algorithm"]
+    algo = cfg.optimizer.algorithm
     need = ranks_needed(cfg)
     size = mpi_size_from_env()
     if algo == "sgd" and need == 1 and size == 1:
@@ -175,10 +175,10 @@ def cmd_evaluate(args) -> int:
     if not (rd / "config.toml").exists():
         raise UsageError(f"{rd}: not a run directory (no config.toml)")
     cfg = load(rd / "config.toml")
-    net = build(cfg["model"])
-    check_file(cfg["data"]["path"], net.classes, net.input_shape, scan=False)
+    net = build(cfg.model)
+    check_file(cfg.data.path, net.classes, net.input_shape, scan=False)
     ck = load_checkpoint(rd / "checkpoint.h5", net.num_params)
-    ev = Evaluator(net, cfg["data"]["path"], args.split)(ck["params"])
+    ev = Evaluator(net, cfg.data.path, args.split)(ck["params"])
     print(json.dumps({"run_dir": str(rd), "split": args.split, **ev,
                       "counters": ck["counters"]}))
     return exitcodes.OK

@@ -1,22 +1,26 @@
 """Configuration: TOML files, ``--set`` overrides, defaults and validation.
 
-A config is a nested dict with the tables ``data``, ``model``, ``cluster``, ``optimizer``,
-``run`` and ``faults``.  :func:`load` reads a file, applies overrides, fills defaults and
-checks every key and value, raising :class:`ConfigError` with a message that names the file,
-the key and what is allowed.  Nothing here needs MPI.
+A config has the tables ``data``, ``model``, ``cluster``, ``optimizer``, ``run`` and
+``faults``.  :func:`load` reads a file, applies overrides, fills defaults and checks every
+key and value, raising :class:`ConfigError` with a message that names the file, the key and
+what is allowed; it returns a :class:`Config` of typed sections (``cfg.optimizer.batch_size``),
+made once, so each component receives the sections it uses.  Nothing here needs MPI.
 """
 
 from __future__ import annotations
 
+import copy
 import difflib
 import math
 import tomllib
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from .algorithms import ALGORITHMS
 
-__all__ = ["ConfigError", "DEFAULTS", "LAYER_KEYS", "load", "parse", "apply_override",
-           "ranks_needed", "dumps"]
+__all__ = ["ConfigError", "Config", "DataConfig", "ClusterConfig", "OptimizerConfig",
+           "RunConfig", "FaultsConfig", "DEFAULTS", "LAYER_KEYS", "load", "parse",
+           "apply_override", "ranks_needed", "dumps"]
 
 
 class ConfigError(ValueError):
@@ -24,58 +28,93 @@ class ConfigError(ValueError):
 
 
 
-# table -> key -> (default, kind).  kind is a type, a tuple of allowed strings, or a
-# (type, minimum) pair for numbers that must be at least the minimum.
+def _key(default, kind):
+    """A config key: its default and its kind (a type, a tuple of allowed strings, or a
+    (type, minimum) pair for numbers that must be at least the minimum)."""
+    return field(default=default, metadata={"kind": kind})
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str = _key("data/digits.h5", str)
+    cache_mb: float = _key(1024.0, (float, 0.0))
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    ps_shards: int = _key(1, (int, 1))
+    replicas: int = _key(1, (int, 1))
+    partitions: int = _key(1, (int, 1))
+    ps_progress: str = _key("auto", ("auto", "passive", "attended"))
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    algorithm: str = _key("sgd", tuple(ALGORITHMS))
+    learning_rate: float = _key(0.05, (float, 0.0))
+    adagrad: bool = _key(False, bool)
+    adagrad_eps: float = _key(1e-8, (float, 0.0))
+    direct_push: bool = _key(True, bool)
+    batch_size: int = _key(32, (int, 1))
+    n_fetch: int = _key(1, (int, 1))
+    n_push: int = _key(1, (int, 1))
+    warmstart_steps: int = _key(0, (int, 0))
+    seed: int = _key(0, (int, 0))
+    lbfgs_history: int = _key(10, (int, 1))
+    portion_size: int = _key(64, (int, 1))
+    push_every: int = _key(1, (int, 0))
+    batch_fraction: float = _key(1.0, (float, 0.0))
+    backups: bool = _key(True, bool)
+    balance: bool = _key(True, bool)
+    max_line_search: int = _key(20, (int, 1))
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    max_steps: int = _key(2000, (int, 1))
+    max_time_s: float = _key(600.0, (float, 0.0))
+    target_accuracy: float = _key(0.0, (float, 0.0))
+    eval_every_s: float = _key(2.0, (float, 0.0))
+    checkpoint_every_s: float = _key(60.0, (float, 0.0))
+    log_every: int = _key(10, (int, 1))
+
+
+@dataclass(frozen=True)
+class FaultsConfig:
+    slow_replica: int = _key(-1, (int, -1))
+    slow_factor: float = _key(1.0, (float, 1.0))
+    fail_rank: int = _key(-1, (int, -1))
+    fail_after_s: float = _key(0.0, (float, 0.0))
+
+
+@dataclass(frozen=True)
+class Config:
+    """A resolved config, made once by :func:`load` (or :func:`parse`): one typed section a
+    table, so a component takes the sections it uses.  ``model`` is the network's spec, the
+    dict :func:`dbmpi.model.build` takes."""
+    data: DataConfig
+    model: dict
+    cluster: ClusterConfig
+    optimizer: OptimizerConfig
+    run: RunConfig
+    faults: FaultsConfig
+
+    def as_dict(self) -> dict:
+        """The tables as a nested dict (what config.toml holds)."""
+        return {t: (copy.deepcopy(self.model) if t == "model" else asdict(getattr(self, t)))
+                for t in TABLES}
+
+
+_SECTIONS = {"data": DataConfig, "cluster": ClusterConfig, "optimizer": OptimizerConfig,
+             "run": RunConfig, "faults": FaultsConfig}
+TABLES = ("data", "model", "cluster", "optimizer", "run", "faults")
+
+# table -> key -> (default, kind), from the sections above (and the [model] table's keys)
 DEFAULTS: dict[str, dict[str, tuple]] = {
-    "data": {
-        "path": ("data/digits.h5", str),
-        "cache_mb": (1024.0, (float, 0.0)),
-    },
-    "model": {
-        "input_shape": (None, list),
-        "l2": (0.0, (float, 0.0)),
-        "layers": (None, list),
-    },
-    "cluster": {
-        "ps_shards": (1, (int, 1)),
-        "replicas": (1, (int, 1)),
-        "partitions": (1, (int, 1)),
-        "ps_progress": ("auto", ("auto", "passive", "attended")),
-    },
-    "optimizer": {
-        "algorithm": ("sgd", tuple(ALGORITHMS)),
-        "learning_rate": (0.05, (float, 0.0)),
-        "adagrad": (False, bool),
-        "adagrad_eps": (1e-8, (float, 0.0)),
-        "direct_push": (True, bool),
-        "batch_size": (32, (int, 1)),
-        "n_fetch": (1, (int, 1)),
-        "n_push": (1, (int, 1)),
-        "warmstart_steps": (0, (int, 0)),
-        "seed": (0, (int, 0)),
-        "lbfgs_history": (10, (int, 1)),
-        "portion_size": (64, (int, 1)),
-        "push_every": (1, (int, 0)),
-        "batch_fraction": (1.0, (float, 0.0)),
-        "backups": (True, bool),
-        "balance": (True, bool),
-        "max_line_search": (20, (int, 1)),
-    },
-    "run": {
-        "max_steps": (2000, (int, 1)),
-        "max_time_s": (600.0, (float, 0.0)),
-        "target_accuracy": (0.0, (float, 0.0)),
-        "eval_every_s": (2.0, (float, 0.0)),
-        "checkpoint_every_s": (60.0, (float, 0.0)),
-        "log_every": (10, (int, 1)),
-    },
-    "faults": {
-        "slow_replica": (-1, (int, -1)),
-        "slow_factor": (1.0, (float, 1.0)),
-        "fail_rank": (-1, (int, -1)),
-        "fail_after_s": (0.0, (float, 0.0)),
-    },
-}
+    t: ({"input_shape": (None, list), "l2": (0.0, (float, 0.0)), "layers": (None, list)}
+        if t == "model" else
+        {f.name: (f.default, f.metadata["kind"]) for f in fields(_SECTIONS[t])})
+    for t in TABLES}
 
 # Keys each layer type takes: key -> (default, kind); a default of None means required.
 _ACT = ("relu", "sigmoid", "tanh", "linear")
@@ -199,8 +238,8 @@ def check_model(model: dict, source: str = "") -> dict:
             "layers": _check_layers(model.get("layers"), source)}
 
 
-def parse(raw: dict, source: str = "") -> dict:
-    """Validate a raw config dict and fill defaults.  Returns a new dict."""
+def parse(raw: dict, source: str = "") -> Config:
+    """Validate a raw config dict and fill defaults."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: a config must be a TOML document of tables")
     for table in raw:
@@ -225,14 +264,15 @@ def parse(raw: dict, source: str = "") -> dict:
         for k, (default, _) in keys.items():
             out.setdefault(k, default)
         cfg[table] = out
-    c, o = cfg["cluster"], cfg["optimizer"]
-    if ALGORITHMS[o["algorithm"]].one_replica and c["replicas"] != 1:
-        raise ConfigError(f"{_where(source, 'cluster.replicas')} = {c['replicas']}: algorithm "
-                          f"\"{o['algorithm']}\" trains one replica; set replicas = 1 or use "
+    cfg = Config(model=cfg.pop("model"), **{t: _SECTIONS[t](**v) for t, v in cfg.items()})
+    c, o = cfg.cluster, cfg.optimizer
+    if ALGORITHMS[o.algorithm].one_replica and c.replicas != 1:
+        raise ConfigError(f"{_where(source, 'cluster.replicas')} = {c.replicas}: algorithm "
+                          f"\"{o.algorithm}\" trains one replica; set replicas = 1 or use "
                           "\"downpour\"")
-    if cfg["faults"]["slow_replica"] >= c["replicas"]:
+    if cfg.faults.slow_replica >= c.replicas:
         raise ConfigError(f"{_where(source, 'faults.slow_replica')} = "
-                          f"{cfg['faults']['slow_replica']} but there are only {c['replicas']} "
+                          f"{cfg.faults.slow_replica} but there are only {c.replicas} "
                           "replicas (numbered from 0; -1 turns the straggler off)")
     return cfg
 
@@ -271,7 +311,7 @@ def apply_override(raw: dict, assignment: str) -> None:
         node[parts[-1]] = value
 
 
-def load(path, overrides=()) -> dict:
+def load(path, overrides=()) -> Config:
     """Read a TOML config file, apply ``KEY=VALUE`` overrides and validate it."""
     path = Path(path)
     try:
@@ -315,11 +355,11 @@ def _include_model(raw: dict, path: Path) -> None:
     raw["model"] = {**shared, **given}
 
 
-def ranks_needed(cfg: dict) -> int:
-    """World size the config needs: see README, "Ranks"."""
+def ranks_needed(cfg: Config) -> int:
+    """World size the config needs: see README, "Roles and ranks"."""
     from .topology import shards_of
-    c, S = cfg["cluster"], shards_of(cfg)
-    return (1 + S if S else 0) + c["replicas"] * c["partitions"]
+    c, S = cfg.cluster, shards_of(cfg)
+    return (1 + S if S else 0) + c.replicas * c.partitions
 
 
 def _toml_value(v) -> str:
@@ -334,10 +374,10 @@ def _toml_value(v) -> str:
     raise TypeError(f"cannot write {v!r} as TOML")
 
 
-def dumps(cfg: dict) -> str:
+def dumps(cfg: Config) -> str:
     """Write a resolved config (tables of scalars and lists, model.layers) as TOML."""
     lines = []
-    for table, keys in cfg.items():
+    for table, keys in cfg.as_dict().items():
         lines.append(f"[{table}]")
         for k, v in keys.items():
             if table == "model" and k == "layers":

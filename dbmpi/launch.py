@@ -21,10 +21,10 @@ __all__ = ["train_mpi"]
 
 
 def _explain(cfg) -> str:
-    c = cfg["cluster"]
-    workers = f"{c['replicas']} replicas x {c['partitions']} partitions"
-    if ALGORITHMS[cfg["optimizer"]["algorithm"]].parameter_server:
-        return f"1 coordinator + {c['ps_shards']} parameter-server shards + {workers}"
+    c = cfg.cluster
+    workers = f"{c.replicas} replicas x {c.partitions} partitions"
+    if ALGORITHMS[cfg.optimizer.algorithm].parameter_server:
+        return f"1 coordinator + {c.ps_shards} parameter-server shards + {workers}"
     return workers
 
 
@@ -33,15 +33,15 @@ class InjectedFailure(RuntimeError):
 
 
 def _arm_fault(cfg, rank):
-    f = cfg["faults"]
-    if f["fail_rank"] != rank:
+    f = cfg.faults
+    if f.fail_rank != rank:
         return
 
     def boom(signum, frame):
         raise InjectedFailure(f"failure injected by [faults] fail_rank = {rank} after "
-                              f"{f['fail_after_s']} s")
+                              f"{f.fail_after_s} s")
     signal.signal(signal.SIGALRM, boom)
-    signal.setitimer(signal.ITIMER_REAL, max(f["fail_after_s"], 1e-3))
+    signal.setitimer(signal.ITIMER_REAL, max(f.fail_after_s, 1e-3))
 
 
 def peaks_by_role(peaks, cfg) -> dict:
@@ -117,7 +117,7 @@ def train_mpi(cfg, net, resume, out, quiet=False, guard=None, agree_out=False) -
     if rank == 0:
         from .data import DataError, check_file
         try:
-            check_file(cfg["data"]["path"], net.classes, net.input_shape, scan=True)
+            check_file(cfg.data.path, net.classes, net.input_shape, scan=True)
         except DataError as e:
             bad = str(e)
     bad = world.bcast(bad, root=0)
@@ -125,7 +125,7 @@ def train_mpi(cfg, net, resume, out, quiet=False, guard=None, agree_out=False) -
         if rank == 0:
             print(f"dbmpi: error: {bad}", file=sys.stderr, flush=True)
         return _leave(world, exitcodes.USAGE, guard)
-    algo = cfg["optimizer"]["algorithm"]
+    algo = cfg.optimizer.algorithm
     from .topology import Topology
     facts = mpi_facts(world)
     topo = Topology.split(world, cfg)
@@ -157,7 +157,7 @@ def train_mpi(cfg, net, resume, out, quiet=False, guard=None, agree_out=False) -
         if rank == 0:
             print("dbmpi: error: training diverged (non-finite gradients or loss); the "
                   "parameters in the checkpoint are the last finite ones; try a smaller "
-                  f"optimizer.learning_rate than {cfg['optimizer']['learning_rate']}",
+                  f"optimizer.learning_rate than {cfg.optimizer.learning_rate}",
                   file=sys.stderr, flush=True)
         code = exitcodes.DIVERGED
     elif reason == "preempted":

@@ -95,6 +95,6 @@ class Adagrad:
 
 def make_optimizer(opt_cfg: dict, size: int):
     """The update rule an ``[optimizer]`` table asks for, over ``size`` parameters."""
-    if opt_cfg["adagrad"]:
-        return Adagrad(size, opt_cfg["learning_rate"], opt_cfg["adagrad_eps"])
-    return SGD(size, opt_cfg["learning_rate"])
+    if opt_cfg.adagrad:
+        return Adagrad(size, opt_cfg.learning_rate, opt_cfg.adagrad_eps)
+    return SGD(size, opt_cfg.learning_rate)

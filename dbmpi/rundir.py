@@ -113,7 +113,7 @@ def _atomic_write(path: Path, write) -> None:
         write(f)
 
 
-def save_checkpoint(path, params: np.ndarray, state: dict, counters: dict, cfg: dict) -> None:
+def save_checkpoint(path, params: np.ndarray, state: dict, counters: dict, cfg) -> None:
     """Save parameters, optimizer state arrays and counters atomically to ``path``.
 
     A ``state`` value may be a function returning the array: it is called when that array

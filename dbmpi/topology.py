@@ -17,8 +17,8 @@ __all__ = ["Topology", "shard_ranges", "role_of", "shards_of"]
 def shards_of(cfg: dict) -> int:
     """The number of parameter-server shards: ``cluster.ps_shards`` where the algorithm has
     a parameter server (the registry, dbmpi.algorithms), else 0."""
-    if ALGORITHMS[cfg["optimizer"]["algorithm"]].parameter_server:
-        return cfg["cluster"]["ps_shards"]
+    if ALGORITHMS[cfg.optimizer.algorithm].parameter_server:
+        return cfg.cluster.ps_shards
     return 0
 
 
@@ -29,7 +29,7 @@ def role_of(rank: int, cfg: dict) -> tuple[str, int, int]:
         return "coordinator", 0, 0
     if S and rank <= S:
         return "shard", rank - 1, 0
-    index, part = divmod(rank - (1 + S if S else 0), cfg["cluster"]["partitions"])
+    index, part = divmod(rank - (1 + S if S else 0), cfg.cluster.partitions)
     return "replica", index, part
 
 
@@ -76,8 +76,8 @@ class Topology:
     @classmethod
     def split(cls, world, cfg: dict) -> "Topology":
         """Collective over ``world``: split it by role."""
-        c = cfg["cluster"]
-        R, P = c["replicas"], c["partitions"]
+        c = cfg.cluster
+        R, P = c.replicas, c.partitions
         S = shards_of(cfg)
         first = 1 + S if S else 0
         rank = world.Get_rank()

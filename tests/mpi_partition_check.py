@@ -67,7 +67,7 @@ NETS = {
         {"type": "softmax", "classes": 7, "split": "units"}]},
 }
 for name in ("digits_sgd", "digits_downpour", "digits_sandblaster"):
-    NETS[name] = load(ROOT / "jobs" / "configs" / f"{name}.toml")["model"]
+    NETS[name] = load(ROOT / "jobs" / "configs" / f"{name}.toml").model
 
 
 KEEP = []    # partitions alive until exit, as in a user's script: their requests must be freed

@@ -13,7 +13,7 @@ def write(tmp_path, text):
 
 def test_defaults_and_ranks():
     cfg = parse({"model": MODEL})
-    assert cfg["optimizer"]["algorithm"] == "sgd" and ranks_needed(cfg) == 1
+    assert cfg.optimizer.algorithm == "sgd" and ranks_needed(cfg) == 1
     cfg = parse({"model": MODEL, "optimizer": {"algorithm": "downpour"},
                  "cluster": {"ps_shards": 2, "replicas": 3, "partitions": 2}})
     assert ranks_needed(cfg) == 1 + 2 + 6
@@ -45,9 +45,9 @@ def test_load_with_overrides_and_roundtrip(tmp_path):
     p = write(tmp_path, '[model]\ninput_shape = [1, 8, 8]\n[[model.layers]]\ntype = "softmax"\nclasses = 10\n')
     cfg = load(p, ["optimizer.learning_rate=0.2", "optimizer.adagrad=true", "run.max_steps=5",
                    "model.l2=0.01", "data.path=foo.h5"])
-    assert cfg["optimizer"]["learning_rate"] == 0.2 and cfg["optimizer"]["adagrad"] is True
-    assert cfg["run"]["max_steps"] == 5 and cfg["model"]["l2"] == 0.01
-    assert cfg["data"]["path"] == "foo.h5"
+    assert cfg.optimizer.learning_rate == 0.2 and cfg.optimizer.adagrad is True
+    assert cfg.run.max_steps == 5 and cfg.model["l2"] == 0.01
+    assert cfg.data.path == "foo.h5"
     again = write(tmp_path, dumps(cfg))
     assert load(again) == cfg
 
@@ -72,7 +72,7 @@ def test_every_job_config_is_valid():
     from dbmpi.model import build
     for path in sorted((Path(__file__).parents[1] / "jobs").glob("*.toml")):
         cfg = load(path)
-        assert build(cfg["model"]).num_params > 0, path
+        assert build(cfg.model).num_params > 0, path
         assert ranks_needed(cfg) >= 1
 
 
@@ -87,9 +87,9 @@ def test_a_config_includes_its_network_from_a_file(tmp_path):
     cfg_path = tmp_path / "cfgs" / "c.toml"
     cfg_path.write_text('[model]\nfile = "../nets/net.toml"\nl2 = 0.001\n')
     cfg = load(cfg_path)
-    assert cfg["model"]["l2"] == 0.001 and cfg["model"]["input_shape"] == [1, 8, 8]
-    assert "file" not in cfg["model"] and "file" not in dumps(cfg)
-    assert load(cfg_path, ["model.l2=0.25"])["model"]["l2"] == 0.25   # --set still applies
+    assert cfg.model["l2"] == 0.001 and cfg.model["input_shape"] == [1, 8, 8]
+    assert "file" not in cfg.model and "file" not in dumps(cfg)
+    assert load(cfg_path, ["model.l2=0.25"]).model["l2"] == 0.25   # --set still applies
     cfg_path.write_text('[model]\nfile = "../nets/missing.toml"\n')
     with pytest.raises(ConfigError, match="c.toml: model.file: .*missing.toml not found"):
         load(cfg_path)
@@ -99,8 +99,8 @@ def test_the_jobs_configs_share_their_networks():
     from conftest import ROOT
     configs = sorted((ROOT / "jobs" / "configs").glob("*.toml"))
     assert len(configs) >= 5
-    digits = [load(p)["model"] for p in configs if p.stem in ("digits_sgd", "digits_downpour")]
-    assert digits[0] == digits[1] == load(ROOT / "jobs" / "networks" / "digits.toml")["model"]
+    digits = [load(p).model for p in configs if p.stem in ("digits_sgd", "digits_downpour")]
+    assert digits[0] == digits[1] == load(ROOT / "jobs" / "networks" / "digits.toml").model
 
 
 def test_the_readme_documents_every_config_key():

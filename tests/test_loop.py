@@ -5,7 +5,7 @@ import pytest
 
 from dbmpi.algorithms import ALGORITHMS
 from dbmpi.algorithms.loop import DIVERGED, DONE, RunLoop
-from dbmpi.config import ConfigError, parse, ranks_needed
+from dbmpi.config import ConfigError, RunConfig, parse, ranks_needed
 from dbmpi.topology import role_of
 
 NEVER = 1e9
@@ -14,9 +14,8 @@ NEVER = 1e9
 def _run(step_bits, accuracy=None, **run):
     """Drive a loop whose step returns ``step_bits(n)`` at its n-th call (from 1); returns
     (stop reason, steps, evaluations, checkpoints)."""
-    cfg = dict(max_time_s=NEVER, eval_every_s=NEVER, checkpoint_every_s=NEVER,
-               target_accuracy=0.0)
-    cfg.update(run)
+    cfg = RunConfig(**{**dict(max_time_s=NEVER, eval_every_s=NEVER,
+                              checkpoint_every_s=NEVER), **run})
     n = {"steps": 0, "evals": 0, "ckpts": 0}
 
     def step():
@@ -39,8 +38,7 @@ def test_the_loop_stops_when_the_step_is_through():
 
 
 def test_a_step_gives_its_own_reason():
-    loop = RunLoop(dict(max_time_s=NEVER, eval_every_s=NEVER, checkpoint_every_s=NEVER,
-                        target_accuracy=0.0))
+    loop = RunLoop(RunConfig(max_time_s=NEVER, eval_every_s=NEVER, checkpoint_every_s=NEVER))
     assert loop.run(lambda: loop.done("converged"), None, None) == "converged"
 
 
@@ -65,8 +63,8 @@ def test_preemption_stops_the_loop(monkeypatch):
 
 def test_agreement_carries_every_ranks_bits():
     """Bits another rank found (its agreement ORs them in) stop this rank too."""
-    loop = RunLoop(dict(max_time_s=NEVER, eval_every_s=NEVER, checkpoint_every_s=NEVER,
-                        target_accuracy=0.0), lead=False, agree=lambda bits: bits | DIVERGED)
+    loop = RunLoop(RunConfig(max_time_s=NEVER, eval_every_s=NEVER, checkpoint_every_s=NEVER),
+                   lead=False, agree=lambda bits: bits | DIVERGED)
     assert loop.run(lambda: 0, None, None) == "diverged"
 
 

@@ -2,12 +2,12 @@
 the analytic cut-edge count; sgd and Downpour run with P > 1, P = 8 oversubscribed."""
 
 import json
-import tomllib
 
 import numpy as np
 import pytest
 
 from conftest import ROOT, job_config, run_cli, run_mpi
+from dbmpi.config import load
 from dbmpi.model import build
 from dbmpi.model.layout import Layout, split
 
@@ -181,7 +181,7 @@ def test_sgd_losses_match_single_partition_for_50_steps(tmp_path, digits_path):
     s = json.loads((tmp_path / "p3" / "summary.json").read_text())
     assert s["partitions"] == 3
     # the summary counts training steps only, not the evaluation at the end
-    spec = tomllib.loads(cfg.read_text())["model"]
+    spec = load(cfg).model
     assert s["partition_bytes_per_step"] == cut_edge_bytes(spec, 3, 32)
     exch, step_ms = s["partition_exchange_ms_per_step"], 1e3 * s["compute_s"] / s["steps"]
     assert len(exch) == 3 and all(0 < e < step_ms for e in exch), (exch, step_ms)
@@ -243,7 +243,7 @@ def test_downpour_with_two_partitions(tmp_path, digits_path):
     s = json.loads((out / "summary.json").read_text())
     assert s["pushes_sent"] == s["pushes_applied"] > 0 and s["partitions"] == 2
     assert s["final_test_accuracy"] > 0.8
-    spec = tomllib.loads((tmp_path / "digits_downpour.toml").read_text())["model"]
+    spec = load(tmp_path / "digits_downpour.toml").model
     assert s["partition_bytes_per_step"] == cut_edge_bytes(spec, 2, 32)
     assert len(s["partition_exchange_ms_per_step"]) == 2
     assert all(0 < e < 1e3 * d["step_s"] for e in s["partition_exchange_ms_per_step"]

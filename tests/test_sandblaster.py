@@ -140,7 +140,7 @@ def test_portion_gradient_equals_full_batch_with_straggler(tmp_path, digits_path
     assert s["backup_copies"] > 0
     ck = load_checkpoint(out / "checkpoint.h5")
     cfg = load(out / "config.toml")
-    net = build(cfg["model"])
+    net = build(cfg.model)
     x, y = _train_arrays(digits_path)
     loss, g = net.loss_and_grad(ck["params"], x, y)      # float32, one process, full batch
     g_sb = ck["state"]["lbfgs_g"]

@@ -37,14 +37,15 @@ DONE = 32                            # the algorithm is through (max_steps, or c
 
 
 class RunLoop:
-    """The clocks, cadence and stop rules of one run (``run_cfg``: the ``[run]`` table);
+    """The clocks, cadence and stop rules of one run (``run_cfg``: the config's ``run``
+    section, dbmpi.config.RunConfig);
     ``stop`` is the reason the run stopped (see :meth:`run`)."""
 
     def __init__(self, run_cfg: dict, lead: bool = True, agree=None):
-        self.max_time_s = run_cfg["max_time_s"]
-        self.eval_every_s = run_cfg["eval_every_s"]
-        self.checkpoint_every_s = run_cfg["checkpoint_every_s"]
-        self.target = run_cfg["target_accuracy"]
+        self.max_time_s = run_cfg.max_time_s
+        self.eval_every_s = run_cfg.eval_every_s
+        self.checkpoint_every_s = run_cfg.checkpoint_every_s
+        self.target = run_cfg.target_accuracy
         self.lead = lead
         self.agree = agree or (lambda bits: bits)
         self.stop = "max_steps"

@@ -51,20 +51,20 @@ class SgdTrainer:
         from ..data import open_split
         from ..model.partition import PartitionedNetwork
         self.comm = comm = topo.model if topo is not None else None
-        self.cfg, o, r = cfg, cfg["optimizer"], cfg["run"]
-        self.max_steps, self.log_every, self.lr = r["max_steps"], r["log_every"], o["learning_rate"]
-        self.model = PartitionedNetwork(cfg["model"], comm)
+        self.cfg, o, r = cfg, cfg.optimizer, cfg.run
+        self.max_steps, self.log_every, self.lr = r.max_steps, r.log_every, o.learning_rate
+        self.model = PartitionedNetwork(cfg.model, comm)
         self.lead = self.model.p == 0
-        self.theta = self.model.init_local(o["seed"])
+        self.theta = self.model.init_local(o.seed)
         self.opt = make_optimizer(o, self.model.local_size)
         c = restore_local(self.model, self.theta, self.opt, resume)
         self.step0 = self.step = int(c.get("step", 0))
         # the partitions on a node share one cache of the data (they all read every sample)
-        self.batches = Batches(cfg["data"]["path"], o["batch_size"], o["seed"],
-                               cache_mb=cfg["data"]["cache_mb"],
+        self.batches = Batches(cfg.data.path, o.batch_size, o.seed,
+                               cache_mb=cfg.data.cache_mb,
                                position=(int(c.get("epoch", 0)), int(c.get("offset", 0))),
                                share=comm)
-        test = open_split(cfg["data"]["path"], "test", share=comm)
+        test = open_split(cfg.data.path, "test", share=comm)
         self.tx, self.ty = test.all()
         test.close()
         self.run = RunDir(out, cfg, append=resume is not None) if self.lead else None
@@ -143,7 +143,7 @@ class SgdTrainer:
         return {
             "algorithm": "sgd", "ranks": P, "partitions": P,
             "stop_reason": stop, "steps": self.step, "wall_time_s": wall,
-            "samples_per_s": (steps * self.cfg["optimizer"]["batch_size"] / wall
+            "samples_per_s": (steps * self.cfg.optimizer.batch_size / wall
                               if wall > 0 else 0.0),
             "final_train_loss": self.loss, "final_test_loss": ev["loss"],
             "final_test_accuracy": ev["accuracy"], "num_params": self.model.num_params,

@@ -32,22 +32,22 @@ class SyncReplica:
     def __init__(self, topo, cfg, net, out, resume=None, quiet=False):
         from ..model.partition import PartitionedNetwork
         self.topo, self.cfg, self.net = topo, cfg, net
-        o, r = cfg["optimizer"], cfg["run"]
-        self.max_steps, self.log_every = r["max_steps"], r["log_every"]
+        o, r = cfg.optimizer, cfg.run
+        self.max_steps, self.log_every = r.max_steps, r.log_every
         self.R, self.rep = topo.replicas, topo.index
-        self.model = PartitionedNetwork(cfg["model"], topo.model)
-        self.theta = self.model.init_local(o["seed"])
+        self.model = PartitionedNetwork(cfg.model, topo.model)
+        self.theta = self.model.init_local(o.seed)
         self.opt = make_optimizer(o, len(self.theta))
         c = restore_local(self.model, self.theta, self.opt, resume)
         self.step0 = self.step = int(c.get("step", 0))
         rep = self.rep
         position = (int(c.get(f"replica{rep}_epoch", 0)), int(c.get(f"replica{rep}_offset", 0)))
-        self.batches = Batches(cfg["data"]["path"], o["batch_size"], o["seed"], rep, self.R,
-                               cfg["data"]["cache_mb"], position=position, share=topo.model)
+        self.batches = Batches(cfg.data.path, o.batch_size, o.seed, rep, self.R,
+                               cfg.data.cache_mb, position=position, share=topo.model)
         self.world, self.peers = topo.ctrl, topo.peers
         self.lead = self.world.Get_rank() == 0
         self.run = RunDir(out, cfg, append=resume is not None) if self.lead else None
-        self.evaluate_on = Evaluator(net, cfg["data"]["path"]) if self.lead else None
+        self.evaluate_on = Evaluator(net, cfg.data.path) if self.lead else None
         self.say = Progress(enabled=self.lead and not quiet)
         self.gsum = aligned.empty_like(self.theta)
         self.gbuf = aligned.empty_like(self.theta)  # the gradient's buffer, every step
@@ -111,11 +111,11 @@ class SyncReplica:
         ev = self.evaluate_on(params)
         self.run.log("eval", updates=self.step, test_loss=ev["loss"],
                      test_accuracy=ev["accuracy"])
-        o = self.cfg["optimizer"]
+        o = self.cfg.optimizer
         summary = {"algorithm": "sync", "ranks": self.world.Get_size(),
                    "partitions": self.model.P, "stop_reason": stop, "steps": self.step,
                    "wall_time_s": wall,
-                   "samples_per_s": ((self.step - self.step0) * o["batch_size"] * self.R / wall
+                   "samples_per_s": ((self.step - self.step0) * o.batch_size * self.R / wall
                                      if wall else 0.0),
                    "allreduce_s": self.comm_s, "step_ms_quartiles": loop.step_quartiles(),
                    "final_test_loss": ev["loss"], "final_test_accuracy": ev["accuracy"],

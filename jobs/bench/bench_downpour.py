@@ -76,7 +76,7 @@ def main():
 def num_params() -> int:
     from dbmpi.config import load
     from dbmpi.model import build
-    return build(load(S.NETWORKS / "fc_bench.toml")["model"]).num_params
+    return build(load(S.NETWORKS / "fc_bench.toml").model).num_params
 
 
 def raw_transfers(floats: int, replicas: int = 0, batch: int = 0, steps: int = 0) -> dict:

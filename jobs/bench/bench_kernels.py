@@ -184,10 +184,10 @@ def bench_pool_lcn(args):
 def bench_network():
     root = Path(__file__).resolve().parents[2]
     cfg = load(root / "jobs" / "configs" / "digits_sgd.toml")
-    nk, nr = build(cfg["model"], "kernels"), build(cfg["model"], "reference")
+    nk, nr = build(cfg.model, "kernels"), build(cfg.model, "reference")
     theta = nk.init_params(0)
     rng = np.random.default_rng(0)
-    x = rng.random((cfg["optimizer"]["batch_size"], *nk.input_shape), dtype=np.float32)
+    x = rng.random((cfg.optimizer.batch_size, *nk.input_shape), dtype=np.float32)
     y = rng.integers(0, 10, len(x))
     tk = best(lambda: nk.loss_and_grad(theta, x, y))
     tr = best(lambda: nr.loss_and_grad(theta, x, y))

@@ -23,8 +23,8 @@ __all__ = ["run_downpour", "direct_pushes", "make_shard", "serve_shard", "reques
 
 def run_downpour(topo, cfg, net, out, resume=None, quiet=False):
     """Every rank calls this; each plays its role.  Returns the summary on the coordinator."""
-    lr = cfg["optimizer"]["learning_rate"] if direct_pushes(cfg) else None
-    ps = PSSetup(topo, Layout(net, topo.partitions), lr, cfg["cluster"]["ps_progress"])
+    lr = cfg.optimizer.learning_rate if direct_pushes(cfg) else None
+    ps = PSSetup(topo, Layout(net, topo.partitions), lr, cfg.cluster.ps_progress)
     server = make_shard(topo, cfg, net, ps, resume) if topo.role == "shard" else None
     ps.start(topo)                 # every shard's memory is initialised before anyone uses it
     if server is not None:

@@ -24,7 +24,7 @@ class Coordinator:
         self.topo, self.cfg, self.net, self.client = topo, cfg, net, ps.client
         self.layout, self.run = ps.layout, run
         self.pairs = ps.pairs
-        self.evaluate = Evaluator(net, cfg["data"]["path"])
+        self.evaluate = Evaluator(net, cfg.data.path)
         self.say = Progress(enabled=not quiet)
         self.theta = self.client.theta      # fetches land here (MPI memory)
         self.done: dict[int, dict] = {}
@@ -101,7 +101,7 @@ class Coordinator:
                 self.diverged = True
             return ev
 
-        loop = RunLoop(self.cfg["run"])
+        loop = RunLoop(self.cfg.run)
         stop = loop.run(step, evaluate, lambda: self.checkpoint(self.snapshots()))
         wall = loop.elapsed()
         ctrl = self.topo.ctrl
@@ -125,7 +125,7 @@ class Coordinator:
         stal = np.sum([m["staleness"] for m in snaps] + [d["staleness"] for d in reps], axis=0)
         last = int(np.flatnonzero(stal)[-1]) + 1 if stal.any() else 0
         samples = sum(d["samples"] for d in reps)
-        o = self.cfg["optimizer"]
+        o = self.cfg.optimizer
         return {
             "algorithm": "downpour", "ranks": self.topo.ctrl.Get_size(), "stop_reason": stop,
             "wall_time_s": wall, "samples_per_s": samples / wall if wall else 0.0,
@@ -154,8 +154,8 @@ class Coordinator:
                         "attended_s": m["attended_s"],
                         "cpu_fraction": m["cpu_s"] / wall if wall else 0.0} for m in snaps],
             "config": {"replicas": self.topo.replicas, "ps_shards": self.topo.shards,
-                       "n_fetch": o["n_fetch"], "n_push": o["n_push"],
-                       "adagrad": o["adagrad"], "batch_size": o["batch_size"],
+                       "n_fetch": o.n_fetch, "n_push": o.n_push,
+                       "adagrad": o.adagrad, "batch_size": o.batch_size,
                        "pushes": "direct" if direct_pushes(self.cfg) else "inbox",
                        "attended_pairs": self.pairs["attended"]},
             "ps_pairs": self.pairs,

@@ -24,19 +24,19 @@ class Replica:
 
     def __init__(self, topo, cfg, client, resume=None):
         from ...model.partition import PartitionedNetwork
-        o, r = cfg["optimizer"], cfg["run"]
+        o, r = cfg.optimizer, cfg.run
         self.topo, self.client, self.ctrl = topo, client, topo.ctrl
         self.rep, self.lead = topo.index, topo.partition == 0
-        self.max_steps, self.log_every = r["max_steps"], r["log_every"]
-        self.n_fetch, self.n_push, self.batch_size = o["n_fetch"], o["n_push"], o["batch_size"]
-        self.model = PartitionedNetwork(cfg["model"], topo.model)
+        self.max_steps, self.log_every = r.max_steps, r.log_every
+        self.n_fetch, self.n_push, self.batch_size = o.n_fetch, o.n_push, o.batch_size
+        self.model = PartitionedNetwork(cfg.model, topo.model)
         size = self.model.local_size
         c = resume["counters"] if resume else {}
         rep = self.rep
         self.step0 = self.step = int(c.get(f"replica{rep}_step", 0))
         position = (int(c.get(f"replica{rep}_epoch", 0)), int(c.get(f"replica{rep}_offset", 0)))
-        self.batches = Batches(cfg["data"]["path"], o["batch_size"], o["seed"], rep,
-                               topo.replicas, cfg["data"]["cache_mb"], position=position,
+        self.batches = Batches(cfg.data.path, o.batch_size, o.seed, rep,
+                               topo.replicas, cfg.data.cache_mb, position=position,
                                share=topo.model)   # one cache per node (Split)
         self.theta = client.theta               # fetches land here (MPI memory)
         # one buffer each, every step; the gradient's in my outbox where shards take it
@@ -44,12 +44,12 @@ class Replica:
         self.accbuf = aligned.zeros(size)
         self.acc, self.acc_empty = self.accbuf, True
         self.gbuf = client.outbox if client.outbox is not None else aligned.empty(size)
-        self.lr = np.float32(o["learning_rate"])
+        self.lr = np.float32(o.learning_rate)
         self.direct = client.direct_lr is not None
         self.scratch = None if self.direct else aligned.empty(size)  # inbox mode's update
         # warmstart: replica 0 trains alone for its first steps; a run resumed before it
         # was through (preempted early) goes on with it, or the others would wait forever
-        self.warm = min(o["warmstart_steps"], self.max_steps)
+        self.warm = min(o.warmstart_steps, self.max_steps)
         if int(c.get("replica0_step", 0)) >= self.warm:
             self.warm = 0
         self.seconds = {"fetch": 0.0, "push": 0.0, "compute": 0.0}

@@ -21,7 +21,7 @@ DIVERGED_AFTER = 20
 def direct_pushes(cfg) -> bool:
     """Plain SGD: replicas apply their pushes to the shards themselves (dbmpi.server), unless
     ``optimizer.direct_push`` is false."""
-    return not cfg["optimizer"]["adagrad"] and cfg["optimizer"]["direct_push"]
+    return not cfg.optimizer.adagrad and cfg.optimizer.direct_push
 
 
 def make_shard(topo, cfg, net, ps, resume=None):
@@ -29,8 +29,8 @@ def make_shard(topo, cfg, net, ps, resume=None):
     barrier, so no client reads or writes it first)."""
     s, layout = topo.index, ps.layout
     lo, hi = ps.ranges[s]
-    opt = make_optimizer(cfg["optimizer"], hi - lo)
-    init = layout.init_range(net, cfg["optimizer"]["seed"], lo, hi)    # my range alone
+    opt = make_optimizer(cfg.optimizer, hi - lo)
+    init = layout.init_range(net, cfg.optimizer.seed, lo, hi)    # my range alone
     server = ShardServer(ps.pw[s], ps.iw[s], topo.shard_ranks[s], lo, hi, ps.slot_ranges[s],
                          opt, init, bell=ps.bell if ps.rung[s] else None,
                          landing=ps.landing, outbox=ps.outbox, direct=direct_pushes(cfg))

@@ -38,7 +38,7 @@ __all__ = ["run_sandblaster", "PortionScheduler", "SandblasterShard", "Gram",
 
 def run_sandblaster(topo, cfg, net, out, resume=None, quiet=False):
     """Every rank calls this; each plays its role.  Returns the summary on the coordinator."""
-    ps = PSSetup(topo, Layout(net, topo.partitions), progress=cfg["cluster"]["ps_progress"])
+    ps = PSSetup(topo, Layout(net, topo.partitions), progress=cfg.cluster.ps_progress)
     shard = make_shard(topo, cfg, net, ps) if topo.role == "shard" else None
     ps.start(topo)                 # every shard's memory is initialised before anyone uses it
     summary = None

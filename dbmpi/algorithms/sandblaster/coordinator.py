@@ -47,13 +47,13 @@ class Coordinator:
         self.topo, self.cfg, self.net, self.run, self.resume = topo, cfg, net, run, resume
         self.client, self.ranges, self.layout, self.pairs = ps.client, ps.ranges, ps.layout, ps.pairs
         self.shards = _Shards(topo)
-        self.evaluate_test = Evaluator(net, cfg["data"]["path"])
+        self.evaluate_test = Evaluator(net, cfg.data.path)
         self.say = Progress(enabled=not quiet)
-        with h5py.File(cfg["data"]["path"], "r") as f:
+        with h5py.File(cfg.data.path, "r") as f:
             n = len(f["train"]["y"])
-        o = cfg["optimizer"]
-        self.n_portions = -(-n // o["portion_size"])
-        self.rng = np.random.default_rng(o["seed"])
+        o = cfg.optimizer
+        self.n_portions = -(-n // o.portion_size)
+        self.rng = np.random.default_rng(o.seed)
         self.batch = self.evals = self.copies = self.pushes_applied = 0
         self.batch_times: list[float] = []
         self.theta = self.client.theta      # fetches land here (MPI memory)
@@ -61,11 +61,11 @@ class Coordinator:
         # the L-BFGS state: objective, iterations, history [(slot, rho)], oldest first,
         # scale, and the Gram matrix of the basis
         self.f, self.it, self.hist, self.gamma = np.nan, 0, [], 1.0
-        self.gram = Gram(o["lbfgs_history"])
-        self.loop = RunLoop(cfg["run"])
+        self.gram = Gram(o.lbfgs_history)
+        self.loop = RunLoop(cfg.run)
 
     def _portions(self):
-        frac = self.cfg["optimizer"]["batch_fraction"]
+        frac = self.cfg.optimizer.batch_fraction
         if frac >= 1.0:
             return range(self.n_portions)
         k = max(1, int(round(frac * self.n_portions)))
@@ -79,8 +79,8 @@ class Coordinator:
         self.shards("set_eval", t)
         self.batch += 1
         b, ctrl, R = self.batch, self.topo.ctrl, self.topo.replicas
-        o = self.cfg["optimizer"]
-        sched = PortionScheduler(self.portions, R, o["balance"], o["backups"])
+        o = self.cfg.optimizer
+        sched = PortionScheduler(self.portions, R, o.balance, o.backups)
         for reps in self.topo.replica_ranks:
             ctrl.send(("batch", b), dest=reps[0], tag=tags.WORK)
         accepted, pushed = [0] * R, [0] * R
@@ -150,7 +150,7 @@ class Coordinator:
         self.evals, self.batch = int(c["evaluations"]), int(c["batch"])
         self.rng.bit_generator.state = json.loads(c["rng"])
         hist = [tuple(h) for h in json.loads(c["history"])]
-        m = self.cfg["optimizer"]["lbfgs_history"]
+        m = self.cfg.optimizer.lbfgs_history
         if "gram" in c:                  # exactly the dots the uninterrupted run goes on with
             gram = Gram(m, json.loads(c["gram"]))
         else:                            # a checkpoint from before the Gram matrix was kept
@@ -174,7 +174,7 @@ class Coordinator:
     def iterate(self) -> int:
         """One L-BFGS iteration (the run loop's step): a direction, a line search along it,
         the new pair.  Returns the step's bits."""
-        o, gram, sh, loop = self.cfg["optimizer"], self.gram, self.shards, self.loop
+        o, gram, sh, loop = self.cfg.optimizer, self.gram, self.shards, self.loop
         f = self.f
         gg = gram.G[gram.g, gram.g]
         if gg ** 0.5 <= 1e-7 * max(1.0, abs(f)):
@@ -186,10 +186,10 @@ class Coordinator:
             coef[gram.g] = -1.0
         sh("direction", coef.tolist())
         t0 = 1.0 if self.hist else min(1.0, 1.0 / max(gg ** 0.5, 1e-12))
-        if o["batch_fraction"] < 1.0:
+        if o.batch_fraction < 1.0:
             self.portions = self._portions()   # a new mini-batch for this iteration
         t, fn, _, ok = wolfe_line_search(self.batch_gradient, f, gd, t0,
-                                         max_evals=o["max_line_search"])
+                                         max_evals=o.max_line_search)
         if t == 0.0:
             return loop.done("line_search_failed")
         self._accept()
@@ -201,12 +201,12 @@ class Coordinator:
                      evaluations=self.evals)
         if rel < 1e-12:
             return loop.done("converged")
-        return DONE if self.it >= self.cfg["run"]["max_steps"] else 0
+        return DONE if self.it >= self.cfg.run.max_steps else 0
 
     def _accept(self) -> None:
         """The line search's point becomes the current one; its pair enters the history
         (in the oldest slot once it is full) where it keeps H positive definite."""
-        gram, m = self.gram, self.cfg["optimizer"]["lbfgs_history"]
+        gram, m = self.gram, self.cfg.optimizer.lbfgs_history
         free = sorted(set(range(m)) - {sl for sl, _ in self.hist})
         slot = free[0] if free else self.hist.pop(0)[0]
         gram.update([f"s{slot}", f"y{slot}", "g"], self.shards("accept", slot))
@@ -222,7 +222,7 @@ class Coordinator:
         loop.start()                 # the first point's evaluation counts in the run's time
         self.start()
         stop = "max_steps"
-        if self.it < self.cfg["run"]["max_steps"]:
+        if self.it < self.cfg.run.max_steps:
             stop = loop.run(self.iterate, self._eval,
                             lambda: self.save(self.f, self.it, self.hist, self.gamma))
         wall = loop.elapsed()
@@ -245,7 +245,7 @@ class Coordinator:
             "stop_reason": stop, "iterations": self.it, "evaluations": self.evals,
             "final_objective": self.f, "wall_time_s": wall,
             "samples_per_s": sum(x["portions"] for x in reps)
-            * self.cfg["optimizer"]["portion_size"] / wall if wall else 0.0,
+            * self.cfg.optimizer.portion_size / wall if wall else 0.0,
             "batch_time_mean_s": float(bt.mean()) if len(bt) else 0.0,
             "batch_time_median_s": float(np.median(bt)) if len(bt) else 0.0,
             "portions_per_batch": len(self.portions), "backup_copies": self.copies,

@@ -22,16 +22,16 @@ class Replica:
     def __init__(self, topo, cfg, client):
         from ...data import open_split
         from ...model.partition import PartitionedNetwork
-        o = cfg["optimizer"]
-        spec = dict(check_model(cfg["model"]), l2=0.0)  # the l2 term is added at the shards
+        o = cfg.optimizer
+        spec = dict(check_model(cfg.model), l2=0.0)  # the l2 term is added at the shards
         self.topo, self.client, self.ctrl, self.rep = topo, client, topo.ctrl, topo.index
         self.lead = topo.partition == 0
         self.net = PartitionedNetwork(spec, topo.model)
-        self.split = open_split(cfg["data"]["path"], "train", cache_mb=cfg["data"]["cache_mb"],
+        self.split = open_split(cfg.data.path, "train", cache_mb=cfg.data.cache_mb,
                                 share=topo.model)   # one cache per node (Split)
-        self.portion_size, self.push_every = o["portion_size"], o["push_every"]
-        faults = cfg["faults"]
-        self.slow = faults["slow_factor"] if faults["slow_replica"] == topo.index else 1.0
+        self.portion_size, self.push_every = o.portion_size, o.push_every
+        faults = cfg.faults
+        self.slow = faults.slow_factor if faults.slow_replica == topo.index else 1.0
         self.theta = client.theta               # the shards Put each trial point here
         # the held sums; in my outbox where shards take pushes from there (attended)
         self.acc = (client.outbox if client.outbox is not None

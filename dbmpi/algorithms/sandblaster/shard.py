@@ -101,13 +101,13 @@ def make_shard(topo, cfg, net, ps):
     """The shard's vectors and window memory, initialised before the start barrier."""
     s = topo.index
     lo, hi = ps.ranges[s]
-    init = ps.layout.init_range(net, cfg["optimizer"]["seed"], lo, hi)    # my range alone
+    init = ps.layout.init_range(net, cfg.optimizer.seed, lo, hi)    # my range alone
     # each replica partition's part of my range: (its rank, offset here, offset there, n)
     readers = [(rank, off, there, n) for reps in topo.replica_ranks
                for part, rank in enumerate(reps)
                for _, off, there, n in overlaps([(lo, hi)], *ps.layout.ranges[part])]
     return SandblasterShard(ps.pw[s], ps.iw[s], topo.shard_ranks[s], lo, hi,
-                            ps.slot_ranges[s], cfg["optimizer"]["lbfgs_history"],
+                            ps.slot_ranges[s], cfg.optimizer.lbfgs_history,
                             init.astype(np.float64), ps.bell if ps.rung[s] else None,
                             ps.landing, ps.outbox, readers)
 
