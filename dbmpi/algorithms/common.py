@@ -10,7 +10,8 @@ import numpy as np
 
 from ..data import open_split
 
-__all__ = ["Batches", "Evaluator", "Progress", "replica_part", "restore_local"]
+__all__ = ["Batches", "Evaluator", "Progress", "replica_part", "restore_local",
+           "coordinate"]
 
 
 def replica_part(n: int, replica: int, replicas: int) -> np.ndarray:
@@ -99,3 +100,16 @@ def restore_local(model, theta, opt, resume) -> dict:
         if k in opt.state:
             opt.state[k][:] = model.local(v)
     return resume["counters"]
+
+
+def coordinate(out, cfg, resume, train) -> dict:
+    """The coordinator's side of a run: ``train(run)`` with the run directory ``out`` open
+    (appended to on resume); writes and returns the summary it gives."""
+    from ..rundir import RunDir
+    run = RunDir(out, cfg, append=resume is not None)
+    try:
+        summary = train(run)
+        run.write_summary(summary)
+        return summary
+    finally:
+        run.close()

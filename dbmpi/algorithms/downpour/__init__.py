@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from ... import tags
 from ...model.layout import Layout
-from ...rundir import RunDir
 from ...server import PSSetup
+from ..common import coordinate
 from .coordinator import Coordinator
 from .replica import Replica
 from .shard import direct_pushes, make_shard, request_snapshots, serve_shard
@@ -33,12 +33,8 @@ def run_downpour(topo, cfg, net, out, resume=None, quiet=False):
     if topo.role == "replica":
         Replica(topo, cfg, ps.client, resume).run()
     elif topo.role == "coordinator":
-        run = RunDir(out, cfg, append=resume is not None)
-        try:
-            summary = Coordinator(topo, cfg, net, ps, run, quiet, resume).loop()
-            run.write_summary(summary)
-        finally:
-            run.close()
+        summary = coordinate(out, cfg, resume, lambda run: Coordinator(
+            topo, cfg, net, ps, run, quiet, resume).train())
         for rank in topo.shard_ranks + [x for reps in topo.replica_ranks for x in reps]:
             topo.ctrl.send(None, dest=rank, tag=tags.FINISH)
     ps.free()

@@ -79,7 +79,7 @@ class Coordinator:
                     ctrl.send(None, dest=reps[0], tag=tags.GO)
         return any_msg
 
-    def loop(self):
+    def train(self):
         backoff = Backoff(hi=0.02)
 
         def step():

@@ -24,8 +24,8 @@
 from __future__ import annotations
 
 from ...model.layout import Layout
-from ...rundir import RunDir
 from ...server import PSSetup
+from ..common import coordinate
 from .coordinator import Coordinator
 from .lbfgs import Gram, wolfe_line_search
 from .portions import PortionScheduler
@@ -47,11 +47,7 @@ def run_sandblaster(topo, cfg, net, out, resume=None, quiet=False):
     elif topo.role == "replica":
         Replica(topo, cfg, ps.client).run()
     else:
-        run = RunDir(out, cfg, append=resume is not None)
-        try:
-            summary = Coordinator(topo, cfg, net, ps, run, quiet, resume).train()
-            run.write_summary(summary)
-        finally:
-            run.close()
+        summary = coordinate(out, cfg, resume, lambda run: Coordinator(
+            topo, cfg, net, ps, run, quiet, resume).train())
     ps.free()
     return summary
