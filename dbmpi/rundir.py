@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import dumps
+from .config import Config, dumps
 
 __all__ = ["RunDir", "save_checkpoint", "load_checkpoint", "CheckpointError", "peak_rss_mb",
            "add_to_summary"]
@@ -113,7 +113,7 @@ def _atomic_write(path: Path, write) -> None:
         write(f)
 
 
-def save_checkpoint(path, params: np.ndarray, state: dict, counters: dict, cfg) -> None:
+def save_checkpoint(path, params: np.ndarray, state: dict, counters: dict, cfg: Config) -> None:
     """Save parameters, optimizer state arrays and counters atomically to ``path``.
 
     A ``state`` value may be a function returning the array: it is called when that array

@@ -109,7 +109,9 @@ def test_checkpoint_survives_kill_during_save(tmp_path):
 def test_checkpoint_state_written_one_vector_at_a_time_and_read_lazily(tmp_path):
     """A state vector may come as a function, called when it is written (Sandblaster's
     coordinator gathers each L-BFGS vector then); a lazy load reads only the slices asked."""
+    from dbmpi.config import parse
     from dbmpi.rundir import save_checkpoint
+    cfg = parse({"model": {"input_shape": [1, 8, 8], "layers": [{"type": "softmax", "classes": 10}]}})
     made = []
 
     def vector(i):
@@ -117,7 +119,7 @@ def test_checkpoint_state_written_one_vector_at_a_time_and_read_lazily(tmp_path)
         return np.full(10, float(i))
     path = tmp_path / "c.h5"
     save_checkpoint(path, np.arange(10, dtype=np.float32),
-                    {f"v{i}": (lambda i=i: vector(i)) for i in range(3)}, {"step": 4}, {})
+                    {f"v{i}": (lambda i=i: vector(i)) for i in range(3)}, {"step": 4}, cfg)
     assert made == [0, 1, 2]
     ck = load_checkpoint(path, 10, lazy=True)
     assert not isinstance(ck["params"], np.ndarray)          # still in the file

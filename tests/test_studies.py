@@ -41,30 +41,30 @@ def test_study_smoke(tmp_path, name, csvname, cols, extra):
 
 def test_core_speeds_measures_each_core_and_restores_affinity():
     import os
-    from dbmpi import study as studylib
+    from dbmpi import study
     if not hasattr(os, "sched_getaffinity"):
         pytest.skip("no CPU affinity on this platform")
     mask = os.sched_getaffinity(0)
-    speeds = studylib.core_speeds(seconds=0.02)
+    speeds = study.core_speeds(seconds=0.02)
     assert set(speeds) == mask and all(g > 0.1 for g in speeds.values())
     assert os.sched_getaffinity(0) == mask
-    assert "slowest/fastest" in studylib.core_speeds_line(speeds)
+    assert "slowest/fastest" in study.core_speeds_line(speeds)
 
 
 def test_pace_together_compares_each_core_with_and_without_the_others():
     import os
-    from dbmpi import study as studylib
+    from dbmpi import study
     if not hasattr(os, "sched_getaffinity"):
         pytest.skip("no CPU affinity on this platform")
     mask = os.sched_getaffinity(0)
-    ratios = studylib.pace_together(mask, seconds=0.05, mib=4)
+    ratios = study.pace_together(mask, seconds=0.05, mib=4)
     assert set(ratios) == mask
     # ratios of the same work's pace: positive and finite (how far apart they are is the
     # machine's business: on a virtual machine an idle vCPU can make a core 2.5x faster
     # beside busy others)
     assert all(0 < g < math.inf and 0 < m < math.inf for g, m in ratios.values()), ratios
     assert os.sched_getaffinity(0) == mask      # the workers were pinned, not this process
-    line = studylib.pace_together_line(ratios)
+    line = study.pace_together_line(ratios)
     assert all(f"cpu{c} compute" in line for c in mask)
 
 

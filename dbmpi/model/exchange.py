@@ -10,7 +10,7 @@ import weakref
 import numpy as np
 
 from .. import aligned
-from ..mpiwait import wait
+from ..mpiwait import Backoff, until, wait
 from . import ops_reference
 from .network import kernel_ops
 
@@ -270,8 +270,8 @@ def _free_requests(reqs, unsent=None, patience=2.0):
     from mpi4py import MPI
     if not MPI.Is_finalized():
         end = time.perf_counter() + patience
-        while unsent and not MPI.Request.Testall(unsent) and time.perf_counter() < end:
-            time.sleep(1e-4)
+        until(lambda: not unsent or MPI.Request.Testall(unsent) or time.perf_counter() >= end,
+              Backoff(1e-4, 1e-4))
         for r in list(unsent) + list(reqs):
             if r:          # a request in both lists is freed once (then it is null)
                 r.Free()

@@ -66,7 +66,7 @@ def serve_shard(topo, server):
                     pass
             params, state, version = server.snapshot()
             # the vectors go as raw buffers after the message that names them: no pickled
-            # copy of a shard's slice (see _Coordinator.snapshots)
+            # copy of a shard's slice (see request_snapshots)
             vectors = [("params", params)] + sorted(state.items())
             ctrl.send({"shard": s, "vectors": [(k, len(v), v.dtype.str) for k, v in vectors],
                        "version": version,

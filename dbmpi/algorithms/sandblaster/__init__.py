@@ -5,7 +5,7 @@
   gradient) and the history pairs ``s0..``, ``y0..``.  The coordinator sends commands (form
   the direction from coefficients, set the trial point, collect the batch gradient, accept
   a step) and receives only scalars; it runs the two-loop recursion on the Gram matrix of
-  the pairs and the gradient (:class:`_Gram`), which each accepted step updates.
+  the pairs and the gradient (:class:`~.lbfgs.Gram`), which each accepted step updates.
 - The batch gradient at a trial point is computed by the replicas on work portions of
   ``portion_size`` samples handed out by the coordinator (:class:`PortionScheduler`):
   sequential portions to the same replica, faster replicas get more, idle replicas get
