@@ -38,10 +38,11 @@ DONE = 32                            # the algorithm is through (max_steps, or c
 
 class RunLoop:
     """The clocks, cadence and stop rules of one run (``run_cfg``: the config's ``run``
-    section, dbmpi.config.RunConfig);
-    ``stop`` is the reason the run stopped (see :meth:`run`)."""
+    section, dbmpi.config.RunConfig); ``stop`` is the reason the run stopped (see
+    :meth:`run`).  ``timed``: keep each step's time (``step_quartiles``), for loops whose
+    steps are training steps, not a coordinator's rounds of message handling."""
 
-    def __init__(self, run_cfg: dict, lead: bool = True, agree=None):
+    def __init__(self, run_cfg, lead: bool = True, agree=None, timed: bool = False):
         self.max_time_s = run_cfg.max_time_s
         self.eval_every_s = run_cfg.eval_every_s
         self.checkpoint_every_s = run_cfg.checkpoint_every_s
@@ -50,6 +51,7 @@ class RunLoop:
         self.agree = agree or (lambda bits: bits)
         self.stop = "max_steps"
         self._done_why = "max_steps"
+        self.timed = timed
         self.step_s = []        # each step's time, the agreement included (not evaluations)
         self.start()
 
@@ -95,7 +97,8 @@ class RunLoop:
             if self.lead:
                 bits |= self.decide()
             bits = self.agree(bits)
-            self.step_s.append(time.perf_counter() - t)
+            if self.timed:
+                self.step_s.append(time.perf_counter() - t)
             if bits & DIVERGED:
                 self.stop = "diverged"
                 return self.stop

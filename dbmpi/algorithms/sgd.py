@@ -71,7 +71,7 @@ class SgdTrainer:
         self.say = Progress(enabled=self.lead and not quiet)
         self.train_step = trainer(self.model, self.opt, self.theta)
         # every partition's step gives the same bits (a diverged loss raises on all)
-        self.loop = RunLoop(r, self.lead, agree_by(comm, lead_only=True))
+        self.loop = RunLoop(r, self.lead, agree_by(comm, lead_only=True), timed=True)
         self.loss, self.compute_s, self.sent, self.exch = float("nan"), 0.0, 0, 0.0
 
     def one_step(self) -> int:

@@ -52,7 +52,7 @@ class SyncReplica:
         self.gsum = aligned.empty_like(self.theta)
         self.gbuf = aligned.empty_like(self.theta)  # the gradient's buffer, every step
         self.comm_s = 0.0
-        self.loop = RunLoop(r, self.lead, agree_by(self.world))
+        self.loop = RunLoop(r, self.lead, agree_by(self.world), timed=True)
 
     def one_step(self) -> int:
         from mpi4py import MPI

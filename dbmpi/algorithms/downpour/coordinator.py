@@ -28,7 +28,6 @@ class Coordinator:
         self.say = Progress(enabled=not quiet)
         self.theta = self.client.theta      # fetches land here (MPI memory)
         self.done: dict[int, dict] = {}
-        self.last_snaps = None
         c = resume["counters"] if resume else {}
         # each replica's (step, epoch, offset), as it last reported them
         self.positions = {i: tuple(int(c.get(f"replica{i}_{k}", 0))
@@ -37,8 +36,7 @@ class Coordinator:
         self.diverged = False
 
     def snapshots(self, tag=tags.SNAP_REQ):
-        self.last_snaps = request_snapshots(self.topo, tag)
-        return self.last_snaps
+        return request_snapshots(self.topo, tag)
 
     def checkpoint(self, snaps):
         to_c = self.layout.from_slices      # shards hold the partitioned layout, in order
