@@ -163,13 +163,11 @@ class Replica:
         mine = {"pushes_sent": client.pushes_sent, "push_attempts": client.push_attempts,
                 "nonfinite_dropped": self.dropped, "pushes_rejected": client.rejected,
                 "staleness": client.staleness}
-        bytes_sent, exch_s = [model.bytes_sent], [model.exchange_seconds]
-        if topo.partitions > 1:
-            allp = topo.model.gather(mine, root=0)
-            if self.lead:
-                mine = {k: sum(d[k] for d in allp) for k in mine}
-            bytes_sent = topo.model.gather(model.bytes_sent, root=0)
-            exch_s = topo.model.gather(model.exchange_seconds, root=0)
+        allp = topo.model.gather(mine, root=0)          # every partition's, on partition 0
+        if self.lead:
+            mine = {k: sum(d[k] for d in allp) for k in mine}
+        bytes_sent = topo.model.gather(model.bytes_sent, root=0)
+        exch_s = topo.model.gather(model.exchange_seconds, root=0)
         mine["staleness"] = mine["staleness"].tolist()
         steps = max(self.step - self.step0, 1)
         if self.lead:

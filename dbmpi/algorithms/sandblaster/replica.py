@@ -78,8 +78,7 @@ class Replica:
         client.wait_applied()            # before the coordinator collects the sums
         acc[:] = 0
         self.pushed = self.accepted
-        if self.topo.partitions > 1:
-            wait([self.topo.model.Ibarrier()])   # every partition's slice is at the shards
+        wait([self.topo.model.Ibarrier()])   # every partition's slice is at the shards
         self.stats["push_s"] += time.perf_counter() - t
         self.running("push", time.perf_counter() - t)
         if self.lead:   # tell the coordinator at once: it may be waiting only for these sums
