@@ -9,8 +9,9 @@ import time
 import numpy as np
 
 from ... import aligned, tags
-from ...mpiwait import Backoff, recv, wait
+from ...mpiwait import Backoff, recv
 from ..common import Batches
+from ..loop import agree_by
 from .shard import DIVERGED_AFTER
 
 __all__ = ["Replica"]
@@ -55,15 +56,8 @@ class Replica:
         self.seconds = {"fetch": 0.0, "push": 0.0, "compute": 0.0}
         self.fetches = 0
         self.dropped = self.bad_run = 0     # non-finite pushes dropped; how many in a row
-        self._flag = np.zeros(1, dtype=np.int32)
-
-    def agree(self, value: int) -> int:
-        """Partition 0's value, on every partition."""
-        if self.topo.partitions == 1:
-            return value
-        self._flag[0] = value
-        wait([self.topo.model.Ibcast(self._flag, root=0)])
-        return int(self._flag[0])
+        # partition 0's value (stop or go), on every partition
+        self.agree = agree_by(topo.model, lead_only=True) or int
 
     def run(self) -> None:
         stopped = self.wait_for_warmstart()
