@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
-__all__ = ["Algorithm", "ALGORITHMS", "get"]
+__all__ = ["Algorithm", "ALGORITHMS"]
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,3 @@ ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
     Algorithm("sync", "sync", "run_sync", parameter_server=False,
               summary="synchronous replicas, gradients averaged with Allreduce"),
 )}
-
-
-def get(name: str) -> Algorithm:
-    return ALGORITHMS[name]
